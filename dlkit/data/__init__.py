@@ -1,0 +1,43 @@
+"""dlkit.data: datasets, deterministic resumable loaders and background prefetching.
+
+Usage::
+
+    import jax
+    import dlkit.data as data
+
+    train = data.load_dataset("digits", "train")        # ArraySource: inputs, labels
+    info = data.dataset_info("digits")                  # {'num_classes': 10, ...}
+    loader = data.Loader(train, batch_size=32, seed=0, position=0)
+    with data.prefetch(loader, put=jax.device_put, size=2) as batches:
+        for step, batch in zip(range(1000), batches):  # batch: inputs, labels, mask
+            ...
+    # checkpoint {"position": steps_consumed}, then resume with Loader(..., position=...)
+
+    test = data.load_dataset("digits", "test")
+    for batch in data.Loader(test, 100, shuffle=False, last_batch="pad").iter_epoch(0):
+        ...                                             # weight per-example results by mask
+"""
+
+from dlkit.data.loader import Loader
+from dlkit.data.prefetch import Prefetcher
+from dlkit.data.prefetch import prefetch
+from dlkit.data.sources import DATASETS
+from dlkit.data.sources import ArraySource
+from dlkit.data.sources import available_datasets
+from dlkit.data.sources import dataset_info
+from dlkit.data.sources import get_batch
+from dlkit.data.sources import load_dataset
+from dlkit.data.sources import read_idx
+
+__all__ = [
+    "DATASETS",
+    "ArraySource",
+    "Loader",
+    "Prefetcher",
+    "available_datasets",
+    "dataset_info",
+    "get_batch",
+    "load_dataset",
+    "prefetch",
+    "read_idx",
+]

@@ -1,0 +1,453 @@
+"""`fit` and `evaluate`: the Python loop that ties data, model, step and checkpoints together.
+
+The same function runs from a notebook cell and from `dlkit train`:
+
+    import dlkit
+    cfg = dlkit.load_config("digits_mlp", overrides=["train.steps=500"])
+    result = dlkit.fit(cfg, workdir="runs/digits")      # resumes if runs/digits has checkpoints
+    result.history.last("eval/accuracy"), result.state.params
+
+The loop, in order: build the pieces from the config (this is the only place the config is
+read), choose the strategy, create the state shapes-first or restore it from the newest
+checkpoint, then for each step: take the next prefetched batch, run the one compiled program
+(step + metric accumulation), and on the steps `is_time` picks: fetch and log metrics,
+evaluate, checkpoint. The state, the loader position and the config are all a run needs to
+continue bit-for-bit, and all three go into every checkpoint.
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm.auto
+
+from dlkit import checkpoint as checkpoint_lib
+from dlkit import config as config_lib
+from dlkit import data as data_lib
+from dlkit import losses, models, optim, parallel
+from dlkit import metrics as metrics_lib
+from dlkit import state as state_lib
+
+
+def is_time(step: int, every: int) -> bool:
+    """True on every `every`-th step (step counts from 1 after the first update); 0 = never."""
+    return every > 0 and step % every == 0
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything a run is built from, made from a `Config` by `build`."""
+
+    config: config_lib.Config
+    strategy: parallel.Strategy
+    module: Any
+    loss_fn: Any
+    tx: Any
+    schedule: Any
+    train_source: Any
+    eval_source: Any
+
+    def abstract_state(self) -> state_lib.TrainState:
+        """The TrainState's shapes, with each leaf's target sharding attached."""
+        example = data_lib.get_batch(self.train_source, np.array([0]))["inputs"]
+        abstract = state_lib.abstract_train_state(
+            self.module, self.tx, example, self.config.train.seed
+        )
+        return checkpoint_lib.abstract_with_shardings(
+            abstract, self.strategy.state_shardings(abstract)
+        )
+
+    def init_state(self) -> state_lib.TrainState:
+        """A fresh TrainState, initialised directly with its target sharding."""
+        example = data_lib.get_batch(self.train_source, np.array([0]))["inputs"]
+        return state_lib.create_train_state(
+            self.module,
+            self.tx,
+            example,
+            seed=self.config.train.seed,
+            shardings=self.strategy.state_shardings,
+        )
+
+
+def _check_config(cfg: config_lib.Config) -> None:
+    """Errors a user can cause, raised before anything is compiled."""
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.batch_size": cfg.train.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise config_lib.ConfigError(f"{key}: expected a positive int, got {value}")
+    non_negative = {
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "data.prefetch": cfg.data.prefetch,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise config_lib.ConfigError(f"{key}: expected an int >= 0, got {value}")
+    if cfg.checkpoint.max_to_keep < 1:
+        raise config_lib.ConfigError(
+            f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
+        )
+
+
+def build(
+    cfg: config_lib.Config,
+    *,
+    module=None,
+    train_source=None,
+    eval_source=None,
+    strategy: parallel.Strategy | None = None,
+) -> Components:
+    """Makes the run's pieces from `cfg`; any piece passed in replaces the config's choice.
+
+    Args:
+      cfg: the run's config.
+      module: a Flax module to train instead of `cfg.model` (e.g. your own, from a notebook).
+      train_source, eval_source: random-access datasets (dicts with "inputs" and "labels")
+        instead of `cfg.data`.
+      strategy: a `parallel.Strategy` instead of `cfg.parallel`.
+    """
+    _check_config(cfg)
+    strategy = strategy or parallel.make_strategy(
+        cfg.parallel.strategy, cfg.parallel.num_devices, cfg.parallel.sync_every_step
+    )
+    strategy.check_batch_size(cfg.train.batch_size)
+    strategy.check_batch_size(
+        cfg.train.eval_batch_size or cfg.train.batch_size, "train.eval_batch_size"
+    )
+    if module is None:
+        module = models.build(cfg.model.name, **cfg.model.options)
+    if train_source is None:
+        train_source = data_lib.load_dataset(
+            cfg.data.name, "train", data_dir=cfg.data.data_dir or None
+        )
+    if eval_source is None:
+        eval_source = data_lib.load_dataset(
+            cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir or None
+        )
+    loss_fn = losses.make_loss(cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)
+    o = cfg.optim
+    tx, schedule = optim.make_optimizer(
+        o.name,
+        o.learning_rate,
+        total_steps=cfg.train.steps,
+        schedule=o.schedule,
+        warmup_steps=o.warmup_steps,
+        end_learning_rate_factor=o.end_learning_rate_factor,
+        momentum=o.momentum,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        grad_clip_norm=o.grad_clip_norm,
+    )
+    return Components(cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+      state: the final TrainState (on the run's devices).
+      history: every metric row of the run, including rows from before a resume.
+      workdir: the run's directory, or None.
+      trace_counts: times each compiled function was traced; {"train": 1, "eval": 1} means
+        no recompilation happened.
+    """
+
+    state: state_lib.TrainState
+    history: metrics_lib.History
+    workdir: pathlib.Path | None
+    trace_counts: dict[str, int]
+
+
+class _Progress:
+    """A tqdm bar (terminal or notebook) that is silent where it should be."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = tqdm.auto.tqdm(
+            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled
+        )
+        self.enabled = enabled
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def show(self, **values: float) -> None:
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _format(row: dict[str, Any]) -> str:
+    parts = [f"step {row['step']}"]
+    parts += [f"{k}={v:.4f}" for k, v in row.items() if k != "step" and isinstance(v, float)]
+    return "  ".join(parts)
+
+
+def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[str, float]:
+    """Evaluates `state` on the whole eval split (every example once; padding masked)."""
+    c = components
+    strategy = c.strategy
+    batch_size = c.config.train.eval_batch_size or c.config.train.batch_size
+    loader = data_lib.Loader(
+        c.eval_source,
+        batch_size,
+        shuffle=False,
+        last_batch="pad",
+        process_index=strategy.process_index,
+        process_count=strategy.process_count,
+    )
+    acc = strategy.zeros(abstract_metrics)
+    batches = data_lib.prefetch(loader.iter_epoch(0), strategy.put_batch, c.config.data.prefetch)
+    try:
+        for batch in batches:
+            acc = eval_fn(state, acc, batch)
+            if strategy.sync_every_step:
+                jax.block_until_ready(acc)
+    finally:
+        batches.close()
+    return metrics_lib.compute(jax.device_get(acc))
+
+
+def _eval_metrics_shape(components: Components, state, eval_fn_unused=None):
+    """Abstract eval metrics: the eval step's output structure, from `jax.eval_shape`."""
+    from dlkit import steps
+
+    example = data_lib.get_batch(components.eval_source, np.array([0]))
+    example["mask"] = np.ones((1,), np.float32)
+    return jax.eval_shape(
+        lambda s, b: steps.eval_step(s, b, loss_fn=components.loss_fn), state, example
+    )
+
+
+def _train_metrics_shape(components: Components, state):
+    from dlkit import steps
+
+    example = data_lib.get_batch(components.train_source, np.array([0]))
+    example["mask"] = np.ones((1,), np.float32)
+    return jax.eval_shape(
+        lambda s, b: steps.train_step(s, b, loss_fn=components.loss_fn)[1], state, example
+    )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _write_config(workdir: pathlib.Path, cfg: config_lib.Config, progress: _Progress) -> None:
+    """Writes config.json, noting which keys differ from the one already there."""
+    path = workdir / "config.json"
+    new = cfg.to_dict()
+    if path.exists():
+        old, flat_new = _flatten(json.loads(path.read_text())), _flatten(new)
+        changed = sorted(k for k in old.keys() | flat_new.keys() if old.get(k) != flat_new.get(k))
+        if changed:
+            progress.write(f"note: config differs from {path} in: {', '.join(changed)}")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(new, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def fit(
+    config: config_lib.Config,
+    workdir: str | pathlib.Path | None = None,
+    *,
+    module=None,
+    train_source=None,
+    eval_source=None,
+    strategy: parallel.Strategy | None = None,
+    progress: bool | None = None,
+) -> FitResult:
+    """Trains (or resumes training) according to `config`.
+
+    Args:
+      config: the run's `Config`.
+      workdir: where config.json, metrics.jsonl and checkpoints/ go. If it holds checkpoints,
+        training resumes from the newest. None = keep nothing on disk.
+      module, train_source, eval_source, strategy: replace the config's choice (see `build`).
+      progress: show a progress bar; None = `config.train.progress`.
+    Returns:
+      A `FitResult` with the final state and the metric history.
+    """
+    cfg = config
+    c = build(cfg, module=module, train_source=train_source, eval_source=eval_source,
+              strategy=strategy)
+    strategy = c.strategy
+    is_main = strategy.process_index == 0
+    total = cfg.train.steps
+    show = (cfg.train.progress if progress is None else progress) and is_main
+
+    workdir = pathlib.Path(workdir) if workdir is not None else None
+    ckpt = writer = None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        ckpt = checkpoint_lib.Checkpointer(
+            workdir / "checkpoints",
+            max_to_keep=cfg.checkpoint.max_to_keep,
+            async_save=cfg.checkpoint.async_save,
+        )
+    bar = None
+    batches = None
+    try:
+        history = metrics_lib.History()
+        if ckpt is not None and ckpt.latest_step() is not None:
+            state, position = ckpt.restore(c.abstract_state())
+        else:
+            state, position = c.init_state(), 0
+        start = int(jax.device_get(state.step))
+        bar = _Progress(show, total, min(start, total))
+        if workdir is not None and is_main:
+            writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
+            history = writer.truncate_after(start)
+            _write_config(workdir, cfg, bar)
+            if start:
+                bar.write(f"resuming from step {start} in {workdir}")
+
+        train_fn = strategy.compile_train(c.loss_fn)
+        eval_fn = strategy.compile_eval(c.loss_fn)
+        train_shape = _train_metrics_shape(c, state)
+        eval_shape = _eval_metrics_shape(c, state)
+        loader = data_lib.Loader(
+            c.train_source,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            shuffle=cfg.data.shuffle,
+            last_batch=cfg.data.last_batch,
+            process_index=strategy.process_index,
+            process_count=strategy.process_count,
+            position=position,
+        )
+        # The prefetcher runs ahead of the loop, so the position saved is counted here.
+        batches = data_lib.prefetch(iter(loader), strategy.put_batch, cfg.data.prefetch)
+        acc = strategy.zeros(train_shape)
+        interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
+
+        def evaluate_now(step: int) -> dict[str, float]:
+            nonlocal paused
+            t = time.perf_counter()
+            result = run_eval(c, state, eval_fn, eval_shape)
+            paused += time.perf_counter() - t
+            return {f"eval/{k}": v for k, v in result.items()}
+
+        for step in range(start + 1, total + 1):
+            state, acc = train_fn(state, acc, next(batches))
+            if strategy.sync_every_step:
+                jax.block_until_ready(acc)
+            interval_steps += 1
+            bar.update()
+            row: dict[str, Any] = {}
+            if is_time(step, cfg.train.log_every) or step == total:
+                row.update(metrics_lib.compute(jax.device_get(acc), prefix="train/"))
+                elapsed = time.perf_counter() - interval_start - paused
+                row["train/learning_rate"] = float(c.schedule(step - 1))
+                row["perf/steps_per_s"] = interval_steps / max(elapsed, 1e-9)
+                bar.show(loss=row["train/loss"])
+                acc = strategy.zeros(train_shape)
+                interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
+            if is_time(step, cfg.train.eval_every) or step == total:
+                row.update(evaluate_now(step))
+            if row:
+                row = {"step": step, **row}
+                history.append(row)
+                if writer is not None:
+                    writer.write(row)
+                if "eval/loss" in row:
+                    bar.write(_format(row))
+            if ckpt is not None and (is_time(step, cfg.checkpoint.every_steps) or step == total):
+                t = time.perf_counter()
+                ckpt.save(
+                    step, state, data_position=position + step - start, config=cfg.to_dict()
+                )
+                paused += time.perf_counter() - t
+    finally:
+        if batches is not None:
+            batches.close()
+        if bar is not None:
+            bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    trace_counts = dict(strategy.trace_counts)
+    if trace_counts.get("train", 0) > 1 and is_main:
+        print(f"warning: the train step was compiled {trace_counts['train']} times")
+    return FitResult(state, history, workdir, trace_counts)
+
+
+def load_checkpoint(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    strategy: parallel.Strategy | None = None,
+) -> tuple[state_lib.TrainState, config_lib.Config]:
+    """Loads a run's checkpoint onto this machine, e.g. into a notebook.
+
+    Args:
+      workdir: the run's directory (holding checkpoints/).
+      step: which step; None = the newest.
+      strategy: where to put the state; default one device (`jit` strategy, 1 device), which
+        on a CPU-only machine is the plain CPU. The saving run's device count does not matter.
+    Returns:
+      (state, config): the TrainState and the run's Config.
+    """
+    workdir = pathlib.Path(workdir)
+    with checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+        cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
+        strategy = strategy or parallel.make_strategy("jit", num_devices=1)
+        c = build(cfg, strategy=strategy)
+        state, _ = ckpt.restore(c.abstract_state(), step)
+    return state, cfg
+
+
+def evaluate(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    split: str | None = None,
+    strategy: parallel.Strategy | None = None,
+) -> dict[str, Any]:
+    """Evaluates a run's checkpoint on its eval split (or `split`).
+
+    Returns:
+      {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
+    """
+    workdir = pathlib.Path(workdir)
+    with checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+        step = ckpt._require_step(step)
+        cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
+        if split is not None:
+            cfg.data.eval_split = split
+        strategy = strategy or parallel.make_strategy(
+            "jit", sync_every_step=cfg.parallel.sync_every_step
+        )
+        c = build(cfg, strategy=strategy)
+        state, _ = ckpt.restore(c.abstract_state(), step)
+    eval_fn = strategy.compile_eval(c.loss_fn)
+    result = run_eval(c, state, eval_fn, _eval_metrics_shape(c, state))
+    return {
+        "step": step,
+        "split": cfg.data.eval_split,
+        **result,
+        "num_examples": len(c.eval_source),
+    }

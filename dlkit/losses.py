@@ -1,0 +1,72 @@
+"""Losses, thin over `optax.losses`, as small frozen objects the step can close over.
+
+A loss maps the model's outputs and the batch's labels to one value per example, and names
+the per-example metrics worth averaging alongside it:
+
+    loss = dlkit.losses.make_loss("softmax_cross_entropy", label_smoothing=0.1)
+    per_example = loss(logits, labels)          # (B,)
+    extra = loss.metrics(logits, labels)        # {"accuracy": (B,)}
+
+The step weights both by the batch's mask (padding rows weigh 0), so every metric is a mean
+over real examples whatever the device count.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxCrossEntropy:
+    """Cross-entropy on integer labels, optionally with label smoothing.
+
+    outputs: logits (B, K) float; labels: (B,) int in [0, K).
+    """
+
+    label_smoothing: float = 0.0  # in [0, 1): mass moved uniformly onto all classes
+
+    def __call__(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.float32)
+        if self.label_smoothing == 0.0:
+            return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+        k = logits.shape[-1]
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, k), self.label_smoothing)
+        return optax.losses.softmax_cross_entropy(logits, targets)  # (B,)
+
+    def metrics(self, logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        return {"accuracy": (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SquaredError:
+    """Squared error, averaged over each example's output dimensions.
+
+    outputs: (B, ...) float; labels: same shape (a (B,) target is matched to (B, 1) outputs).
+    """
+
+    def __call__(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
+        predictions = predictions.astype(jnp.float32)
+        targets = targets.astype(jnp.float32).reshape(predictions.shape)
+        err = optax.losses.squared_error(predictions, targets)
+        return err.reshape(err.shape[0], -1).mean(axis=-1)  # (B,)
+
+    def metrics(self, predictions: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+        return {}
+
+
+LOSSES = {"softmax_cross_entropy": SoftmaxCrossEntropy, "squared_error": SquaredError}
+
+
+def make_loss(name: str, *, label_smoothing: float = 0.0):
+    """Builds the loss `name` (see `LOSSES`)."""
+    if name == "softmax_cross_entropy":
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(
+                f"loss.label_smoothing: expected a float in [0, 1), got {label_smoothing}"
+            )
+        return SoftmaxCrossEntropy(label_smoothing=label_smoothing)
+    if name == "squared_error":
+        return SquaredError()
+    raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {name!r}")

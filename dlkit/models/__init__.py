@@ -1,0 +1,43 @@
+"""Model zoo: Flax Linen modules used through pure `init` / `apply`.
+
+Every module here is called as `module.apply(variables, x, train=bool, rngs={"dropout": key})`
+and returns outputs of shape (B, num_outputs). Its hyperparameters are its dataclass fields;
+the registry below maps the names used in configs (`model.name`) to the classes.
+
+    import dlkit
+    module = dlkit.models.build("mlp", hidden_sizes=(128,), num_classes=10)
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+"""
+
+from typing import Any
+
+import flax.linen as nn
+
+from dlkit.models.cnn import CNN
+from dlkit.models.mlp import MLP
+
+REGISTRY: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+}
+
+__all__ = ["CNN", "MLP", "REGISTRY", "build", "get_model_class", "register"]
+
+
+def register(name: str, module_cls: type[nn.Module]) -> None:
+    """Makes `module_cls` available as `model.name=<name>` in configs."""
+    REGISTRY[name] = module_cls
+
+
+def get_model_class(name: str) -> type[nn.Module]:
+    """The module class registered under `name`."""
+    if name not in REGISTRY:
+        from dlkit.config import ConfigError
+
+        raise ConfigError(f"model.name: expected one of {sorted(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+def build(name: str, **options: Any) -> nn.Module:
+    """Instantiates the module `name` with `options` as its fields."""
+    return get_model_class(name)(**options)

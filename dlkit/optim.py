@@ -1,0 +1,140 @@
+"""The optimizer factory: one function that builds one Optax chain.
+
+    tx, schedule = dlkit.optim.make_optimizer(
+        "adamw", learning_rate=1e-3, total_steps=10_000, schedule="warmup_cosine",
+        warmup_steps=500, weight_decay=0.05, grad_clip_norm=1.0)
+    schedule(0), schedule(500)  # 0.0, 1e-3
+
+The chain is: clip by global norm (optional) -> weight decay on matrices only (for the
+non-decoupled optimizers) -> the optimizer's own scaling with the schedule. Everything is
+Optax; nothing here reimplements an update rule.
+"""
+
+from collections.abc import Callable
+
+import jax
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
+
+# Parameters with these names are never decayed, whatever their rank.
+_NO_DECAY_NAMES = frozenset({"bias", "scale", "embedding_scale"})
+
+
+def decay_mask(params) -> object:
+    """True for the weights that weight decay applies to: matrices and kernels.
+
+    Biases, normalisation scales (LayerNorm/BatchNorm `scale`) and any other rank-0/1 array are
+    excluded, the usual practice: decaying them only shrinks the model's offsets and gains.
+    """
+
+    def keep(path, leaf) -> bool:
+        name = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+        return leaf.ndim > 1 and name not in _NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_schedule(
+    learning_rate: float,
+    *,
+    total_steps: int,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    end_learning_rate_factor: float = 0.0,
+) -> optax.Schedule:
+    """The learning rate as a function of the step.
+
+    Args:
+      learning_rate: the peak rate, reached after `warmup_steps`.
+      total_steps: the run's length; the decays end there.
+      schedule: constant | warmup_cosine | warmup_linear.
+      warmup_steps: linear ramp from 0 to the peak.
+      end_learning_rate_factor: the decays' final rate as a fraction of the peak.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule: expected one of {list(SCHEDULES)}, got {schedule!r}")
+    if learning_rate <= 0:
+        raise ValueError(f"optim.learning_rate: expected a positive float, got {learning_rate}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"optim.warmup_steps: expected an int in [0, train.steps={total_steps}], "
+            f"got {warmup_steps}"
+        )
+    end_value = learning_rate * end_learning_rate_factor
+    if schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), end_value
+        )
+    if schedule == "constant":
+        decay = optax.constant_schedule(learning_rate)
+    else:  # warmup_linear
+        decay = optax.linear_schedule(
+            learning_rate, end_value, max(total_steps - warmup_steps, 1)
+        )
+    if warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: float,
+    *,
+    total_steps: int,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    end_learning_rate_factor: float = 0.0,
+    momentum: float = 0.9,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_clip_norm: float = 0.0,
+) -> tuple[optax.GradientTransformation, Callable]:
+    """Builds the optimizer chain and returns it with its learning-rate schedule.
+
+    Args:
+      name: sgd | momentum | adam | adamw.
+      learning_rate, total_steps, schedule, warmup_steps, end_learning_rate_factor: see
+        `make_schedule`.
+      momentum: for "momentum" (heavy-ball SGD).
+      b1, b2, eps: for adam/adamw.
+      weight_decay: adamw decays decoupled from the gradient (Loshchilov & Hutter); the others
+        add `weight_decay * w` to the gradient. Either way only `decay_mask` weights.
+      grad_clip_norm: clip the gradient to this global norm first; 0 = off.
+    Returns:
+      (tx, schedule): the `optax.GradientTransformation` and `schedule(step) -> rate`.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name: expected one of {list(OPTIMIZERS)}, got {name!r}")
+    if weight_decay < 0:
+        raise ValueError(f"optim.weight_decay: expected a float >= 0, got {weight_decay}")
+    if grad_clip_norm < 0:
+        raise ValueError(f"optim.grad_clip_norm: expected a float >= 0, got {grad_clip_norm}")
+    lr = make_schedule(
+        learning_rate,
+        total_steps=total_steps,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        end_learning_rate_factor=end_learning_rate_factor,
+    )
+    parts = []
+    if grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip_norm))
+    if name == "adamw":
+        parts.append(
+            optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+        )
+    else:
+        if weight_decay > 0:
+            parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+        if name == "sgd":
+            parts.append(optax.sgd(lr))
+        elif name == "momentum":
+            parts.append(optax.sgd(lr, momentum=momentum))
+        else:
+            parts.append(optax.adam(lr, b1=b1, b2=b2, eps=eps))
+    return optax.chain(*parts), lr
