@@ -173,11 +173,12 @@ class FitResult:
 class _Progress:
     """A tqdm bar (terminal or notebook) that is silent where it should be."""
 
-    def __init__(self, enabled: bool, total: int, initial: int):
+    def __init__(self, enabled: bool, total: int, initial: int, is_main: bool = True):
         self.bar = tqdm.auto.tqdm(
             total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled
         )
         self.enabled = enabled
+        self.is_main = is_main
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
@@ -188,7 +189,7 @@ class _Progress:
     def write(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)
-        else:
+        elif self.is_main:
             print(text, flush=True)
 
     def close(self) -> None:
@@ -318,7 +319,7 @@ def fit(
         else:
             state, position = c.init_state(), 0
         start = int(jax.device_get(state.step))
-        bar = _Progress(show, total, min(start, total))
+        bar = _Progress(show, total, min(start, total), is_main)
         if workdir is not None and is_main:
             writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
             history = writer.truncate_after(start)

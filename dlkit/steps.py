@@ -77,7 +77,7 @@ def train_step(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _loss_metrics(loss_fn, outputs, labels, per_example, mask, axis_name)
-    metrics["grad_norm"] = metrics_lib.Mean.scalar(optax.global_norm(grads))
+    metrics["grad_norm"] = metrics_lib.Mean.scalar(optax.tree.norm(grads))
     new_state = state.replace(
         step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )

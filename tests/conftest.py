@@ -1,0 +1,41 @@
+"""Test setup: 8 simulated CPU devices, configured before JAX is imported anywhere.
+
+The collective timeout turns a deadlocked CPU collective (see dlkit.parallel's docstring) into
+a fast failure instead of a hung CI job.
+"""
+
+import os
+
+_FLAGS = (
+    "--xla_force_host_platform_device_count=8",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=20",
+)
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")] + [f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "")]
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import dlkit  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, f"expected 8 simulated CPU devices, got {jax.devices()}"
+
+
+def tiny_digits_config(**overrides) -> dlkit.Config:
+    """digits_mlp shrunk for tests: a small MLP, a few steps, no progress bar."""
+    cfg = dlkit.load_config("digits_mlp")
+    cfg.model.options = {"hidden_sizes": (32,), "dropout_rate": 0.0, "num_classes": 10}
+    cfg.train.steps = 12
+    cfg.train.batch_size = 32
+    cfg.train.log_every = 4
+    cfg.train.eval_every = 6
+    cfg.train.progress = False
+    cfg.optim.warmup_steps = 2
+    cfg.checkpoint.every_steps = 6
+    dlkit.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
+    return cfg

@@ -1,0 +1,141 @@
+"""Checkpoints: resume is bitwise, restore works on another device count and in a notebook."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+import dlkit
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def _assert_bitwise_equal(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x, y), "states differ"
+
+
+def test_resume_in_process_is_bitwise_identical(tmp_path):
+    full = dlkit.fit(tiny_digits_config(), tmp_path / "full")
+    part = tiny_digits_config()
+    part_dir = tmp_path / "part"
+    first = dlkit.fit(part, part_dir)  # writes checkpoints at steps 6 and 12
+    ckpt = dlkit.Checkpointer(part_dir / "checkpoints")
+    assert ckpt.all_steps() == [6, 12]
+    ckpt.close()
+    # Delete the final step: the workdir now looks like a run killed after step 6's save.
+    shutil.rmtree(part_dir / "checkpoints" / "12")
+    resumed = dlkit.fit(tiny_digits_config(), part_dir)
+    _assert_bitwise_equal(full.state, first.state)
+    _assert_bitwise_equal(full.state, resumed.state)
+    # History: rows past the restored step were dropped and rewritten, not duplicated.
+    steps = [r["step"] for r in resumed.history]
+    assert steps == [4, 6, 8, 12]
+    lines = (part_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [4, 6, 8, 12]
+
+
+def _cli(workdir, *sets):
+    cmd = [sys.executable, "-m", "dlkit.cli", "train", "digits_mlp", "--workdir", str(workdir),
+           "--no-progress"]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def _committed_steps(ckpt_dir):
+    if not ckpt_dir.exists():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir()
+                  if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+def test_sigkill_and_restart_is_bitwise_identical_to_uninterrupted(tmp_path):
+    sets = ["train.steps=1500", "checkpoint.every_steps=100", "train.log_every=100",
+            "train.eval_every=0", "checkpoint.max_to_keep=2", "parallel.num_devices=2",
+            "train.batch_size=64"]
+    env = dict(os.environ)
+    # Uninterrupted reference.
+    subprocess.run(_cli(tmp_path / "ref", *sets), check=True, env=env, capture_output=True)
+    # Interrupted: SIGKILL as soon as a checkpoint past step 100 is committed.
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed_dir, *sets), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= 200 for s in _committed_steps(killed_dir / "checkpoints")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(_committed_steps(killed_dir / "checkpoints"))
+    assert killed_at < 1500
+    out = subprocess.run(_cli(killed_dir, *sets), check=True, env=env, capture_output=True,
+                         text=True)
+    assert f"resuming from step {killed_at}" in out.stdout
+    ref_state, _ = dlkit.load_checkpoint(tmp_path / "ref")
+    resumed_state, _ = dlkit.load_checkpoint(killed_dir)
+    assert int(resumed_state.step) == 1500
+    _assert_bitwise_equal(ref_state, resumed_state)
+
+
+def test_checkpoint_saved_on_8_devices_restores_on_1(tmp_path):
+    cfg = tiny_digits_config()
+    result = dlkit.fit(cfg, tmp_path)
+    assert len(jax.tree.leaves(result.state.params)[0].sharding.device_set) == 8
+    one = dlkit.make_strategy("jit", num_devices=1)
+    state, loaded_cfg = dlkit.load_checkpoint(tmp_path, strategy=one)
+    assert loaded_cfg.to_dict() == cfg.to_dict()
+    leaf = jax.tree.leaves(state.params)[0]
+    assert leaf.sharding.device_set == {jax.devices()[0]}
+    _assert_bitwise_equal(result.state, state)
+    # The default (a notebook's) also lands on one plain CPU device.
+    state_default, _ = dlkit.load_checkpoint(tmp_path)
+    assert jax.tree.leaves(state_default.params)[0].sharding.device_set == {jax.devices("cpu")[0]}
+    # And training continues from it on 1 device with the same loader position.
+    more = tiny_digits_config(**{"train.steps": 18, "parallel.num_devices": 1})
+    cont = dlkit.fit(more, tmp_path)
+    assert int(cont.state.step) == 18
+
+
+def test_checkpoint_holds_state_data_position_and_config(tmp_path):
+    cfg = tiny_digits_config()
+    dlkit.fit(cfg, tmp_path)
+    step_dir = tmp_path / "checkpoints" / "12"
+    assert {"state", "data", "config"} <= {p.name for p in step_dir.iterdir()}
+    with dlkit.Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.restore_config(12) == cfg.to_dict()
+        c = dlkit.build(cfg)
+        _, position = ckpt.restore(c.abstract_state(), 6)
+    assert position == 6
+    assert json.loads((tmp_path / "config.json").read_text()) == cfg.to_dict()
+
+
+def test_keeps_the_latest_n_and_async_saves_are_complete_when_fit_returns(tmp_path):
+    cfg = tiny_digits_config(**{"checkpoint.every_steps": 2, "checkpoint.max_to_keep": 3})
+    assert cfg.checkpoint.async_save
+    dlkit.fit(cfg, tmp_path)
+    names = sorted((p.name for p in (tmp_path / "checkpoints").iterdir()), key=int)
+    assert names == ["8", "10", "12"]
+    assert all((tmp_path / "checkpoints" / n / "commit_success.txt").exists() for n in names)
+
+
+def test_restore_of_missing_step_names_the_saved_steps(tmp_path):
+    dlkit.fit(tiny_digits_config(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"expected one of the saved steps \[6, 12\]"):
+        dlkit.load_checkpoint(tmp_path, step=7)

@@ -1,0 +1,283 @@
+"""Tests for dlkit.config: loading experiments, typed `--set` overrides and JSON round trips."""
+
+import ast
+import json
+import pathlib
+
+import pytest
+
+import dlkit
+from dlkit import config
+
+DIGITS_MLP = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "digits_mlp.py"
+
+
+def _docstring_first_line(path):
+    return ast.get_docstring(ast.parse(path.read_text())).strip().splitlines()[0]
+
+
+def test_load_digits_mlp_returns_its_values():
+    cfg = dlkit.load_config("digits_mlp")
+    assert isinstance(cfg, dlkit.Config)
+    assert cfg.name == "digits_mlp"
+    assert cfg.model.name == "mlp"
+    assert cfg.model.options == {"hidden_sizes": (256, 256), "dropout_rate": 0.2, "num_classes": 10}
+    assert cfg.optim.name == "adamw"
+    assert cfg.optim.learning_rate == 1e-3
+    assert cfg.optim.schedule == "warmup_cosine"
+    assert cfg.optim.warmup_steps == 100
+    assert cfg.train.steps == 2000
+    assert cfg.train.batch_size == 128
+    assert cfg.checkpoint.every_steps == 500
+
+
+def test_overrides_are_applied_with_python_types():
+    cfg = dlkit.load_config(
+        "digits_mlp",
+        overrides=[
+            "train.steps=7",
+            "optim.learning_rate=3e-3",
+            "data.shuffle=false",
+            "parallel.strategy=pmap",
+            "checkpoint.every_steps=5",
+            "train.batch_size=64",
+            "train.seed=3",
+        ],
+    )
+    checks = [
+        (cfg.train.steps, 7, int),
+        (cfg.optim.learning_rate, 3e-3, float),
+        (cfg.data.shuffle, False, bool),
+        (cfg.parallel.strategy, "pmap", str),
+        (cfg.checkpoint.every_steps, 5, int),
+        (cfg.train.batch_size, 64, int),
+        (cfg.train.seed, 3, int),
+    ]
+    for value, expected, typ in checks:
+        assert value == expected
+        assert type(value) is typ
+    # untouched keys keep the experiment's values.
+    assert cfg.optim.warmup_steps == 100
+
+
+def test_overrides_apply_in_order():
+    cfg = dlkit.load_config("digits_mlp", overrides=["train.steps=7", "train.steps=9"])
+    assert cfg.train.steps == 9
+
+
+@pytest.mark.parametrize("text", ["64,32", "[64, 32]", "(64, 32)", " 64, 32 "])
+def test_model_tuple_field_parses_to_tuple_of_ints(text):
+    cfg = dlkit.load_config("digits_mlp", overrides=[f"model.hidden_sizes={text}"])
+    assert cfg.model.options["hidden_sizes"] == (64, 32)
+    assert type(cfg.model.options["hidden_sizes"]) is tuple
+    assert all(type(v) is int for v in cfg.model.options["hidden_sizes"])
+
+
+def test_model_float_field_is_float():
+    cfg = dlkit.load_config("digits_mlp", overrides=["model.dropout_rate=0.5"])
+    assert cfg.model.options["dropout_rate"] == 0.5
+    assert type(cfg.model.options["dropout_rate"]) is float
+    cfg = dlkit.load_config("digits_mlp", overrides=["model.dropout_rate=0"])
+    assert type(cfg.model.options["dropout_rate"]) is float
+
+
+def test_model_tuple_field_rejects_non_ints():
+    with pytest.raises(dlkit.ConfigError, match="model.hidden_sizes"):
+        dlkit.load_config("digits_mlp", overrides=["model.hidden_sizes=64,abc"])
+
+
+def test_switching_model_uses_the_new_modules_fields():
+    cfg = dlkit.load_config("digits_mlp", overrides=["model.name=cnn", "model.features=8,16"])
+    assert cfg.model.name == "cnn"
+    # the MLP's options do not carry over to the CNN.
+    assert cfg.model.options == {"features": (8, 16)}
+    assert "model.features" in config.valid_keys(cfg)
+    assert "model.hidden_sizes" not in config.valid_keys(cfg)
+    with pytest.raises(dlkit.ConfigError, match="model.hidden_sizes"):
+        dlkit.load_config(
+            "digits_mlp", overrides=["model.name=cnn", "model.hidden_sizes=64,32"]
+        )
+
+
+def test_model_keys_come_from_module_fields():
+    cfg = dlkit.Config()
+    keys = config.valid_keys(cfg)
+    for field in ("hidden_sizes", "num_classes", "dropout_rate"):
+        assert f"model.{field}" in keys
+    assert "model.parent" not in keys
+    # a field that only the CNN has is unknown for the MLP.
+    with pytest.raises(dlkit.ConfigError, match="model.features"):
+        config.set_value(cfg, "model.features", "8")
+
+
+def test_unknown_model_name_is_an_error():
+    with pytest.raises(dlkit.ConfigError, match="nope"):
+        dlkit.load_config("digits_mlp", overrides=["model.name=nope"])
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(dlkit.ConfigError) as info:
+        dlkit.load_config("digits_mlp", overrides=["train.stpes=7"])
+    message = str(info.value)
+    assert "train.stpes" in message
+    for key in ("train.steps", "optim.learning_rate", "data.shuffle", "model.hidden_sizes"):
+        assert key in message
+
+
+@pytest.mark.parametrize("key", ["bogus.steps", "train", "train.steps.x", "model.bogus"])
+def test_malformed_keys_are_config_errors(key):
+    with pytest.raises(dlkit.ConfigError, match="unknown config key"):
+        config.set_value(dlkit.Config(), key, "1")
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("train.steps=abc", "train.steps", "abc"),
+        ("train.steps=1.5", "train.steps", "1.5"),
+        ("data.shuffle=maybe", "data.shuffle", "maybe"),
+        ("optim.learning_rate=fast", "optim.learning_rate", "fast"),
+    ],
+)
+def test_wrong_type_names_key_and_value(override, key, value):
+    with pytest.raises(dlkit.ConfigError) as info:
+        dlkit.load_config("digits_mlp", overrides=[override])
+    assert key in str(info.value)
+    assert value in str(info.value)
+
+
+def test_bool_spellings():
+    cfg = dlkit.Config()
+    for text, expected in [("true", True), ("False", False), ("1", True), ("off", False)]:
+        config.set_value(cfg, "data.shuffle", text)
+        assert cfg.data.shuffle is expected
+
+
+def test_python_values_are_type_checked():
+    cfg = dlkit.Config()
+    config.set_value(cfg, "train.steps", 12.0)
+    assert cfg.train.steps == 12 and type(cfg.train.steps) is int
+    config.set_value(cfg, "optim.learning_rate", 1)
+    assert type(cfg.optim.learning_rate) is float
+    with pytest.raises(dlkit.ConfigError, match="train.steps"):
+        config.set_value(cfg, "train.steps", True)
+    with pytest.raises(dlkit.ConfigError, match="data.name"):
+        config.set_value(cfg, "data.name", 3)
+
+
+def test_set_without_equals_is_an_error():
+    with pytest.raises(dlkit.ConfigError, match="train.steps"):
+        dlkit.apply_overrides(dlkit.Config(), ["train.steps"])
+    with pytest.raises(dlkit.ConfigError):
+        dlkit.load_config("digits_mlp", overrides=["train.steps 7"])
+
+
+def test_value_may_contain_equals():
+    cfg = dlkit.apply_overrides(dlkit.Config(), ["data.data_dir=/tmp/a=b"])
+    assert cfg.data.data_dir == "/tmp/a=b"
+
+
+def test_to_dict_json_round_trip():
+    cfg = dlkit.load_config(
+        "digits_mlp",
+        overrides=["train.steps=7", "model.hidden_sizes=64,32", "data.shuffle=false"],
+    )
+    d = cfg.to_dict()
+    assert d["model"] == {"name": "mlp", "hidden_sizes": [64, 32], "dropout_rate": 0.2,
+                          "num_classes": 10}
+    back = dlkit.Config.from_dict(json.loads(json.dumps(d)))
+    assert back.to_dict() == d
+    assert back == cfg
+    assert back.model.options["hidden_sizes"] == (64, 32)
+    assert type(back.model.options["hidden_sizes"]) is tuple
+    assert back.train.steps == 7
+    assert back.data.shuffle is False
+
+
+def test_round_trip_of_a_cnn_config():
+    cfg = dlkit.Config(name="x")
+    dlkit.apply_overrides(cfg, ["model.name=cnn", "model.features=4,8", "model.dense_size=0"])
+    back = dlkit.Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.model.name == "cnn"
+    assert back.model.options == {"features": (4, 8), "dense_size": 0}
+    assert back.to_dict() == cfg.to_dict()
+
+
+def test_from_dict_type_checks():
+    d = dlkit.Config().to_dict()
+    d["train"]["steps"] = "many"
+    with pytest.raises(dlkit.ConfigError, match="train.steps"):
+        dlkit.Config.from_dict(d)
+    d = dlkit.Config().to_dict()
+    d["train"]["nope"] = 1
+    with pytest.raises(dlkit.ConfigError, match="train.nope"):
+        dlkit.Config.from_dict(d)
+
+
+_EXPERIMENT = '''"""A tiny test experiment.
+
+More text that is not the summary.
+"""
+
+import dlkit
+
+
+def config():
+    cfg = dlkit.Config()
+    cfg.train.steps = 11
+    cfg.model.options = {"hidden_sizes": (8,)}
+    return cfg
+'''
+
+
+def test_load_experiment_by_path(tmp_path):
+    path = tmp_path / "tiny_exp.py"
+    path.write_text(_EXPERIMENT)
+    cfg = dlkit.load_config(str(path), overrides=["train.batch_size=4"])
+    assert cfg.name == "tiny_exp"  # the file's name, since config() left the default
+    assert cfg.train.steps == 11
+    assert cfg.train.batch_size == 4
+    assert cfg.model.options == {"hidden_sizes": (8,)}
+
+
+def test_list_experiments_includes_digits_mlp_with_its_summary():
+    found = dict(dlkit.list_experiments())
+    assert found["digits_mlp"] == _docstring_first_line(DIGITS_MLP)
+    assert found["digits_mlp"].startswith("MLP on scikit-learn's digits")
+
+
+def test_experiments_dir_from_environment(tmp_path, monkeypatch):
+    (tmp_path / "tiny_exp.py").write_text(_EXPERIMENT)
+    (tmp_path / "_private.py").write_text(_EXPERIMENT)
+    monkeypatch.setenv("DLKIT_EXPERIMENTS_DIR", str(tmp_path))
+    found = dict(dlkit.list_experiments())
+    assert found["tiny_exp"] == "A tiny test experiment."
+    assert "_private" not in found
+    assert "digits_mlp" in found
+    assert dlkit.load_config("tiny_exp").train.steps == 11
+
+
+def test_file_without_config_function_is_an_error(tmp_path):
+    path = tmp_path / "no_config.py"
+    path.write_text('"""Nothing here."""\nX = 1\n')
+    with pytest.raises(dlkit.ConfigError, match=r"config\(\)"):
+        dlkit.load_config(str(path))
+
+
+def test_config_returning_wrong_type_is_an_error(tmp_path):
+    path = tmp_path / "bad_config.py"
+    path.write_text("def config():\n    return {'train': {'steps': 1}}\n")
+    with pytest.raises(dlkit.ConfigError, match="dlkit.Config"):
+        dlkit.load_config(str(path))
+
+
+def test_missing_py_file_is_an_error(tmp_path):
+    with pytest.raises(dlkit.ConfigError, match="no such file"):
+        dlkit.load_config(str(tmp_path / "absent.py"))
+
+
+def test_missing_name_lists_known_experiments():
+    with pytest.raises(dlkit.ConfigError) as info:
+        dlkit.load_config("no_such_experiment")
+    assert "no_such_experiment" in str(info.value)
+    assert "digits_mlp" in str(info.value)

@@ -1,0 +1,165 @@
+"""Tests for dlkit.models: shapes and sizes, the 2x2 max-pool, dropout and the registry."""
+
+import flax.errors
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dlkit
+from dlkit import models, state
+
+
+def _init(module, x):
+    return module.init(jax.random.key(0), x, train=False)
+
+
+def test_mlp_default_shape_and_param_count():
+    module = models.build("mlp")
+    x = jnp.ones((3, 8, 8, 1))
+    variables = _init(module, x)
+    out = module.apply(variables, x, train=False)
+    assert out.shape == (3, 10)
+    assert out.dtype == jnp.float32
+    expected = (64 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    assert state.param_count(variables["params"]) == expected
+    assert expected == 85_002
+
+
+def test_mlp_custom_sizes():
+    module = models.build("mlp", hidden_sizes=(5,), num_classes=3)
+    x = jnp.ones((2, 4, 2))
+    variables = _init(module, x)
+    assert module.apply(variables, x, train=False).shape == (2, 3)
+    assert state.param_count(variables["params"]) == (8 * 5 + 5) + (5 * 3 + 3)
+
+
+def test_cnn_default_shape_and_param_count():
+    module = models.build("cnn")
+    x = jnp.ones((2, 28, 28, 1))
+    variables = _init(module, x)
+    out = module.apply(variables, x, train=False)
+    assert out.shape == (2, 10)
+    conv1 = 3 * 3 * 1 * 32 + 32
+    conv2 = 3 * 3 * 32 * 64 + 64
+    dense = (7 * 7 * 64) * 128 + 128  # 28 -> 14 -> 7 after two 2x2 pools
+    head = 128 * 10 + 10
+    expected = conv1 + conv2 + dense + head
+    assert state.param_count(variables["params"]) == expected
+    assert expected == 421_642
+
+
+def test_cnn_without_dense_layer_on_odd_images():
+    module = models.build("cnn", features=(4,), dense_size=0, num_classes=3)
+    x = jnp.ones((2, 9, 7, 2))
+    variables = _init(module, x)
+    assert module.apply(variables, x, train=False).shape == (2, 3)
+    # one conv, pooled 9x7 -> 4x3, then the head directly.
+    assert state.param_count(variables["params"]) == (3 * 3 * 2 * 4 + 4) + (4 * 3 * 4 * 3 + 3)
+
+
+def test_cnn_rejects_non_image_input():
+    module = models.build("cnn", features=(4,), dense_size=8)
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
+        module.init(jax.random.key(0), jnp.ones((2, 28, 28)), train=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3), (1, 5, 4, 2), (3, 3, 3, 1)])
+def test_max_pool_2x2_matches_flax(shape):
+    x = jax.random.normal(jax.random.key(1), shape)
+    got = models.cnn.max_pool_2x2(x)
+    want = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    assert got.shape == want.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 3)])
+def test_max_pool_2x2_gradient_matches_flax(shape):
+    k1, k2 = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(k1, shape)  # no ties
+    w = jax.random.normal(k2, (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+
+    def f(pool):
+        return lambda x: jnp.sum(w * pool(x))
+
+    got = jax.grad(f(models.cnn.max_pool_2x2))(x)
+    want = jax.grad(f(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    # exactly one nonzero per pooled window, none in the dropped odd row/column.
+    assert int(jnp.sum(got != 0)) == w.size
+
+
+def test_mlp_dropout_depends_on_key_in_training():
+    module = models.build("mlp", hidden_sizes=(32,), num_classes=4, dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(3), (4, 8))
+    variables = _init(module, x)
+
+    def run(key, train):
+        return np.asarray(module.apply(variables, x, train=train, rngs={"dropout": key}))
+
+    a = run(jax.random.key(10), True)
+    b = run(jax.random.key(11), True)
+    assert np.max(np.abs(a - b)) > 1e-3
+    np.testing.assert_array_equal(a, run(jax.random.key(10), True))  # same key, same mask
+    eval_out = np.asarray(module.apply(variables, x, train=False))
+    assert np.max(np.abs(a - eval_out)) > 1e-3
+
+
+def test_mlp_eval_is_deterministic_and_ignores_rngs():
+    module = models.build("mlp", hidden_sizes=(32,), num_classes=4, dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(3), (4, 8))
+    variables = _init(module, x)
+    plain = np.asarray(module.apply(variables, x, train=False))
+    for seed in (10, 11):
+        out = module.apply(variables, x, train=False, rngs={"dropout": jax.random.key(seed)})
+        np.testing.assert_array_equal(np.asarray(out), plain)
+
+
+def test_mlp_training_needs_a_dropout_key():
+    module = models.build("mlp", hidden_sizes=(32,), num_classes=4, dropout_rate=0.5)
+    x = jnp.ones((2, 8))
+    variables = _init(module, x)
+    with pytest.raises(flax.errors.InvalidRngError):
+        module.apply(variables, x, train=True)
+
+
+def test_cnn_dropout_depends_on_key_in_training():
+    module = models.build("cnn", features=(4,), dense_size=16, num_classes=3, dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(4), (2, 6, 6, 1))
+    variables = _init(module, x)
+    a = module.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    b = module.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+    e1 = module.apply(variables, x, train=False, rngs={"dropout": jax.random.key(1)})
+    e2 = module.apply(variables, x, train=False)
+    np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
+
+
+def test_build_unknown_model_lists_known_names():
+    with pytest.raises(dlkit.ConfigError) as info:
+        models.build("nope")
+    message = str(info.value)
+    assert "nope" in message
+    assert "mlp" in message and "cnn" in message
+
+
+def test_registry_and_register():
+    assert models.get_model_class("mlp") is models.MLP
+    assert models.get_model_class("cnn") is models.CNN
+
+    class Tiny(nn.Module):
+        width: int = 2
+
+        @nn.compact
+        def __call__(self, x, *, train):
+            return nn.Dense(self.width)(x.reshape(x.shape[0], -1))
+
+    models.register("tiny_test_model", Tiny)
+    try:
+        module = models.build("tiny_test_model", width=3)
+        assert isinstance(module, Tiny) and module.width == 3
+        cfg = dlkit.apply_overrides(dlkit.Config(), ["model.name=tiny_test_model", "model.width=5"])
+        assert cfg.model.options == {"width": 5}
+    finally:
+        del models.REGISTRY["tiny_test_model"]

@@ -1,0 +1,99 @@
+"""The strategies: jit on 1 device, jit on an 8-device mesh and pmap on 8 devices agree."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+import dlkit
+
+
+def _fit(strategy: str, num_devices: int, **overrides):
+    cfg = tiny_digits_config(**overrides)
+    cfg.parallel.strategy = strategy
+    cfg.parallel.num_devices = num_devices
+    return dlkit.fit(cfg)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {
+        "jit1": _fit("jit", 1),
+        "jit8": _fit("jit", 8),
+        "pmap8": _fit("pmap", 8),
+    }
+
+
+@pytest.mark.parametrize("other", ["jit8", "pmap8"])
+def test_strategies_give_the_same_params(runs, other):
+    ref = jax.device_get(runs["jit1"].state.params)
+    got = jax.device_get(runs[other].state.params)
+    assert int(runs[other].state.step) == 12
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    # The run actually moved the params (equal because trained, not because untouched).
+    init = dlkit.build(tiny_digits_config()).init_state()
+    moved = jax.tree.leaves(jax.device_get(init.params))[0] - jax.tree.leaves(ref)[0]
+    assert np.abs(moved).max() > 1e-3
+
+
+@pytest.mark.parametrize("other", ["jit8", "pmap8"])
+def test_strategies_report_the_same_metrics(runs, other):
+    ref, got = runs["jit1"].history, runs[other].history
+    assert [r["step"] for r in ref] == [r["step"] for r in got] == [4, 6, 8, 12]
+    for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss", "eval/accuracy"):
+        np.testing.assert_allclose(ref.series(key)[1], got.series(key)[1], rtol=1e-4, err_msg=key)
+    # eval covers all 360 test examples exactly once (padding masked): accuracy * 360 is whole.
+    acc = got.last("eval/accuracy") * 360
+    assert abs(acc - round(acc)) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["jit1", "jit8", "pmap8"])
+def test_train_step_compiles_once_per_run(runs, name):
+    assert runs[name].trace_counts == {"train": 1, "eval": 1}
+
+
+def test_state_is_replicated_on_the_mesh(runs):
+    for name, n in (("jit8", 8), ("pmap8", 8), ("jit1", 1)):
+        leaf = jax.tree.leaves(runs[name].state.params)[0]
+        assert leaf.sharding.is_fully_replicated
+        assert len(leaf.sharding.device_set) == n
+
+
+def test_pmap_batch_is_split_over_devices():
+    strategy = dlkit.make_strategy("pmap")
+    batch = {"x": np.arange(32, dtype=np.float32).reshape(16, 2)}
+    out = strategy.put_batch(batch)["x"]
+    assert out.shape == (8, 2, 2)
+    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start)
+    np.testing.assert_array_equal(np.asarray(shards[3].data)[0], batch["x"][6:8])
+
+
+def test_jit_batch_is_split_over_devices():
+    strategy = dlkit.make_strategy("jit")
+    out = strategy.put_batch({"x": np.arange(16, dtype=np.float32)})["x"]
+    assert out.shape == (16,)
+    assert {tuple(np.asarray(s.data)) for s in out.addressable_shards} == {
+        (float(2 * i), float(2 * i + 1)) for i in range(8)
+    }
+
+
+def test_batch_size_not_divisible_by_devices_is_rejected_before_compiling():
+    cfg = tiny_digits_config()
+    cfg.train.batch_size = 12
+    with pytest.raises(ValueError, match=r"train.batch_size: expected a positive multiple of the "
+                       r"device count 8 .* got 12"):
+        dlkit.fit(cfg)
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(ValueError, match="parallel.strategy: expected one of"):
+        dlkit.make_strategy("tpu_magic")
+
+
+def test_sync_every_step_auto_is_on_for_multi_device_cpu_only():
+    assert dlkit.make_strategy("jit").sync_every_step is True
+    assert dlkit.make_strategy("jit", num_devices=1).sync_every_step is False
+    assert dlkit.make_strategy("pmap", sync_every_step="false").sync_every_step is False
+    with pytest.raises(ValueError, match="parallel.sync_every_step"):
+        dlkit.make_strategy("jit", sync_every_step="sometimes")
