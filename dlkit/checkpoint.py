@@ -98,7 +98,7 @@ class Checkpointer:
         Returns:
           (state, data_position).
         """
-        step = self._require_step(step)
+        step = self.resolve_step(step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -110,13 +110,14 @@ class Checkpointer:
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         """The config saved with `step` (default: the newest)."""
-        step = self._require_step(step)
+        step = self.resolve_step(step)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
         )
         return restored["config"]
 
-    def _require_step(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None) -> int:
+        """`step` if it is saved, the newest step if None; FileNotFoundError otherwise."""
         steps = self.all_steps()
         if step is None:
             if not steps:

@@ -188,9 +188,7 @@ def _key_type(cfg: Config, key: str) -> Any:
         hints = typing.get_type_hints(type(section))
         if parts[1] in hints:
             return hints[parts[1]]
-    raise ConfigError(
-        f"unknown config key {key!r}. Valid keys:\n  " + "\n  ".join(valid_keys(cfg))
-    )
+    raise ConfigError(f"unknown config key {key!r}. Valid keys:\n  " + "\n  ".join(valid_keys(cfg)))
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -215,8 +213,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if origin in (tuple, list):
         if isinstance(value, str):
             text = value.strip()
-            value = _parse_literal(text) if text.startswith(("[", "(")) else (
-                [v for v in text.split(",") if v.strip()] if text else []
+            value = (
+                _parse_literal(text)
+                if text.startswith(("[", "("))
+                else ([v for v in text.split(",") if v.strip()] if text else [])
             )
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected {_type_name(typ)}, got {value!r}")

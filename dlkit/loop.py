@@ -28,7 +28,7 @@ import tqdm.auto
 from dlkit import checkpoint as checkpoint_lib
 from dlkit import config as config_lib
 from dlkit import data as data_lib
-from dlkit import losses, models, optim, parallel
+from dlkit import losses, models, optim, parallel, steps
 from dlkit import metrics as metrics_lib
 from dlkit import state as state_lib
 
@@ -227,10 +227,8 @@ def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[s
     return metrics_lib.compute(jax.device_get(acc))
 
 
-def _eval_metrics_shape(components: Components, state, eval_fn_unused=None):
+def _eval_metrics_shape(components: Components, state):
     """Abstract eval metrics: the eval step's output structure, from `jax.eval_shape`."""
-    from dlkit import steps
-
     example = data_lib.get_batch(components.eval_source, np.array([0]))
     example["mask"] = np.ones((1,), np.float32)
     return jax.eval_shape(
@@ -239,8 +237,7 @@ def _eval_metrics_shape(components: Components, state, eval_fn_unused=None):
 
 
 def _train_metrics_shape(components: Components, state):
-    from dlkit import steps
-
+    """Abstract train metrics, from `jax.eval_shape` of the train step."""
     example = data_lib.get_batch(components.train_source, np.array([0]))
     example["mask"] = np.ones((1,), np.float32)
     return jax.eval_shape(
@@ -294,8 +291,9 @@ def fit(
       A `FitResult` with the final state and the metric history.
     """
     cfg = config
-    c = build(cfg, module=module, train_source=train_source, eval_source=eval_source,
-              strategy=strategy)
+    c = build(
+        cfg, module=module, train_source=train_source, eval_source=eval_source, strategy=strategy
+    )
     strategy = c.strategy
     is_main = strategy.process_index == 0
     total = cfg.train.steps
@@ -379,9 +377,7 @@ def fit(
                     bar.write(_format(row))
             if ckpt is not None and (is_time(step, cfg.checkpoint.every_steps) or step == total):
                 t = time.perf_counter()
-                ckpt.save(
-                    step, state, data_position=position + step - start, config=cfg.to_dict()
-                )
+                ckpt.save(step, state, data_position=position + step - start, config=cfg.to_dict())
                 paused += time.perf_counter() - t
     finally:
         if batches is not None:
@@ -435,7 +431,7 @@ def evaluate(
     """
     workdir = pathlib.Path(workdir)
     with checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
-        step = ckpt._require_step(step)
+        step = ckpt.resolve_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
         if split is not None:
             cfg.data.eval_split = split

@@ -34,10 +34,10 @@ class Mean:
     @classmethod
     def from_values(cls, values: jax.Array, weights: jax.Array) -> "Mean":
         """Sum of `values * weights` over every element, with `sum(weights)` as the count."""
-        weights = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim)), values.shape)
-        return cls(
-            total=jnp.sum(values.astype(jnp.float32) * weights), count=jnp.sum(weights)
-        )
+        # A (B,) mask weighs every element of its row, e.g. each token of a (B, T) loss.
+        weights = weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
+        weights = jnp.broadcast_to(weights, values.shape)
+        return cls(total=jnp.sum(values.astype(jnp.float32) * weights), count=jnp.sum(weights))
 
     @classmethod
     def scalar(cls, value: jax.Array) -> "Mean":

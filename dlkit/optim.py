@@ -70,9 +70,7 @@ def make_schedule(
     if schedule == "constant":
         decay = optax.constant_schedule(learning_rate)
     else:  # warmup_linear
-        decay = optax.linear_schedule(
-            learning_rate, end_value, max(total_steps - warmup_steps, 1)
-        )
+        decay = optax.linear_schedule(learning_rate, end_value, max(total_steps - warmup_steps, 1))
     if warmup_steps == 0:
         return decay
     warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)

@@ -49,9 +49,7 @@ def _init_fn(module, tx, example_inputs) -> Callable[[jax.Array], TrainState]:
     def init(key: jax.Array) -> TrainState:
         params_key, dropout_key, step_key = jax.random.split(key, 3)
         variables = dict(
-            module.init(
-                {"params": params_key, "dropout": dropout_key}, example_inputs, train=False
-            )
+            module.init({"params": params_key, "dropout": dropout_key}, example_inputs, train=False)
         )
         params = variables.pop("params")
         return TrainState(

@@ -49,8 +49,16 @@ def test_resume_in_process_is_bitwise_identical(tmp_path):
 
 
 def _cli(workdir, *sets):
-    cmd = [sys.executable, "-m", "dlkit.cli", "train", "digits_mlp", "--workdir", str(workdir),
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlkit.cli",
+        "train",
+        "digits_mlp",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+    ]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -59,21 +67,31 @@ def _cli(workdir, *sets):
 def _committed_steps(ckpt_dir):
     if not ckpt_dir.exists():
         return []
-    return sorted(int(p.name) for p in ckpt_dir.iterdir()
-                  if p.name.isdigit() and (p / "commit_success.txt").exists())
+    return sorted(
+        int(p.name)
+        for p in ckpt_dir.iterdir()
+        if p.name.isdigit() and (p / "commit_success.txt").exists()
+    )
 
 
 def test_sigkill_and_restart_is_bitwise_identical_to_uninterrupted(tmp_path):
-    sets = ["train.steps=1500", "checkpoint.every_steps=100", "train.log_every=100",
-            "train.eval_every=0", "checkpoint.max_to_keep=2", "parallel.num_devices=2",
-            "train.batch_size=64"]
+    sets = [
+        "train.steps=1500",
+        "checkpoint.every_steps=100",
+        "train.log_every=100",
+        "train.eval_every=0",
+        "checkpoint.max_to_keep=2",
+        "parallel.num_devices=2",
+        "train.batch_size=64",
+    ]
     env = dict(os.environ)
     # Uninterrupted reference.
     subprocess.run(_cli(tmp_path / "ref", *sets), check=True, env=env, capture_output=True)
     # Interrupted: SIGKILL as soon as a checkpoint past step 100 is committed.
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed_dir, *sets), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(killed_dir, *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if any(s >= 200 for s in _committed_steps(killed_dir / "checkpoints")):
@@ -85,8 +103,9 @@ def test_sigkill_and_restart_is_bitwise_identical_to_uninterrupted(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(_committed_steps(killed_dir / "checkpoints"))
     assert killed_at < 1500
-    out = subprocess.run(_cli(killed_dir, *sets), check=True, env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        _cli(killed_dir, *sets), check=True, env=env, capture_output=True, text=True
+    )
     assert f"resuming from step {killed_at}" in out.stdout
     ref_state, _ = dlkit.load_checkpoint(tmp_path / "ref")
     resumed_state, _ = dlkit.load_checkpoint(killed_dir)

@@ -9,24 +9,43 @@ import pytest
 
 def _dlkit(*args, cwd, check=True):
     return subprocess.run(
-        [sys.executable, "-m", "dlkit.cli", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "dlkit.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         check=check,
     )
 
 
 def test_cli_trains_digits_end_to_end_and_eval_reports_accuracy(tmp_path):
     workdir = tmp_path / "run"
-    train = _dlkit("train", "digits_mlp", "--workdir", str(workdir), "--no-progress",
-                   "--set", "train.steps=600", "--set", "checkpoint.every_steps=300",
-                   "--set", "train.eval_every=300", cwd=tmp_path)
+    train = _dlkit(
+        "train",
+        "digits_mlp",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "--set",
+        "train.steps=600",
+        "--set",
+        "checkpoint.every_steps=300",
+        "--set",
+        "train.eval_every=300",
+        cwd=tmp_path,
+    )
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     assert summary["step"] == 600
     assert summary["eval/accuracy"] >= 0.95
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 600
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [100, 200, 300, 400, 500, 600]
-    assert {"train/loss", "train/accuracy", "eval/loss", "eval/accuracy",
-            "perf/steps_per_s"} <= set(rows[-1])
+    assert {
+        "train/loss",
+        "train/accuracy",
+        "eval/loss",
+        "eval/accuracy",
+        "perf/steps_per_s",
+    } <= set(rows[-1])
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [300, 600]
 
     ev = _dlkit("eval", str(workdir), cwd=tmp_path)
@@ -36,8 +55,15 @@ def test_cli_trains_digits_end_to_end_and_eval_reports_accuracy(tmp_path):
 
 
 def test_cli_default_workdir_is_runs_experiment_and_rerun_resumes(tmp_path):
-    common = ("--no-progress", "--set", "optim.warmup_steps=0", "--set", "train.log_every=20",
-              "--set", "train.eval_every=0")
+    common = (
+        "--no-progress",
+        "--set",
+        "optim.warmup_steps=0",
+        "--set",
+        "train.log_every=20",
+        "--set",
+        "train.eval_every=0",
+    )
     _dlkit("train", "digits_mlp", *common, "--set", "train.steps=40", cwd=tmp_path)
     assert (tmp_path / "runs" / "digits_mlp" / "checkpoints" / "40").is_dir()
     again = _dlkit("train", "digits_mlp", *common, "--set", "train.steps=60", cwd=tmp_path)
@@ -55,8 +81,15 @@ def test_cli_unknown_key_is_a_clear_error_listing_valid_keys(tmp_path):
     bad = _dlkit("train", "digits_mlp", "--set", "train.stepz=5", cwd=tmp_path, check=False)
     assert bad.returncode == 2
     assert "unknown config key 'train.stepz'" in bad.stderr
-    for key in ("train.steps", "train.batch_size", "train.seed", "optim.learning_rate",
-                "parallel.strategy", "checkpoint.every_steps", "model.hidden_sizes"):
+    for key in (
+        "train.steps",
+        "train.batch_size",
+        "train.seed",
+        "optim.learning_rate",
+        "parallel.strategy",
+        "checkpoint.every_steps",
+        "model.hidden_sizes",
+    ):
         assert key in bad.stderr
     assert not (tmp_path / "runs").exists()
 

@@ -94,9 +94,7 @@ def test_switching_model_uses_the_new_modules_fields():
     assert "model.features" in config.valid_keys(cfg)
     assert "model.hidden_sizes" not in config.valid_keys(cfg)
     with pytest.raises(dlkit.ConfigError, match="model.hidden_sizes"):
-        dlkit.load_config(
-            "digits_mlp", overrides=["model.name=cnn", "model.hidden_sizes=64,32"]
-        )
+        dlkit.load_config("digits_mlp", overrides=["model.name=cnn", "model.hidden_sizes=64,32"])
 
 
 def test_model_keys_come_from_module_fields():
@@ -183,8 +181,12 @@ def test_to_dict_json_round_trip():
         overrides=["train.steps=7", "model.hidden_sizes=64,32", "data.shuffle=false"],
     )
     d = cfg.to_dict()
-    assert d["model"] == {"name": "mlp", "hidden_sizes": [64, 32], "dropout_rate": 0.2,
-                          "num_classes": 10}
+    assert d["model"] == {
+        "name": "mlp",
+        "hidden_sizes": [64, 32],
+        "dropout_rate": 0.2,
+        "num_classes": 10,
+    }
     back = dlkit.Config.from_dict(json.loads(json.dumps(d)))
     assert back.to_dict() == d
     assert back == cfg

@@ -150,9 +150,11 @@ def test_same_seed_same_sequence_different_seed_differs():
     seq_a = [next(a) for _ in range(25)]
     seq_b = [next(b) for _ in range(25)]
     seq_c = [next(c) for _ in range(25)]
-    for x, y in zip(seq_a, seq_b):
+    for x, y in zip(seq_a, seq_b, strict=True):
         _assert_batches_equal(x, y)
-    assert not all(np.array_equal(x["labels"], z["labels"]) for x, z in zip(seq_a, seq_c))
+    assert not all(
+        np.array_equal(x["labels"], z["labels"]) for x, z in zip(seq_a, seq_c, strict=True)
+    )
 
 
 def test_resume_from_position_is_bitwise_identical():
@@ -231,7 +233,9 @@ def test_pad_allows_batch_larger_than_dataset():
 def test_registry_and_errors():
     assert set(data.available_datasets()) == {"digits", "fashion_mnist"}
     assert data.dataset_info("digits") == {
-        "num_classes": 10, "splits": ("train", "test"), "input_shape": (8, 8, 1)
+        "num_classes": 10,
+        "splits": ("train", "test"),
+        "input_shape": (8, 8, 1),
     }
     with pytest.raises(ValueError, match=r"name.*digits.*fashion_mnist.*'mnist'"):
         data.load_dataset("mnist", "train")
@@ -277,8 +281,14 @@ def _write_idx(path, array, code, compress):
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize(
     ("dtype", "code"),
-    [(np.uint8, 0x08), (np.int8, 0x09), (np.int16, 0x0B), (np.int32, 0x0C),
-     (np.float32, 0x0D), (np.float64, 0x0E)],
+    [
+        (np.uint8, 0x08),
+        (np.int8, 0x09),
+        (np.int16, 0x0B),
+        (np.int32, 0x0C),
+        (np.float32, 0x0D),
+        (np.float64, 0x0E),
+    ],
 )
 def test_read_idx_round_trip(tmp_path, dtype, code, compress):
     rng = np.random.default_rng(code)
@@ -298,8 +308,9 @@ def test_read_idx_rejects_truncated_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"labels-idx1-ubyte.*truncated.*expected 18.*got 15"):
         data.read_idx(path)
     gz = tmp_path / "images.gz"
-    gz.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + np.array([10], ">i4").tobytes()
-                                 + bytes(10))[:-6])
+    gz.write_bytes(
+        gzip.compress(bytes([0, 0, 8, 1]) + np.array([10], ">i4").tobytes() + bytes(10))[:-6]
+    )
     with pytest.raises(ValueError, match="images.gz"):
         data.read_idx(gz)
     bad = tmp_path / "bad"
@@ -419,7 +430,7 @@ def test_prefetch_over_loader_matches_direct_iteration():
     loader = data.Loader(_source(), 10, seed=4)
     with data.prefetch(loader, put=lambda b: b, size=2) as it:
         got = [next(it) for _ in range(12)]
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         _assert_batches_equal(a, b)
 
 

@@ -81,8 +81,11 @@ def test_jit_batch_is_split_over_devices():
 def test_batch_size_not_divisible_by_devices_is_rejected_before_compiling():
     cfg = tiny_digits_config()
     cfg.train.batch_size = 12
-    with pytest.raises(ValueError, match=r"train.batch_size: expected a positive multiple of the "
-                       r"device count 8 .* got 12"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.batch_size: expected a positive multiple of the "
+        r"device count 8 .* got 12",
+    ):
         dlkit.fit(cfg)
 
 

@@ -13,15 +13,16 @@ from dlkit import losses, models, steps
 
 def _state(seed=0):
     module = models.build("mlp", hidden_sizes=(16,), dropout_rate=0.0, num_classes=3)
-    return dlkit.create_train_state(module, optax.sgd(0.1), np.zeros((1, 5), np.float32),
-                                    seed=seed)
+    return dlkit.create_train_state(module, optax.sgd(0.1), np.zeros((1, 5), np.float32), seed=seed)
 
 
 def _batch(n, seed=0):
     rng = np.random.default_rng(seed)
-    return {"inputs": rng.normal(size=(n, 5)).astype(np.float32),
-            "labels": rng.integers(0, 3, size=n).astype(np.int32),
-            "mask": np.ones(n, np.float32)}
+    return {
+        "inputs": rng.normal(size=(n, 5)).astype(np.float32),
+        "labels": rng.integers(0, 3, size=n).astype(np.int32),
+        "mask": np.ones(n, np.float32),
+    }
 
 
 def test_padding_rows_do_not_change_the_update_or_the_metrics():

@@ -19,15 +19,16 @@ Usage::
 """
 
 from dlkit.data.loader import Loader
-from dlkit.data.prefetch import Prefetcher
-from dlkit.data.prefetch import prefetch
-from dlkit.data.sources import DATASETS
-from dlkit.data.sources import ArraySource
-from dlkit.data.sources import available_datasets
-from dlkit.data.sources import dataset_info
-from dlkit.data.sources import get_batch
-from dlkit.data.sources import load_dataset
-from dlkit.data.sources import read_idx
+from dlkit.data.prefetch import Prefetcher, prefetch
+from dlkit.data.sources import (
+    DATASETS,
+    ArraySource,
+    available_datasets,
+    dataset_info,
+    get_batch,
+    load_dataset,
+    read_idx,
+)
 
 __all__ = [
     "DATASETS",

@@ -63,8 +63,18 @@ class Loader:
     float32 (local_batch_size,): 1.0 for real examples, 0.0 for padding.
     """
 
-    def __init__(self, source, batch_size, *, seed=0, shuffle=True, last_batch="drop",
-                 process_index=0, process_count=1, position=0):
+    def __init__(
+        self,
+        source,
+        batch_size,
+        *,
+        seed=0,
+        shuffle=True,
+        last_batch="drop",
+        process_index=0,
+        process_count=1,
+        position=0,
+    ):
         if not _is_int(process_count) or process_count <= 0:
             raise ValueError(f"process_count: expected a positive int, got {process_count!r}")
         if not _is_int(batch_size) or batch_size <= 0 or batch_size % process_count:
@@ -198,7 +208,7 @@ class Loader:
         epoch, k = divmod(int(position), self._batches_per_epoch)
         order = self._order(epoch)
         start = k * self.batch_size
-        indices = order[start:start + self.batch_size]
+        indices = order[start : start + self.batch_size]
         mask = np.ones(self.batch_size, np.float32)
         num_real = len(indices)
         if num_real < self.batch_size:

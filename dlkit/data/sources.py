@@ -227,7 +227,7 @@ def _readonly(arr):
     return arr
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_arrays(split):
     # Imported lazily: scikit-learn is only needed for this dataset.
     import sklearn.datasets
@@ -280,7 +280,7 @@ def _resolve_fashion_mnist(split, data_dir):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fashion_mnist_arrays(split, images_path, labels_path):
     # Cached per process: decoding the gzip files takes about a second.
     images = read_idx(images_path)

@@ -1,7 +1,7 @@
 """A small convolutional network for image classification.
 
-    module = CNN(features=(32, 64), dense_size=128, num_classes=10)
-    logits = module.apply(variables, images, train=False)  # images (B, H, W, C) -> (B, 10)
+module = CNN(features=(32, 64), dense_size=128, num_classes=10)
+logits = module.apply(variables, images, train=False)  # images (B, H, W, C) -> (B, 10)
 """
 
 import flax.linen as nn

@@ -1,7 +1,7 @@
 """Multi-layer perceptron with dropout.
 
-    module = MLP(hidden_sizes=(256, 256), num_classes=10, dropout_rate=0.1)
-    logits = module.apply(variables, x, train=True, rngs={"dropout": key})  # (B, 10)
+module = MLP(hidden_sizes=(256, 256), num_classes=10, dropout_rate=0.1)
+logits = module.apply(variables, x, train=True, rngs={"dropout": key})  # (B, 10)
 """
 
 import flax.linen as nn
