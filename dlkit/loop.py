@@ -16,6 +16,7 @@ continue bit-for-bit, and all three go into every checkpoint.
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -38,6 +39,13 @@ def is_time(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
+def example_batch(source) -> dict[str, np.ndarray]:
+    """A batch of one real example with its mask: what shape-only tracing needs."""
+    batch = data_lib.get_batch(source, np.array([0]))
+    batch["mask"] = np.ones((1,), np.float32)
+    return batch
+
+
 @dataclasses.dataclass
 class Components:
     """Everything a run is built from, made from a `Config` by `build`."""
@@ -53,7 +61,7 @@ class Components:
 
     def abstract_state(self) -> state_lib.TrainState:
         """The TrainState's shapes, with each leaf's target sharding attached."""
-        example = data_lib.get_batch(self.train_source, np.array([0]))["inputs"]
+        example = example_batch(self.train_source)["inputs"]
         abstract = state_lib.abstract_train_state(
             self.module, self.tx, example, self.config.train.seed
         )
@@ -63,7 +71,7 @@ class Components:
 
     def init_state(self) -> state_lib.TrainState:
         """A fresh TrainState, initialised directly with its target sharding."""
-        example = data_lib.get_batch(self.train_source, np.array([0]))["inputs"]
+        example = example_batch(self.train_source)["inputs"]
         return state_lib.create_train_state(
             self.module,
             self.tx,
@@ -227,22 +235,9 @@ def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[s
     return metrics_lib.compute(jax.device_get(acc))
 
 
-def _eval_metrics_shape(components: Components, state):
-    """Abstract eval metrics: the eval step's output structure, from `jax.eval_shape`."""
-    example = data_lib.get_batch(components.eval_source, np.array([0]))
-    example["mask"] = np.ones((1,), np.float32)
-    return jax.eval_shape(
-        lambda s, b: steps.eval_step(s, b, loss_fn=components.loss_fn), state, example
-    )
-
-
-def _train_metrics_shape(components: Components, state):
-    """Abstract train metrics, from `jax.eval_shape` of the train step."""
-    example = data_lib.get_batch(components.train_source, np.array([0]))
-    example["mask"] = np.ones((1,), np.float32)
-    return jax.eval_shape(
-        lambda s, b: steps.train_step(s, b, loss_fn=components.loss_fn)[1], state, example
-    )
+def _metrics_shape(step_fn, state, source) -> Any:
+    """The structure of a step's metrics (ShapeDtypeStructs), from `jax.eval_shape`."""
+    return jax.eval_shape(step_fn, state, example_batch(source))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -327,8 +322,12 @@ def fit(
 
         train_fn = strategy.compile_train(c.loss_fn)
         eval_fn = strategy.compile_eval(c.loss_fn)
-        train_shape = _train_metrics_shape(c, state)
-        eval_shape = _eval_metrics_shape(c, state)
+        train_shape = _metrics_shape(
+            lambda s, b: steps.train_step(s, b, loss_fn=c.loss_fn)[1], state, c.train_source
+        )
+        eval_shape = _metrics_shape(
+            functools.partial(steps.eval_step, loss_fn=c.loss_fn), state, c.eval_source
+        )
         loader = data_lib.Loader(
             c.train_source,
             cfg.train.batch_size,
@@ -373,7 +372,9 @@ def fit(
                 history.append(row)
                 if writer is not None:
                     writer.write(row)
-                if "eval/loss" in row:
+                # With a bar, train metrics show in it and only evals get a line; without one
+                # (logs, batch jobs), every logged row is a line.
+                if "eval/loss" in row or not bar.enabled:
                     bar.write(_format(row))
             if ckpt is not None and (is_time(step, cfg.checkpoint.every_steps) or step == total):
                 t = time.perf_counter()
@@ -441,7 +442,10 @@ def evaluate(
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
     eval_fn = strategy.compile_eval(c.loss_fn)
-    result = run_eval(c, state, eval_fn, _eval_metrics_shape(c, state))
+    eval_shape = _metrics_shape(
+        functools.partial(steps.eval_step, loss_fn=c.loss_fn), state, c.eval_source
+    )
+    result = run_eval(c, state, eval_fn, eval_shape)
     return {
         "step": step,
         "split": cfg.data.eval_split,

@@ -2,8 +2,11 @@
 
 Command:   dlkit train fashion_mnist_cnn
 Hardware:  2 CPU cores, no accelerator.
-Runtime:   RUNTIME_PLACEHOLDER
-Result:    RESULT_PLACEHOLDER
+Runtime:   3 min 52 s wall (231.7 s) for 3750 steps, compilation and 3 evaluations included,
+           ~17 steps/s; measured on an otherwise idle machine with
+           `/usr/bin/time dlkit train fashion_mnist_cnn --no-progress`.
+Result:    92.38% test accuracy (eval loss 0.216), seed 0; the same at steps 1250/2500/3750
+           (90.57%/91.91%/92.38%) in three separate runs.
 Data:      the standard IDX files (Debian: `apt-get install dataset-fashion-mnist`, installed under
            /usr/share/datasets/fashion-mnist; or set DLKIT_DATA_DIR / --set data.data_dir=DIR).
            60,000 train / 10,000 official test images, 28x28 grey.
