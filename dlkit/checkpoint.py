@@ -2,7 +2,7 @@
 
     ckpt = dlkit.checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=3)
     ckpt.save(step, state, data_position=step, config=cfg.to_dict())   # async by default
-    state, data_position = ckpt.restore(abstract_state)                 # newest step
+    state, data_position = ckpt.restore(abstract_state)                 # newest valid step
     ckpt.close()                                                         # waits for writes
 
 One checkpoint is one Orbax step directory with three items: "state" (the TrainState's arrays,
@@ -10,48 +10,203 @@ via `StandardSave`), "data" ({"position": int}) and "config" (the run's config a
 Restoring takes an abstract state whose leaves carry the *target* shardings, so a state saved
 on 8 devices restores onto 1, or onto the CPU in a notebook: the layout is chosen at restore.
 
-Saves are asynchronous by default: `save` returns once the arrays are copied off the devices,
-and the write finishes in the background. Every exit path waits: `close()` (called by `fit`
-in a `finally`), and an `atexit` hook for checkpointers a user forgot to close. Orbax writes
-into a temporary directory and renames it when complete, so a process killed mid-save leaves
-the previous steps intact and the partial one invisible.
+Commit rules. Orbax alone leaves several ways to lose a run (measured on Orbax 0.12: a kill
+while an old step is being deleted leaves a half-deleted step that is still listed; a flipped
+byte restores silently; an empty step directory breaks the manager; best-N retention can delete
+the newest step). dlkit therefore keeps its own rules on top of Orbax:
+
+- A step counts only when Orbax's commit marker (`commit_success.txt`) AND dlkit's manifest
+  (`dlkit_manifest.json`: size and CRC-32 of every file) are both present. With async saves the
+  manifest is written inside Orbax's temporary directory just before Orbax renames it into
+  place, so the two appear together; with sync saves it is written (atomically) right after.
+- Restoring verifies every checksum first. A step that fails is reported (which step, which
+  file, what is wrong), moved to `.quarantine/` (kept for inspection, never deleted), and the
+  next older valid step is tried.
+- Deletion is a rename into `.trash/` followed by removal: a step is either listed whole or not
+  at all. Leftovers of interrupted saves and deletions are cleaned when a Checkpointer opens.
+- Retention is dlkit's, not Orbax's: keep the newest `max_to_keep` steps, plus the best
+  `keep_best` by a metric, and never the newest step.
+
+Every exit path waits for pending saves: `close()` (called by `fit` in a `finally`), and an
+`atexit` hook for checkpointers a user forgot to close.
 """
 
 import atexit
+import json
 import os
 import pathlib
+import shutil
+import threading
+import time
+import uuid
 import weakref
+import zlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+MANIFEST = "dlkit_manifest.json"
+COMMIT_MARKER = "commit_success.txt"
+# Orbax rewrites this file while committing (timestamps), after the manifest is written, so it
+# is checked for being present and well-formed rather than by checksum.
+STEP_METADATA = "_CHECKPOINT_METADATA"
+TRASH = ".trash"
+QUARANTINE = ".quarantine"
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+_CHUNK = 1 << 22
+
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
 
-@atexit.register
 def _wait_for_open_checkpointers() -> None:
     for ckpt in list(_OPEN):
         ckpt.close()
 
 
+# Orbax finishes async saves on concurrent.futures threads, and concurrent.futures refuses new
+# work once the interpreter starts shutting down threads, which happens *before* ordinary
+# `atexit` hooks run: an atexit hook is too late and the save is lost (Orbax 0.12, measured).
+# `threading._register_atexit` hooks run at that earlier point, last registered first, so this
+# one (registered after concurrent.futures') runs while the executors still accept work.
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_wait_for_open_checkpointers)
+else:  # pragma: no cover - other Python implementations
+    atexit.register(_wait_for_open_checkpointers)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: corrupt, incomplete, or not this run's."""
+
+
+def _crc32(path: pathlib.Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("w") as f:
+        json.dump(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(step_dir: pathlib.Path, step: int, metrics: dict | None = None) -> None:
+    """Records the size and CRC-32 of every file under `step_dir` in its manifest."""
+    files = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(step_dir).as_posix()
+        if path.name in (MANIFEST, COMMIT_MARKER, STEP_METADATA) or rel.endswith(".tmp"):
+            continue
+        files[rel] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+    payload = {"version": 1, "step": step, "files": files, "metrics": metrics or {}}
+    _write_json_atomic(step_dir / MANIFEST, payload)
+
+
+def verify_step(step_dir: pathlib.Path) -> list[str]:
+    """Problems that make `step_dir` unusable ([] = valid): markers, then every checksum."""
+    problems = []
+    if not step_dir.is_dir() or not any(step_dir.iterdir()):
+        return ["the step directory is empty"]
+    if not (step_dir / COMMIT_MARKER).exists():
+        problems.append(f"{COMMIT_MARKER} is missing (Orbax never committed this step)")
+    manifest_path = step_dir / MANIFEST
+    if not manifest_path.exists():
+        return problems + [f"{MANIFEST} is missing (dlkit never committed this step)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return problems + [f"{MANIFEST} is unreadable: {e}"]
+    try:
+        json.loads((step_dir / STEP_METADATA).read_text())
+    except FileNotFoundError:
+        problems.append(f"{STEP_METADATA}: missing")
+    except (OSError, ValueError):
+        problems.append(f"{STEP_METADATA}: not valid JSON")
+    for rel, expected in manifest["files"].items():
+        path = step_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{rel}: size {path.stat().st_size} bytes, expected {expected['size']}")
+        elif _crc32(path) != expected["crc32"]:
+            problems.append(f"{rel}: CRC-32 mismatch (the bytes changed after saving)")
+    return problems
+
+
+def _read_manifest(step_dir: pathlib.Path) -> dict:
+    try:
+        return json.loads((step_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 class Checkpointer:
-    """Saves and restores training checkpoints in one directory.
+    """Saves and restores training checkpoints in one directory, under dlkit's commit rules.
 
     Args:
       directory: where step directories go (created if missing).
       max_to_keep: keep the newest N steps; None keeps all.
+      keep_best: also keep the best N steps by `best_metric` (0 = off).
+      best_metric: the metric (passed to `save`) that ranks steps, e.g. "eval/loss".
+      best_mode: "min" or "max".
       async_save: write in a background thread (`save` returns early).
+      read_only: only read (e.g. `dlkit eval` while a run is training in the same workdir):
+        no cleaning, no retention, corrupt steps are skipped but not moved.
+      log: where messages about cleaned or rejected steps go (default: print).
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save=True
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        keep_best: int = 0,
+        best_metric: str = "eval/loss",
+        best_mode: str = "min",
+        async_save: bool = True,
+        read_only: bool = False,
+        log=None,
     ):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"checkpoint.max_to_keep: expected an int >= 1, got {max_to_keep}")
+        if keep_best < 0:
+            raise ValueError(f"checkpoint.keep_best: expected an int >= 0, got {keep_best}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"checkpoint.best_mode: expected min | max, got {best_mode!r}")
         self.directory = pathlib.Path(directory).absolute()
+        self.max_to_keep = max_to_keep
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.async_save = async_save
+        self._log = log or (lambda text: print(text, flush=True))
+        self.read_only = read_only
+        # One process (the primary) cleans, deletes and quarantines; a reader never does.
+        self._primary = jax.process_index() == 0 and not read_only
+        self._pending: tuple[int, dict] | None = None
+        self._verified: set[int] = set()  # steps whose checksums passed in this process
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        if self._primary:
+            self._clean_leftovers()
+        async_save = async_save and not read_only
+        async_options = (
+            ocp.AsyncOptions(post_finalization_callback=self._finalize_pending)
+            if async_save
+            else None
+        )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None,  # retention is ours: see `_apply_retention`
             enable_async_checkpointing=async_save,
-            create=True,
+            async_options=async_options,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config")
@@ -59,65 +214,27 @@ class Checkpointer:
         self._closed = False
         _OPEN.add(self)
 
+    # ---- listing -----------------------------------------------------------------------------
+
+    def _step_dirs(self) -> dict[int, pathlib.Path]:
+        return {int(p.name): p for p in self.directory.iterdir() if p.name.isdigit()}
+
     def all_steps(self) -> list[int]:
-        """Every complete (committed) step, oldest first."""
-        return sorted(self._manager.all_steps())
+        """Every committed step (both markers present), oldest first. Checksums are verified
+        at restore, not here."""
+        return sorted(
+            step
+            for step, path in self._step_dirs().items()
+            if (path / COMMIT_MARKER).exists() and (path / MANIFEST).exists()
+        )
 
     def latest_step(self) -> int | None:
-        """The newest complete step, or None if there is none."""
-        return self._manager.latest_step()
-
-    def save(
-        self, step: int, state, *, data_position: int, config: dict[str, Any] | None = None
-    ) -> None:
-        """Starts saving `state` as `step` (returns before the write ends when async).
-
-        Args:
-          step: the step number (the directory's name).
-          state: the TrainState (any pytree of arrays).
-          data_position: the training loader's position (global batches consumed).
-          config: the run's config as a JSON-ready dict.
-        """
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({"position": int(data_position)}),
-                config=ocp.args.JsonSave(config or {}),
-            ),
-            force=True,
-        )
-
-    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
-        """Restores the state and the loader position of `step` (default: the newest).
-
-        Args:
-          abstract_state: the state's structure with `jax.ShapeDtypeStruct` leaves carrying the
-            target `sharding` (see `abstract_with_shardings`).
-          step: which step; None = the newest.
-        Returns:
-          (state, data_position).
-        """
-        step = self.resolve_step(step)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"], int(restored["data"]["position"])
-
-    def restore_config(self, step: int | None = None) -> dict[str, Any]:
-        """The config saved with `step` (default: the newest)."""
-        step = self.resolve_step(step)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-        )
-        return restored["config"]
+        """The newest committed step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def resolve_step(self, step: int | None) -> int:
-        """`step` if it is saved, the newest step if None; FileNotFoundError otherwise."""
+        """`step` if it is committed, the newest step if None; FileNotFoundError otherwise."""
         steps = self.all_steps()
         if step is None:
             if not steps:
@@ -129,18 +246,232 @@ class Checkpointer:
             )
         return step
 
+    # ---- housekeeping ------------------------------------------------------------------------
+
+    def _clean_leftovers(self) -> None:
+        """Finishes interrupted deletions and removes what interrupted saves left behind."""
+        trash = self.directory / TRASH
+        if trash.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+        for path in self.directory.iterdir():
+            if _ORBAX_TMP in path.name:
+                self._log(f"checkpoint: removing {path.name}, left by an interrupted save")
+                shutil.rmtree(path, ignore_errors=True)
+        for step, path in sorted(self._step_dirs().items()):
+            if not any(path.iterdir()):
+                self._log(f"checkpoint: removing empty step directory {path}")
+                path.rmdir()
+                continue
+            missing = [m for m in (COMMIT_MARKER, MANIFEST) if not (path / m).exists()]
+            if missing:
+                self._quarantine(step, f"not committed ({', '.join(missing)} missing)")
+
+    def _quarantine(self, step: int, reason: str) -> pathlib.Path:
+        """Moves step `step` out of the listing, into .quarantine/, and says so."""
+        src = self.directory / str(step)
+        dst_dir = self.directory / QUARANTINE
+        dst_dir.mkdir(exist_ok=True)
+        dst = dst_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        os.replace(src, dst)
+        self._log(f"checkpoint: step {step} is unusable: {reason}; moved to {dst}")
+        return dst
+
+    def _delete(self, step: int) -> None:
+        """Removes a step crash-safely: one atomic rename out of the listing, then rmtree."""
+        trash = self.directory / TRASH
+        trash.mkdir(exist_ok=True)
+        dst = trash / f"{step}-{uuid.uuid4().hex}"
+        os.replace(self.directory / str(step), dst)
+        shutil.rmtree(dst, ignore_errors=True)
+        try:
+            trash.rmdir()  # leave no trace once empty
+        except OSError:
+            pass
+
+    def _finalize_pending(self) -> None:
+        """Writes the manifest of the save in flight (Orbax calls this before committing)."""
+        if self._pending is None or not self._primary:
+            return
+        step, metrics = self._pending
+        tmp_dirs = [p for p in self.directory.iterdir() if p.name.startswith(f"{step}{_ORBAX_TMP}")]
+        for tmp in tmp_dirs:
+            write_manifest(tmp, step, metrics)
+
+    def _steps_to_keep(self, steps: list[int]) -> set[int]:
+        keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
+        if self.keep_best:
+            scored = []
+            for step in steps:
+                value = _read_manifest(self.directory / str(step)).get("metrics", {})
+                value = value.get(self.best_metric)
+                if isinstance(value, int | float):
+                    scored.append((value if self.best_mode == "min" else -value, step))
+            keep.update(step for _, step in sorted(scored)[: self.keep_best])
+        if steps:
+            keep.add(steps[-1])  # never delete the newest step
+        return keep
+
+    def _apply_retention(self) -> None:
+        if not self._primary:
+            return
+        steps = self.all_steps()
+        for step in sorted(set(steps) - self._steps_to_keep(steps)):
+            self._delete(step)
+        self._manager.reload()
+
+    # ---- save / restore ----------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        state,
+        *,
+        data_position: int,
+        config: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Starts saving `state` as `step` (returns before the write ends when async).
+
+        Args:
+          step: the step number (the directory's name).
+          state: the TrainState (any pytree of arrays).
+          data_position: the training loader's position (global batches consumed).
+          config: the run's config as a JSON-ready dict.
+          metrics: numbers recorded in the manifest; `best_metric` among them ranks steps.
+        """
+        if self.read_only:
+            raise CheckpointError(f"save: this Checkpointer on {self.directory} is read-only")
+        self._manager.wait_until_finished()  # Orbax would wait here anyway
+        self._apply_retention()
+        if (self.directory / str(step)).exists():
+            raise CheckpointError(
+                f"step {step}: a checkpoint with this step already exists in {self.directory}"
+            )
+        self._pending = (step, dict(metrics or {}))
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({"position": int(data_position)}),
+                config=ocp.args.JsonSave(config or {}),
+            ),
+            force=True,
+        )
+        if not self.async_save and self._primary:
+            write_manifest(self.directory / str(step), step, self._pending[1])
+            self._pending = None
+            self._apply_retention()
+
+    def _check_fits(self, step: int, abstract_state) -> None:
+        """Raises CheckpointError naming the first params whose saved shape differs."""
+        import flax.traverse_util
+
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+            saved_params = saved["params"]
+        except Exception:  # noqa: BLE001 - metadata problems surface in the restore itself
+            return
+        want = flax.traverse_util.flatten_dict(dict(abstract_state.params), sep="/")
+        have = flax.traverse_util.flatten_dict(dict(saved_params), sep="/")
+        problems = []
+        for key in sorted(want.keys() | have.keys()):
+            if key not in have:
+                problems.append(f"params/{key}: in this model, not in the checkpoint")
+            elif key not in want:
+                problems.append(f"params/{key}: in the checkpoint, not in this model")
+            elif tuple(want[key].shape) != tuple(have[key].shape):
+                problems.append(
+                    f"params/{key}: this model expects shape {tuple(want[key].shape)}, "
+                    f"the checkpoint has {tuple(have[key].shape)}"
+                )
+        if problems:
+            shown = "\n  ".join(problems[:8])
+            more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+            raise CheckpointError(
+                f"restore: checkpoint step {step} in {self.directory} does not fit this "
+                f"model:\n  {shown}{more}"
+            )
+
+    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
+        """Restores the state and the loader position of the newest valid step.
+
+        Each candidate's checksums are verified first; a corrupt step is reported, moved to
+        .quarantine/ and the next older step is tried. With an explicit `step`, no fallback.
+
+        Args:
+          abstract_state: the state's structure with `jax.ShapeDtypeStruct` leaves carrying the
+            target `sharding` (see `abstract_with_shardings`).
+          step: which step; None = the newest valid one.
+        Returns:
+          (state, data_position).
+        Raises:
+          FileNotFoundError: no valid step is left.
+          CheckpointError: the step exists but does not fit `abstract_state`, or an explicit
+            step is corrupt.
+        """
+        step = self.valid_step(step)
+        self._check_fits(step, abstract_state)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], int(restored["data"]["position"])
+
+    def valid_step(self, step: int | None = None) -> int:
+        """The newest step whose checksums verify (or `step`, verified), after quarantining
+        the newer ones that fail.
+
+        Raises:
+          FileNotFoundError: no valid step is left.
+          CheckpointError: an explicitly requested step is corrupt.
+        """
+        candidates = [self.resolve_step(step)] if step is not None else self.all_steps()[::-1]
+        if not candidates:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        for candidate in candidates:
+            if candidate in self._verified:
+                return candidate
+            problems = verify_step(self.directory / str(candidate))
+            if not problems:
+                self._verified.add(candidate)
+                return candidate
+            reason = "; ".join(problems)
+            if step is not None:
+                raise CheckpointError(f"checkpoint step {candidate} is corrupt: {reason}")
+            if self._primary:
+                self._quarantine(candidate, reason + "; falling back to an older step")
+                self._manager.reload()
+            else:
+                self._log(f"checkpoint: skipping step {candidate}: {reason}")
+        raise FileNotFoundError(f"no valid checkpoint in {self.directory}")
+
+    def restore_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config saved with `step` (default: the newest)."""
+        step = self.resolve_step(step)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored["config"]
+
     def wait(self) -> None:
-        """Blocks until every started save is written and committed."""
+        """Blocks until every started save is written and committed, then applies retention."""
         self._manager.wait_until_finished()
+        self._pending = None
+        self._apply_retention()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        self._manager.wait_until_finished()
-        self._manager.close()
-        _OPEN.discard(self)
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            _OPEN.discard(self)
 
     def __enter__(self) -> "Checkpointer":
         return self

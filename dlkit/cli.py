@@ -56,6 +56,8 @@ def _train(args) -> int:
     workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / cfg.name)
     result = dlkit.fit(cfg, workdir, progress=False if args.no_progress else None)
     final = {"step": result.history[-1]["step"]} if result.history else {}
+    if result.stopped:
+        final["stopped"] = result.stopped
     for row in result.history:
         final.update(row)
     print(json.dumps({"workdir": str(workdir), **final}))
@@ -82,13 +84,16 @@ def _list(_args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dlkit.config import ConfigError
+    from dlkit.checkpoint import CheckpointError
 
     try:
         return {"train": _train, "eval": _eval, "list": _list}[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # bad settings, data or paths (ConfigError too)
         print(f"dlkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, FloatingPointError) as e:  # the run itself could not go on
+        print(f"dlkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

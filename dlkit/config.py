@@ -36,6 +36,8 @@ class DataConfig:
     shuffle: bool = True  # shuffle training batches, by (seed, epoch)
     last_batch: str = "drop"  # training loader's last partial batch: drop | pad
     prefetch: int = 2  # batches staged on the devices ahead of the step (0 = synchronous)
+    validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
+    #                          error | warn | off
 
 
 @dataclasses.dataclass
@@ -77,6 +79,10 @@ class TrainConfig:
     eval_every: int = 500  # evaluate every N steps (and always at the end); 0 = only at the end
     eval_batch_size: int = 0  # 0 = same as batch_size
     progress: bool = True  # show a progress bar
+    nan_policy: str = "raise"  # non-finite loss/gradients: raise | skip (the update is never
+    #                            applied either way; see dlkit.nonfinite)
+    max_consecutive_nonfinite: int = 10  # skip: stop after this many skipped steps in a row
+    loss_spike_factor: float = 0.0  # skip updates whose loss > factor x running mean; 0 = off
 
 
 @dataclasses.dataclass
@@ -92,6 +98,11 @@ class CheckpointConfig:
     every_steps: int = 500  # save every N steps (and always at the end); 0 = only at the end
     max_to_keep: int = 3  # keep the newest N checkpoints
     async_save: bool = True  # write in the background; always waited for before returning
+    keep_best: int = 0  # also keep the best N steps by best_metric (0 = off)
+    best_metric: str = "eval/loss"  # metric ranking steps for keep_best
+    best_mode: str = "min"  # min | max
+    archive_mismatched: bool = False  # a workdir holding another experiment's checkpoints:
+    #   False = refuse to start; True = move them to checkpoints.archived-<time>/ and start over
 
 
 @dataclasses.dataclass

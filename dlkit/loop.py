@@ -17,7 +17,6 @@ continue bit-for-bit, and all three go into every checkpoint.
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 from typing import Any
@@ -29,9 +28,11 @@ import tqdm.auto
 from dlkit import checkpoint as checkpoint_lib
 from dlkit import config as config_lib
 from dlkit import data as data_lib
-from dlkit import losses, models, optim, parallel, steps
+from dlkit import interrupt, losses, models, nonfinite, optim, parallel, steps
 from dlkit import metrics as metrics_lib
 from dlkit import state as state_lib
+from dlkit import workdir as workdir_lib
+from dlkit.data import validate
 
 
 def is_time(step: int, every: int) -> bool:
@@ -100,6 +101,27 @@ def _check_config(cfg: config_lib.Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise config_lib.ConfigError(f"{key}: expected an int >= 0, got {value}")
+    choices = {
+        "train.nan_policy": (cfg.train.nan_policy, ("raise", "skip")),
+        "checkpoint.best_mode": (cfg.checkpoint.best_mode, ("min", "max")),
+        "data.last_batch": (cfg.data.last_batch, ("drop", "pad")),
+        "data.validate": (cfg.data.validate, ("error", "warn", "off")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise config_lib.ConfigError(
+                f"{key}: expected one of {' | '.join(allowed)}, got {value!r}"
+            )
+    if cfg.train.max_consecutive_nonfinite < 1:
+        raise config_lib.ConfigError(
+            "train.max_consecutive_nonfinite: expected an int >= 1, got "
+            f"{cfg.train.max_consecutive_nonfinite}"
+        )
+    if cfg.train.loss_spike_factor != 0 and cfg.train.loss_spike_factor <= 1:
+        raise config_lib.ConfigError(
+            "train.loss_spike_factor: expected 0 (off) or a float > 1, got "
+            f"{cfg.train.loss_spike_factor}"
+        )
     if cfg.checkpoint.max_to_keep < 1:
         raise config_lib.ConfigError(
             f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
@@ -170,12 +192,15 @@ class FitResult:
       workdir: the run's directory, or None.
       trace_counts: times each compiled function was traced; {"train": 1, "eval": 1} means
         no recompilation happened.
+      stopped: None if the run reached train.steps; else what stopped it ("SIGTERM",
+        "SIGINT", "preemption").
     """
 
     state: state_lib.TrainState
     history: metrics_lib.History
     workdir: pathlib.Path | None
     trace_counts: dict[str, int]
+    stopped: str | None = None
 
 
 class _Progress:
@@ -240,28 +265,47 @@ def _metrics_shape(step_fn, state, source) -> Any:
     return jax.eval_shape(step_fn, state, example_batch(source))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+def _num_outputs(c: Components) -> int | None:
+    """The model's output size (last axis), from `jax.eval_shape`: no FLOPs, no compile."""
+    abstract = c.abstract_state()
+    example = example_batch(c.train_source)["inputs"]
+    out = jax.eval_shape(
+        lambda s, x: s.apply_fn({"params": s.params, **s.model_state}, x, train=False),
+        abstract,
+        example,
+    )
+    return int(out.shape[-1]) if out.ndim >= 1 else None
 
 
-def _write_config(workdir: pathlib.Path, cfg: config_lib.Config, progress: _Progress) -> None:
-    """Writes config.json, noting which keys differ from the one already there."""
-    path = workdir / "config.json"
-    new = cfg.to_dict()
-    if path.exists():
-        old, flat_new = _flatten(json.loads(path.read_text())), _flatten(new)
-        changed = sorted(k for k in old.keys() | flat_new.keys() if old.get(k) != flat_new.get(k))
-        if changed:
-            progress.write(f"note: config differs from {path} in: {', '.join(changed)}")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
-    tmp.replace(path)
+def _check_data(c: Components, log) -> None:
+    """`data.validate`: the input checks of `dlkit.data.validate`, before compiling."""
+    policy = c.config.data.validate
+    if policy == "off":
+        return
+    try:
+        warnings = validate.check_datasets(
+            c.train_source,
+            c.eval_source,
+            num_outputs=_num_outputs(c),
+            classification=isinstance(c.loss_fn, losses.SoftmaxCrossEntropy),
+            batch_size=c.config.train.batch_size,
+            last_batch=c.config.data.last_batch,
+        )
+    except validate.DataError as e:
+        if policy == "error":
+            raise
+        warnings = [str(e)]
+    for w in warnings:
+        log(f"warning: {w}")
+
+
+def _check_health(state, cfg: config_lib.Config) -> int:
+    """Applies train.nan_policy to the state's guard; returns the number of skipped steps."""
+    guard = jax.device_get(state.guard)
+    nonfinite.enforce(
+        guard, policy=cfg.train.nan_policy, max_consecutive=cfg.train.max_consecutive_nonfinite
+    )
+    return int(guard.skipped)
 
 
 def fit(
@@ -279,11 +323,16 @@ def fit(
     Args:
       config: the run's `Config`.
       workdir: where config.json, metrics.jsonl and checkpoints/ go. If it holds checkpoints,
-        training resumes from the newest. None = keep nothing on disk.
+        training resumes from the newest valid one. None = keep nothing on disk.
       module, train_source, eval_source, strategy: replace the config's choice (see `build`).
       progress: show a progress bar; None = `config.train.progress`.
     Returns:
-      A `FitResult` with the final state and the metric history.
+      A `FitResult` with the final state and the metric history. After SIGTERM/SIGINT (or
+      Ctrl-C in a notebook) it returns early, with a checkpoint of the last step written and
+      `stopped` naming the signal.
+    Raises:
+      ConfigError / DataError (ValueErrors): bad settings or data, before anything compiles.
+      FloatingPointError: `train.nan_policy` stopped the run.
     """
     cfg = config
     c = build(
@@ -293,22 +342,37 @@ def fit(
     is_main = strategy.process_index == 0
     total = cfg.train.steps
     show = (cfg.train.progress if progress is None else progress) and is_main
+    log = (lambda text: print(text, flush=True)) if is_main else (lambda text: None)
+    _check_data(c, log)
 
     workdir = pathlib.Path(workdir) if workdir is not None else None
     ckpt = writer = None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            workdir_lib.claim(
+                workdir, cfg, archive_mismatched=cfg.checkpoint.archive_mismatched, log=log
+            )
         ckpt = checkpoint_lib.Checkpointer(
             workdir / "checkpoints",
             max_to_keep=cfg.checkpoint.max_to_keep,
+            keep_best=cfg.checkpoint.keep_best,
+            best_metric=cfg.checkpoint.best_metric,
+            best_mode=cfg.checkpoint.best_mode,
             async_save=cfg.checkpoint.async_save,
+            log=log,
         )
-    bar = None
-    batches = None
+    bar = batches = None
+    stopped = None
+    # From here on a signal only asks the loop to stop after a step (see dlkit.interrupt).
+    stop = interrupt.StopRequests().__enter__()
     try:
         history = metrics_lib.History()
         if ckpt is not None and ckpt.latest_step() is not None:
-            state, position = ckpt.restore(c.abstract_state())
+            try:
+                state, position = ckpt.restore(c.abstract_state())
+            except FileNotFoundError:  # every step was corrupt and quarantined
+                state, position = c.init_state(), 0
         else:
             state, position = c.init_state(), 0
         start = int(jax.device_get(state.step))
@@ -316,11 +380,11 @@ def fit(
         if workdir is not None and is_main:
             writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
             history = writer.truncate_after(start)
-            _write_config(workdir, cfg, bar)
+            workdir_lib.write_config(workdir, cfg, bar.write)
             if start:
                 bar.write(f"resuming from step {start} in {workdir}")
 
-        train_fn = strategy.compile_train(c.loss_fn)
+        train_fn = strategy.compile_train(c.loss_fn, loss_spike_factor=cfg.train.loss_spike_factor)
         eval_fn = strategy.compile_eval(c.loss_fn)
         train_shape = _metrics_shape(
             lambda s, b: steps.train_step(s, b, loss_fn=c.loss_fn)[1], state, c.train_source
@@ -342,15 +406,26 @@ def fit(
         batches = data_lib.prefetch(iter(loader), strategy.put_batch, cfg.data.prefetch)
         acc = strategy.zeros(train_shape)
         interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
+        last_eval: dict[str, float] = {}
 
-        def evaluate_now(step: int) -> dict[str, float]:
+        def save(step: int) -> None:
             nonlocal paused
             t = time.perf_counter()
-            result = run_eval(c, state, eval_fn, eval_shape)
+            _check_health(state, cfg)  # never checkpoint past a step the policy rejects
+            ckpt.save(
+                step,
+                state,
+                data_position=position + step - start,
+                config=cfg.to_dict(),
+                metrics=last_eval,
+            )
             paused += time.perf_counter() - t
-            return {f"eval/{k}": v for k, v in result.items()}
 
-        for step in range(start + 1, total + 1):
+        if stop.signal_name is not None:  # asked to stop before the first step: nothing to save
+            stopped = stop.signal_name
+            bar.write(f"stopped by {stopped} before training started")
+        last = total if stopped is None else start
+        for step in range(start + 1, last + 1):
             state, acc = train_fn(state, acc, next(batches))
             if strategy.sync_every_step:
                 jax.block_until_ready(acc)
@@ -359,6 +434,7 @@ def fit(
             row: dict[str, Any] = {}
             if is_time(step, cfg.train.log_every) or step == total:
                 row.update(metrics_lib.compute(jax.device_get(acc), prefix="train/"))
+                row["train/skipped_steps"] = _check_health(state, cfg)
                 elapsed = time.perf_counter() - interval_start - paused
                 row["train/learning_rate"] = float(c.schedule(step - 1))
                 row["perf/steps_per_s"] = interval_steps / max(elapsed, 1e-9)
@@ -366,21 +442,34 @@ def fit(
                 acc = strategy.zeros(train_shape)
                 interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
             if is_time(step, cfg.train.eval_every) or step == total:
-                row.update(evaluate_now(step))
+                t = time.perf_counter()
+                last_eval = {
+                    f"eval/{k}": v for k, v in run_eval(c, state, eval_fn, eval_shape).items()
+                }
+                paused += time.perf_counter() - t
+                row.update(last_eval)
             if row:
                 row = {"step": step, **row}
                 history.append(row)
                 if writer is not None:
                     writer.write(row)
-                # With a bar, train metrics show in it and only evals get a line; without one
-                # (logs, batch jobs), every logged row is a line.
+                # With a bar, train metrics show in it and only evals get a line; without
+                # one (logs, batch jobs), every logged row is a line.
                 if "eval/loss" in row or not bar.enabled:
                     bar.write(_format(row))
-            if ckpt is not None and (is_time(step, cfg.checkpoint.every_steps) or step == total):
-                t = time.perf_counter()
-                ckpt.save(step, state, data_position=position + step - start, config=cfg.to_dict())
-                paused += time.perf_counter() - t
+            stop_now = stop.requested(step)
+            due = is_time(step, cfg.checkpoint.every_steps) or step == total
+            if ckpt is not None and (due or stop_now):
+                save(step)
+            if stop_now:
+                stopped = stop.signal_name
+                bar.write(
+                    f"stopped by {stopped} after step {step}"
+                    + (f"; checkpoint written to {ckpt.directory}" if ckpt else "")
+                )
+                break
     finally:
+        stop.__exit__(None, None, None)
         if batches is not None:
             batches.close()
         if bar is not None:
@@ -390,7 +479,15 @@ def fit(
     trace_counts = dict(strategy.trace_counts)
     if trace_counts.get("train", 0) > 1 and is_main:
         print(f"warning: the train step was compiled {trace_counts['train']} times")
-    return FitResult(state, history, workdir, trace_counts)
+    return FitResult(state, history, workdir, trace_counts, stopped)
+
+
+def _open_existing(workdir: pathlib.Path) -> checkpoint_lib.Checkpointer:
+    """A Checkpointer on a workdir that must already hold checkpoints (creates nothing)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    return checkpoint_lib.Checkpointer(directory, max_to_keep=None, read_only=True)
 
 
 def load_checkpoint(
@@ -410,7 +507,8 @@ def load_checkpoint(
       (state, config): the TrainState and the run's Config.
     """
     workdir = pathlib.Path(workdir)
-    with checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+    with _open_existing(workdir) as ckpt:
+        step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
         strategy = strategy or parallel.make_strategy("jit", num_devices=1)
         c = build(cfg, strategy=strategy)
@@ -431,8 +529,8 @@ def evaluate(
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
     """
     workdir = pathlib.Path(workdir)
-    with checkpoint_lib.Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
-        step = ckpt.resolve_step(step)
+    with _open_existing(workdir) as ckpt:
+        step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
         if split is not None:
             cfg.data.eval_split = split

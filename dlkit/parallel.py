@@ -119,7 +119,8 @@ class Strategy:
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         raise NotImplementedError
 
-    def compile_train(self, loss_fn, state_shardings=None):
+    def compile_train(self, loss_fn, state_shardings=None, **step_options):
+        """Options (e.g. loss_spike_factor) are passed to `steps.train_step` as static."""
         raise NotImplementedError
 
     def compile_eval(self, loss_fn, state_shardings=None):
@@ -146,7 +147,7 @@ class JitStrategy(Strategy):
             for k, v in batch.items()
         }
 
-    def compile_train(self, loss_fn, state_shardings=None):
+    def compile_train(self, loss_fn, state_shardings=None, **step_options):
         """`(state, acc, batch) -> (state, acc)`: one program with the step and the metric sum.
 
         `state` and `acc` are donated: their buffers are reused for the outputs.
@@ -154,7 +155,7 @@ class JitStrategy(Strategy):
 
         def train_and_accumulate(state, acc, batch):
             self._count("train")
-            state, metrics = steps.train_step(state, batch, loss_fn=loss_fn)
+            state, metrics = steps.train_step(state, batch, loss_fn=loss_fn, **step_options)
             return state, metrics_lib.merge(acc, metrics)
 
         state_sh = self.replicated if state_shardings is None else state_shardings
@@ -210,7 +211,7 @@ class PmapStrategy(Strategy):
             donate_argnums=donate_argnums,
         )
 
-    def compile_train(self, loss_fn, state_shardings=None):
+    def compile_train(self, loss_fn, state_shardings=None, **step_options):
         """`(state, acc, batch) -> (state, acc)`, pmapped; `state` and `acc` are donated."""
         if state_shardings is not None and any(
             s != self.replicated for s in jax.tree.leaves(state_shardings)
@@ -219,7 +220,9 @@ class PmapStrategy(Strategy):
 
         def train_and_accumulate(state, acc, batch):
             self._count("train")
-            state, metrics = steps.train_step(state, batch, loss_fn=loss_fn, axis_name=DATA_AXIS)
+            state, metrics = steps.train_step(
+                state, batch, loss_fn=loss_fn, axis_name=DATA_AXIS, **step_options
+            )
             return state, metrics_lib.merge(acc, metrics)
 
         return self._pmap(train_and_accumulate, donate_argnums=(0, 1))

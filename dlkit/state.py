@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dlkit import nonfinite
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -32,6 +34,7 @@ class TrainState:
       opt_state: the Optax state of `tx`.
       rng: uint32 (2,) raw threefry key data; the step folds in `step` for its dropout key.
         Stored as raw data (not a typed key) so checkpoints hold plain arrays.
+      guard: `nonfinite.Guard` counters of updates skipped for NaN/Inf (or loss spikes).
       apply_fn: the module's `apply` (static: part of the tree's structure, not a leaf).
       tx: the Optax transformation (static).
     """
@@ -41,6 +44,7 @@ class TrainState:
     model_state: Any
     opt_state: Any
     rng: jax.Array
+    guard: nonfinite.Guard
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
@@ -58,6 +62,7 @@ def _init_fn(module, tx, example_inputs) -> Callable[[jax.Array], TrainState]:
             model_state=variables,
             opt_state=tx.init(params),
             rng=jax.random.key_data(step_key),
+            guard=nonfinite.init_guard(),
             apply_fn=module.apply,
             tx=tx,
         )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from dlkit import metrics as metrics_lib
+from dlkit import nonfinite
 from dlkit.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -35,7 +36,12 @@ def _loss_metrics(loss_fn, outputs, labels, per_example, mask, axis_name):
 
 
 def train_step(
-    state: TrainState, batch: Batch, *, loss_fn, axis_name: str | None = None
+    state: TrainState,
+    batch: Batch,
+    *,
+    loss_fn,
+    axis_name: str | None = None,
+    loss_spike_factor: float = 0.0,
 ) -> tuple[TrainState, dict[str, metrics_lib.Mean]]:
     """One optimizer step: forward, loss, gradient, (clipping and) update, metrics.
 
@@ -44,9 +50,12 @@ def train_step(
       batch: {"inputs": (B, ...), "labels": (B, ...), "mask": (B,) float32}.
       loss_fn: a `dlkit.losses` loss: `loss_fn(outputs, labels) -> (B,)` and `.metrics(...)`.
       axis_name: the mapped axis under pmap; None under jit.
+      loss_spike_factor: skip updates whose loss exceeds this multiple of the running mean
+        loss; 0 = off. Non-finite losses or gradients are always skipped (see `nonfinite`).
     Returns:
       (new_state, metrics): metrics are {"loss", <loss_fn.metrics>, "grad_norm"} as `Mean`s,
-      summed over the global batch.
+      summed over the global batch. A skipped update leaves params, optimizer and model
+      state unchanged, and is counted in `new_state.guard`.
     """
     inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -77,9 +86,21 @@ def train_step(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _loss_metrics(loss_fn, outputs, labels, per_example, mask, axis_name)
-    metrics["grad_norm"] = metrics_lib.Mean.scalar(optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    metrics["grad_norm"] = metrics_lib.Mean.scalar(grad_norm)
+    mean_loss = metrics["loss"].total / jnp.maximum(metrics["loss"].count, 1.0)
+    ok, guard = nonfinite.check(
+        state.guard, state.step, mean_loss, grad_norm, spike_factor=loss_spike_factor
+    )
+    params, opt_state, model_state = nonfinite.select(
+        ok, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state)
+    )
     new_state = state.replace(
-        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+        step=state.step + 1,
+        params=params,
+        model_state=model_state,
+        opt_state=opt_state,
+        guard=guard,
     )
     return new_state, metrics
 
