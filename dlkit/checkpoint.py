@@ -208,8 +208,16 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
+        # Handlers are named up front so that metadata (saved shapes) is readable before any
+        # save or restore has registered them.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
         )
         self._closed = False
         _OPEN.add(self)

@@ -286,7 +286,7 @@ def _check_data(c: Components, log) -> None:
         warnings = validate.check_datasets(
             c.train_source,
             c.eval_source,
-            num_outputs=_num_outputs(c),
+            num_outputs=lambda: _num_outputs(c),  # only once the inputs look right
             classification=isinstance(c.loss_fn, losses.SoftmaxCrossEntropy),
             batch_size=c.config.train.batch_size,
             last_batch=c.config.data.last_batch,

@@ -185,21 +185,31 @@ def test_nan_policy_skip_never_applies_a_non_finite_update():
 
 def test_nan_policy_raise_names_the_step_and_keeps_checkpoints(reference, tmp_path):
     workdir = _copy(reference, tmp_path)
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest()
-              for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
+    before = {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (workdir / "checkpoints").rglob("*")
+        if p.is_file()
+    }
     cfg = tiny_digits_config(**{"train.steps": 24, "data.validate": "off"})
     bad_rows = list(range(0, 1437, 3))  # every batch from step 13 on holds a NaN row
-    with pytest.raises(FloatingPointError, match=r"at step 13 the loss and the gradients went "
-                                                 r"non-finite"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"at step 13 the loss and the gradients went "
+        r"non-finite",
+    ):
         dlkit.fit(cfg, workdir, train_source=_nan_sources(bad_rows))
-    after = {p: hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
+    after = {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (workdir / "checkpoints").rglob("*")
+        if p.is_file()
+    }
     assert before == after  # no checkpoint written, changed or removed
 
 
 def test_nan_policy_skip_stops_after_max_consecutive():
-    cfg = tiny_digits_config(**{"train.nan_policy": "skip", "data.validate": "off",
-                                "train.max_consecutive_nonfinite": 3})
+    cfg = tiny_digits_config(
+        **{"train.nan_policy": "skip", "data.validate": "off", "train.max_consecutive_nonfinite": 3}
+    )
     with pytest.raises(FloatingPointError, match="consecutive updates were skipped"):
         dlkit.fit(cfg, train_source=_nan_sources(list(range(1437))))
 
@@ -209,11 +219,18 @@ def test_loss_spike_skipping():
     x = np.array(train.arrays["inputs"])
     loader = dlkit.data.Loader(train, 32)
     x[loader.indices_at(20)[0][:3]] *= 1e4  # finite, but the loss of step 21's batch explodes
-    cfg = tiny_digits_config(**{"train.steps": 30, "train.nan_policy": "skip",
-                                "train.loss_spike_factor": 5.0, "data.validate": "off",
-                                "train.max_consecutive_nonfinite": 30})
-    result = dlkit.fit(cfg, train_source=dlkit.data.ArraySource(inputs=x,
-                                                                labels=train.arrays["labels"]))
+    cfg = tiny_digits_config(
+        **{
+            "train.steps": 30,
+            "train.nan_policy": "skip",
+            "train.loss_spike_factor": 5.0,
+            "data.validate": "off",
+            "train.max_consecutive_nonfinite": 30,
+        }
+    )
+    result = dlkit.fit(
+        cfg, train_source=dlkit.data.ArraySource(inputs=x, labels=train.arrays["labels"])
+    )
     assert result.history.last("train/skipped_steps") == 1
     assert int(result.state.guard.first_step) == 20  # 0-based: the 21st update
     assert int(result.state.guard.first_kind) == dlkit.nonfinite.SPIKE
@@ -223,8 +240,14 @@ def test_loss_spike_skipping():
 
 
 def test_sigint_in_a_notebook_cell_saves_and_returns(tmp_path):
-    cfg = tiny_digits_config(**{"train.steps": 200000, "checkpoint.every_steps": 0,
-                                "train.eval_every": 0, "train.log_every": 1000})
+    cfg = tiny_digits_config(
+        **{
+            "train.steps": 200000,
+            "checkpoint.every_steps": 0,
+            "train.eval_every": 0,
+            "train.log_every": 1000,
+        }
+    )
     timer = threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     result = dlkit.fit(cfg, tmp_path)
@@ -237,12 +260,26 @@ def test_sigint_in_a_notebook_cell_saves_and_returns(tmp_path):
 
 
 def test_sigterm_stops_the_cli_with_a_checkpoint_and_exit_0_and_resumes_bitwise(tmp_path):
-    sets = ["train.steps=1500", "checkpoint.every_steps=500", "train.log_every=100",
-            "train.eval_every=0", "parallel.num_devices=1", "train.batch_size=64"]
+    sets = [
+        "train.steps=1500",
+        "checkpoint.every_steps=500",
+        "train.log_every=100",
+        "train.eval_every=0",
+        "parallel.num_devices=1",
+        "train.batch_size=64",
+    ]
 
     def cli(workdir):
-        cmd = [sys.executable, "-m", "dlkit.cli", "train", "digits_mlp", "--workdir",
-               str(workdir), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dlkit.cli",
+            "train",
+            "digits_mlp",
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+        ]
         for s in sets:
             cmd += ["--set", s]
         return cmd
@@ -261,8 +298,9 @@ def test_sigterm_stops_the_cli_with_a_checkpoint_and_exit_0_and_resumes_bitwise(
     with dlkit.Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
         stopped_at = ckpt.latest_step()
     assert stopped_at is not None and stopped_at < 1500
-    again = subprocess.run(cli(tmp_path / "run"), check=True, capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        cli(tmp_path / "run"), check=True, capture_output=True, text=True, timeout=300
+    )
     assert f"resuming from step {stopped_at}" in again.stdout
     ref, _ = dlkit.load_checkpoint(tmp_path / "ref")
     resumed, _ = dlkit.load_checkpoint(tmp_path / "run")

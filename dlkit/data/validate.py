@@ -9,6 +9,8 @@ model unscaled) are returned as warnings. Sources with an `arrays` dict (`ArrayS
 checked in full; any other random-access source is checked on its first `SAMPLE` examples.
 """
 
+import functools
+
 import numpy as np
 
 from dlkit.data import sources
@@ -89,6 +91,8 @@ def check_split(source, split: str, *, num_outputs: int | None, classification: 
                 f"labels ({split} split): expected {x.shape[0]} labels (one per input), got "
                 f"{y.shape[0]}"
             )
+        if callable(num_outputs):
+            num_outputs = num_outputs()
         if num_outputs is not None and y.size:
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= num_outputs:
@@ -106,12 +110,17 @@ def check_datasets(
     train_source,
     eval_source,
     *,
-    num_outputs: int | None,
+    num_outputs,
     classification: bool,
     batch_size: int,
     last_batch: str,
 ) -> list[str]:
-    """Checks both splits and how they fit the run; returns warnings, raises DataError."""
+    """Checks both splits and how they fit the run; returns warnings, raises DataError.
+
+    `num_outputs`: the model's output size, or a callable returning it (see `check_split`).
+    """
+    if callable(num_outputs):
+        num_outputs = functools.cache(num_outputs)  # inferred once, for both splits
     warnings = check_split(
         train_source, "train", num_outputs=num_outputs, classification=classification
     )
