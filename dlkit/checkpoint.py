@@ -206,7 +206,6 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             async_options=async_options,
             create=not read_only,
-            read_only=read_only,
         )
         # Handlers are named up front so that metadata (saved shapes) is readable before any
         # save or restore has registered them.
