@@ -404,7 +404,7 @@ def fit(
             bar.write(compute.format_report(report))
             if workdir is not None:
                 (workdir / "compute.json").write_text(json.dumps(report, indent=2) + "\n")
-        eval_fn = strategy.compile_eval(c.loss_fn)
+        eval_fn = strategy.compile_eval(c.loss_fn, strategy.state_shardings(state))
         train_shape = _metrics_shape(
             lambda s, b: steps.train_step(s, b, loss_fn=c.loss_fn)[1], state, c.train_source
         )
