@@ -222,9 +222,11 @@ def find_batch_size(
 ) -> dict[str, Any]:
     """The largest global batch whose compiled train step fits in device memory.
 
-    Doubles the batch from the smallest valid one (a multiple of devices x accumulation
-    steps) until the memory analysis exceeds the limit, then bisects. Every probe is an
-    ahead-of-time compilation; nothing is executed.
+    Batch sizes are multiples of a unit (devices x accumulation steps). The search keeps a
+    bracket (largest fitting, smallest not fitting) and picks the next probe where a line
+    through two probes meets the limit (a step's memory is close to affine in the batch),
+    then confirms the neighbour; it bisects when that stalls. A near-affine curve is settled
+    in about five probes. Every probe is an ahead-of-time compilation; nothing runs.
 
     Args:
       components: a `dlkit.loop.Components` (from `dlkit.build(cfg)`).
@@ -241,31 +243,50 @@ def find_batch_size(
     else:
         limit, source = int(memory_limit_bytes), "given"
     unit = strategy.num_devices * getattr(c.config.train, "grad_accum_steps", 1)
+    k_max = max_batch_size // unit
+    need: dict[int, int] = {}  # k -> bytes at batch k * unit
     probes: list[tuple[int, int]] = []
-
-    def fits(k: int) -> bool:
-        need = step_memory(c, k * unit)
-        probes.append((k * unit, need))
-        return need <= limit
-
-    lo, hi = 0, 1  # lo fits (0 = nothing yet), hi is the next to try
-    while hi * unit <= max_batch_size and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, max_batch_size // unit + 1)
-    while hi - lo > 1:  # invariant: lo fits (or is 0), hi does not (or is past the max)
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
+    lo, hi = 0, k_max + 1  # lo fits (0 = none yet); hi does not fit (or is past the maximum)
+    k, stalls = 1, 0
+    while k_max >= 1:
+        width = hi - lo
+        need[k] = step_memory(c, k * unit)
+        probes.append((k * unit, need[k]))
+        if need[k] <= limit:
+            lo = k
         else:
-            hi = mid
-    best = dict(probes).get(lo * unit, 0)
+            hi = k
+        if hi - lo <= 1:
+            break
+        # Bisect after two probes in a row that did not halve a measured bracket, so an odd
+        # (non-affine) memory curve still costs O(log) probes.
+        stalls = stalls + 1 if hi in need and 2 * (hi - lo) > width else 0
+        k = (lo + hi) // 2 if stalls >= 2 else _linear_probe(need, limit, lo, hi)
     return {
         "batch_size": lo * unit,
-        "peak_bytes_per_device": best,
+        "peak_bytes_per_device": need.get(lo, 0),
         "memory_limit_bytes": limit,
         "limit_source": source,
         "probes": probes,
     }
+
+
+def _linear_probe(need: dict[int, int], limit: int, lo: int, hi: int) -> int:
+    """The next k strictly inside (lo, hi) where a line through two probes meets `limit`.
+
+    The line goes through the bracket's ends when both are measured, else the last two
+    probes, else through the origin and the only probe. A guess equal to lo (or hi) becomes
+    lo + 1 (hi - 1): the probe that confirms the answer.
+    """
+    ends = [(k, need[k]) for k in (lo, hi) if k in need]
+    if len(ends) < 2:
+        ends = list(need.items())[-2:]
+    if len(ends) < 2:
+        ends = [(0, 0), ends[0]]
+    (k1, m1), (k2, m2) = ends
+    slope = (m2 - m1) / (k2 - k1) if k2 != k1 else 0.0
+    guess = int(k1 + (limit - m1) // slope) if slope > 0 else 2 * lo
+    return min(max(guess, lo + 1), hi - 1)
 
 
 # --------------------------------------------------------------------------------------------
