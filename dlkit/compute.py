@@ -101,8 +101,7 @@ def analyze(compiled, devices) -> dict[str, Any]:
        "num_devices": int, "memory": {"argument_bytes", "output_bytes", "alias_bytes",
        "temp_bytes", "generated_code_bytes", "peak_bytes_per_device"}}.
     """
-    cost = _first(compiled.cost_analysis()) or {}
-    flops_per_device = float(cost.get("flops", 0.0))
+    flops_per_device = flops_per_device_of(compiled)
     n = len(devices)
     peak, source = peak_flops_per_s(devices)
     report: dict[str, Any] = {
@@ -115,6 +114,15 @@ def analyze(compiled, devices) -> dict[str, Any]:
     }
     report["memory"] = memory_of(compiled)
     return report
+
+
+def flops_per_device_of(compiled) -> float:
+    """XLA's FLOP count of one device's program in `compiled`.
+
+    A loop body (e.g. `lax.scan`) is counted once, not once per iteration.
+    """
+    cost = _first(compiled.cost_analysis()) or {}
+    return float(cost.get("flops", 0.0))
 
 
 def memory_of(compiled) -> dict[str, int]:
@@ -327,6 +335,7 @@ __all__ = [
     "device_memory_limit",
     "enable_compilation_cache",
     "find_batch_size",
+    "flops_per_device_of",
     "format_report",
     "measure_cpu_peak_flops",
     "memory_of",

@@ -225,6 +225,15 @@ def _compile_train(c: Components, state) -> tuple[Any, dict[str, Any]]:
     batch = strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
     compiled = train_fn.lower(state, c.abstract_metrics(state), batch).compile()
     report = compute.analyze(compiled, strategy.devices)
+    if c.config.train.grad_accum_steps > 1:
+        # XLA's cost analysis counts a loop body once, not once per iteration, so the FLOPs
+        # of an accumulating step come from the same step without the scan (compiled only).
+        plain = strategy.compile_train(c.loss_fn, strategy.state_shardings(state))
+        lowered = plain.lower(state, c.abstract_metrics(state), batch)
+        strategy.trace_counts["train"] -= 1  # a trace for counting FLOPs, never run
+        per_device = compute.flops_per_device_of(lowered.compile())
+        report["flops_per_step_per_device"] = per_device
+        report["flops_per_step"] = per_device * strategy.num_devices
     report["param_sharding"] = strategy.param_sharding
     report["precision"] = c.policy.name
     report["grad_accum_steps"] = c.config.train.grad_accum_steps

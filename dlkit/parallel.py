@@ -285,6 +285,12 @@ class PmapStrategy(Strategy):
                 "of the state on every device; expected parallel.param_sharding=replicated with "
                 "parallel.strategy=pmap, or use parallel.strategy=jit for fsdp"
             )
+        if jax.process_count() > 1:
+            # The mesh here is this process's devices only; a multi-host mesh needs jit.
+            raise ValueError(
+                "parallel.strategy: expected jit with several processes (pmap here maps over "
+                f"one process's devices), got pmap with {jax.process_count()} processes"
+            )
         super().__init__(num_devices, sync_every_step, **kwargs)
 
     def _available_devices(self) -> list:

@@ -137,16 +137,23 @@ def test_two_processes_of_two_devices_match_one_process_with_four(tmp_path, refe
     _check_matches(tmp_path, results, reference4)
 
 
-def test_two_processes_of_two_cpu_devices_without_sync_fail_fast(tmp_path):
-    # Without a per-step sync this layout hung before step 50 (measured); dlkit refuses it.
-    results = _run_two_processes(
-        tmp_path, devices_per_process=2, extra={"parallel.sync_every_step": "false"}
-    )
+@pytest.mark.parametrize(
+    "devices, extra, message",
+    [
+        # Without a per-step sync this layout hung before step 50 (measured); dlkit refuses it.
+        (
+            2,
+            {"parallel.sync_every_step": "false"},
+            "parallel.sync_every_step: expected auto or true with several processes",
+        ),
+        (1, {"parallel.strategy": "pmap"}, "parallel.strategy: expected jit with several"),
+    ],
+)
+def test_unsupported_multi_process_layouts_fail_fast(tmp_path, devices, extra, message):
+    results = _run_two_processes(tmp_path, devices_per_process=devices, extra=extra)
     for r in results:
         assert r.returncode == 2
-        assert "parallel.sync_every_step: expected auto or true with several processes" in (
-            r.stderr
-        )
+        assert message in r.stderr
 
 
 _BARRIER_SCRIPT = textwrap.dedent(

@@ -119,6 +119,8 @@ def test_grad_accumulation_equals_one_large_batch(strategy):
         np.testing.assert_allclose(one.history.series(key)[1], four.history.series(key)[1], 1e-5)
     assert four.trace_counts == {"train": 1, "eval": 1}  # one compiled program
     assert four.compute_report["grad_accum_steps"] == 4
+    # The FLOPs of the accumulating step count every micro-batch (XLA counts a loop once).
+    assert four.compute_report["flops_per_step"] == one.compute_report["flops_per_step"]
 
 
 def test_grad_accumulation_must_leave_micro_batches_divisible_by_devices():
