@@ -11,7 +11,21 @@ cell, a training script and `dlkit train`.
     state, cfg = dlkit.load_checkpoint("runs/digits")     # onto one device, e.g. in a notebook
 """
 
-from dlkit import checkpoint, config, data, losses, metrics, models, optim, parallel, state, steps
+from dlkit import (
+    checkpoint,
+    compute,
+    config,
+    data,
+    distributed,
+    losses,
+    metrics,
+    models,
+    optim,
+    parallel,
+    precision,
+    state,
+    steps,
+)
 from dlkit.checkpoint import Checkpointer
 from dlkit.config import Config, ConfigError, apply_overrides, list_experiments, load_config
 from dlkit.loop import FitResult, build, evaluate, fit, load_checkpoint
@@ -30,9 +44,11 @@ __all__ = [
     "apply_overrides",
     "build",
     "checkpoint",
+    "compute",
     "config",
     "create_train_state",
     "data",
+    "distributed",
     "eval_step",
     "evaluate",
     "fit",
@@ -45,6 +61,7 @@ __all__ = [
     "models",
     "optim",
     "parallel",
+    "precision",
     "state",
     "steps",
     "train_step",

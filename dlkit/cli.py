@@ -1,6 +1,8 @@
 """The `dlkit` command: thin, it parses arguments and calls the library.
 
     dlkit train [EXPERIMENT] [--workdir DIR] [--set KEY=VALUE ...]
+    dlkit train [EXPERIMENT] --find-batch-size [--memory-limit-mb MB]
+    dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
     dlkit eval WORKDIR [--step N] [--split NAME]
     dlkit list
 
@@ -39,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set train.steps=500 (repeatable)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--find-batch-size",
+        action="store_true",
+        help="report the largest global batch whose compiled step fits in device memory "
+        "(compiles only, trains nothing); JSON on the last line",
+    )
+    train.add_argument(
+        "--memory-limit-mb",
+        type=float,
+        default=None,
+        help="--find-batch-size: per-device budget (default: the device's, or host memory)",
+    )
+    _add_distributed_arguments(train)
 
     ev = sub.add_parser("eval", help="evaluate a workdir's newest checkpoint; JSON on last line")
     ev.add_argument("workdir")
@@ -49,10 +64,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-host", "start jax.distributed (all three, or none to detect SLURM/MPI/TPU/k8s)"
+    )
+    group.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's id")
+    group.add_argument(
+        "--no-distributed", action="store_true", help="do not detect a cluster; one process"
+    )
+
+
+def _start_distributed(args) -> None:
+    """Starts jax.distributed before anything touches the devices (see dlkit.distributed)."""
+    if args.no_distributed:
+        return
+    from dlkit import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def _train(args) -> int:
+    _start_distributed(args)
     import dlkit
 
     cfg = dlkit.load_config(args.experiment, args.overrides)
+    if args.find_batch_size:
+        return _find_batch_size(cfg, args)
     workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / cfg.name)
     result = dlkit.fit(cfg, workdir, progress=False if args.no_progress else None)
     final = {"step": result.history[-1]["step"]} if result.history else {}
@@ -60,7 +99,23 @@ def _train(args) -> int:
         final["stopped"] = result.stopped
     for row in result.history:
         final.update(row)
-    print(json.dumps({"workdir": str(workdir), **final}))
+    if dlkit.distributed.is_main_process():  # only process 0 of a multi-host job prints
+        print(json.dumps({"workdir": str(workdir), **final}))
+    return 0
+
+
+def _find_batch_size(cfg, args) -> int:
+    import dlkit
+
+    limit = None if args.memory_limit_mb is None else int(args.memory_limit_mb * 2**20)
+    result = dlkit.compute.find_batch_size(dlkit.build(cfg), memory_limit_bytes=limit)
+    if dlkit.distributed.is_main_process():
+        print(
+            f"memory per device of the compiled step ({result['limit_source']}: "
+            f"{result['memory_limit_bytes'] / 2**20:.1f} MiB):"
+        )
+        print(dlkit.compute.bytes_summary(result["probes"]))
+        print(json.dumps(result))
     return 0
 
 

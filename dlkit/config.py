@@ -83,6 +83,10 @@ class TrainConfig:
     #                            applied either way; see dlkit.nonfinite)
     max_consecutive_nonfinite: int = 10  # skip: stop after this many skipped steps in a row
     loss_spike_factor: float = 0.0  # skip updates whose loss > factor x running mean; 0 = off
+    precision: str = "float32"  # float32 | bfloat16 | float16 (dynamic loss scaling): the
+    #   compute dtype; params and optimizer state stay float32
+    grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
+    compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
 
 
 @dataclasses.dataclass
@@ -91,6 +95,10 @@ class ParallelConfig:
     num_devices: int = 0  # devices to use; 0 = all local devices
     sync_every_step: str = "auto"  # auto | true | false: wait for each step before the next.
     #   auto = true on CPU with several devices, where queued collectives can deadlock.
+    param_sharding: str = "replicated"  # replicated | fsdp: split params and optimizer state
+    #   over the devices by their largest divisible dimension (jit only)
+    fsdp_min_size: int = 1024  # fsdp: arrays with fewer elements than this stay replicated
+    barrier_timeout_s: float = 600.0  # multi-host: how long a process waits for the others
 
 
 @dataclasses.dataclass

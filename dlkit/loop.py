@@ -17,6 +17,7 @@ continue bit-for-bit, and all three go into every checkpoint.
 
 import dataclasses
 import functools
+import json
 import pathlib
 import time
 from typing import Any
@@ -26,9 +27,20 @@ import numpy as np
 import tqdm.auto
 
 from dlkit import checkpoint as checkpoint_lib
+from dlkit import (
+    compute,
+    distributed,
+    interrupt,
+    losses,
+    models,
+    nonfinite,
+    optim,
+    parallel,
+    precision,
+    steps,
+)
 from dlkit import config as config_lib
 from dlkit import data as data_lib
-from dlkit import interrupt, losses, models, nonfinite, optim, parallel, steps
 from dlkit import metrics as metrics_lib
 from dlkit import state as state_lib
 from dlkit import workdir as workdir_lib
@@ -59,12 +71,19 @@ class Components:
     schedule: Any
     train_source: Any
     eval_source: Any
+    policy: precision.Policy = dataclasses.field(
+        default_factory=lambda: precision.get_policy("float32")
+    )
 
     def abstract_state(self) -> state_lib.TrainState:
         """The TrainState's shapes, with each leaf's target sharding attached."""
         example = example_batch(self.train_source)["inputs"]
         abstract = state_lib.abstract_train_state(
-            self.module, self.tx, example, self.config.train.seed
+            self.module,
+            self.tx,
+            example,
+            self.config.train.seed,
+            loss_scaling=self.policy.loss_scaling,
         )
         return checkpoint_lib.abstract_with_shardings(
             abstract, self.strategy.state_shardings(abstract)
@@ -79,6 +98,21 @@ class Components:
             example,
             seed=self.config.train.seed,
             shardings=self.strategy.state_shardings,
+            loss_scaling=self.policy.loss_scaling,
+        )
+
+    def example_batch(self) -> dict[str, np.ndarray]:
+        """One training example with its mask (shapes and dtypes for tracing)."""
+        return example_batch(self.train_source)
+
+    def abstract_metrics(self, state) -> Any:
+        """The train metrics' structure as replicated `ShapeDtypeStruct`s (an accumulator)."""
+        shape = _metrics_shape(
+            lambda s, b: steps.train_step(s, b, loss_fn=self.loss_fn)[1], state, self.train_source
+        )
+        replicated = self.strategy.replicated
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shape
         )
 
 
@@ -122,6 +156,10 @@ def _check_config(cfg: config_lib.Config) -> None:
             "train.loss_spike_factor: expected 0 (off) or a float > 1, got "
             f"{cfg.train.loss_spike_factor}"
         )
+    if cfg.train.grad_accum_steps < 1:
+        raise config_lib.ConfigError(
+            f"train.grad_accum_steps: expected an int >= 1, got {cfg.train.grad_accum_steps}"
+        )
     if cfg.checkpoint.max_to_keep < 1:
         raise config_lib.ConfigError(
             f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
@@ -146,15 +184,25 @@ def build(
       strategy: a `parallel.Strategy` instead of `cfg.parallel`.
     """
     _check_config(cfg)
+    policy = precision.get_policy(cfg.train.precision)
+    if cfg.train.compilation_cache_dir:
+        compute.enable_compilation_cache(cfg.train.compilation_cache_dir)
     strategy = strategy or parallel.make_strategy(
-        cfg.parallel.strategy, cfg.parallel.num_devices, cfg.parallel.sync_every_step
+        cfg.parallel.strategy,
+        cfg.parallel.num_devices,
+        cfg.parallel.sync_every_step,
+        param_sharding=cfg.parallel.param_sharding,
+        fsdp_min_size=cfg.parallel.fsdp_min_size,
     )
     strategy.check_batch_size(cfg.train.batch_size)
+    _check_grad_accum(cfg, strategy)
     strategy.check_batch_size(
         cfg.train.eval_batch_size or cfg.train.batch_size, "train.eval_batch_size"
     )
     if module is None:
         module = models.build(cfg.model.name, **cfg.model.options)
+    if policy.name != "float32":
+        module = precision.apply_to_module(policy, module)
     if train_source is None:
         train_source = data_lib.load_dataset(
             cfg.data.name, "train", data_dir=cfg.data.data_dir or None
@@ -179,7 +227,56 @@ def build(
         weight_decay=o.weight_decay,
         grad_clip_norm=o.grad_clip_norm,
     )
-    return Components(cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source)
+    return Components(
+        cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy
+    )
+
+
+def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> None:
+    """Each micro-batch must still split evenly over the devices."""
+    n, devices = cfg.train.grad_accum_steps, strategy.num_devices
+    if n > 1 and cfg.train.batch_size % (n * devices):
+        raise config_lib.ConfigError(
+            f"train.grad_accum_steps: expected a divisor of train.batch_size="
+            f"{cfg.train.batch_size} leaving micro-batches divisible by the {devices} device(s) "
+            f"(batch_size % (grad_accum_steps * {devices}) == 0), got {n}"
+        )
+
+
+def _compile_train(c: Components, state) -> tuple[Any, dict[str, Any]]:
+    """Compiles the train step ahead of time and reads its compute report.
+
+    Returns:
+      (compiled, report): the executable `(state, acc, batch) -> (state, acc)` the loop runs,
+      and `compute.analyze`'s report plus the bytes of params and optimizer state per device.
+    """
+    strategy = c.strategy
+    train_fn = strategy.compile_train(
+        c.loss_fn,
+        strategy.state_shardings(state),
+        grad_accum_steps=c.config.train.grad_accum_steps,
+        loss_spike_factor=c.config.train.loss_spike_factor,
+    )
+    batch = strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
+    compiled = train_fn.lower(state, c.abstract_metrics(state), batch).compile()
+    report = compute.analyze(compiled, strategy.devices)
+    if c.config.train.grad_accum_steps > 1:
+        # XLA's cost analysis counts a loop body once, not once per iteration, so the FLOPs
+        # of an accumulating step come from the same step without the scan (compiled only).
+        plain = strategy.compile_train(c.loss_fn, strategy.state_shardings(state))
+        lowered = plain.lower(state, c.abstract_metrics(state), batch)
+        strategy.trace_counts["train"] -= 1  # a trace for counting FLOPs, never run
+        per_device = compute.flops_per_device_of(lowered.compile())
+        report["flops_per_step_per_device"] = per_device
+        report["flops_per_step"] = per_device * strategy.num_devices
+    report["param_sharding"] = strategy.param_sharding
+    report["precision"] = c.policy.name
+    report["grad_accum_steps"] = c.config.train.grad_accum_steps
+    report["state_bytes_per_device"] = {
+        "params": parallel.bytes_per_device(state.params)["max"],
+        "opt_state": parallel.bytes_per_device(state.opt_state)["max"],
+    }
+    return compiled, report
 
 
 @dataclasses.dataclass
@@ -194,6 +291,8 @@ class FitResult:
         no recompilation happened.
       stopped: None if the run reached train.steps; else what stopped it ("SIGTERM",
         "SIGINT", "preemption").
+      compute_report: FLOPs per step, memory analysis and state bytes per device of the
+        compiled train step (see `dlkit.compute`); also in the workdir's compute.json.
     """
 
     state: state_lib.TrainState
@@ -201,6 +300,7 @@ class FitResult:
     workdir: pathlib.Path | None
     trace_counts: dict[str, int]
     stopped: str | None = None
+    compute_report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class _Progress:
@@ -384,8 +484,13 @@ def fit(
             if start:
                 bar.write(f"resuming from step {start} in {workdir}")
 
-        train_fn = strategy.compile_train(c.loss_fn, loss_spike_factor=cfg.train.loss_spike_factor)
-        eval_fn = strategy.compile_eval(c.loss_fn)
+        distributed.barrier("fit_start", cfg.parallel.barrier_timeout_s)
+        train_fn, report = _compile_train(c, state)
+        if is_main:
+            bar.write(compute.format_report(report))
+            if workdir is not None:
+                (workdir / "compute.json").write_text(json.dumps(report, indent=2) + "\n")
+        eval_fn = strategy.compile_eval(c.loss_fn, strategy.state_shardings(state))
         train_shape = _metrics_shape(
             lambda s, b: steps.train_step(s, b, loss_fn=c.loss_fn)[1], state, c.train_source
         )
@@ -438,6 +543,7 @@ def fit(
                 elapsed = time.perf_counter() - interval_start - paused
                 row["train/learning_rate"] = float(c.schedule(step - 1))
                 row["perf/steps_per_s"] = interval_steps / max(elapsed, 1e-9)
+                row.update(compute.perf_metrics(report, row["perf/steps_per_s"]))
                 bar.show(loss=row["train/loss"])
                 acc = strategy.zeros(train_shape)
                 interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
@@ -476,10 +582,11 @@ def fit(
             bar.close()
         if ckpt is not None:
             ckpt.close()
+    distributed.barrier("fit_end", cfg.parallel.barrier_timeout_s)
     trace_counts = dict(strategy.trace_counts)
     if trace_counts.get("train", 0) > 1 and is_main:
         print(f"warning: the train step was compiled {trace_counts['train']} times")
-    return FitResult(state, history, workdir, trace_counts, stopped)
+    return FitResult(state, history, workdir, trace_counts, stopped=stopped, compute_report=report)
 
 
 def _open_existing(workdir: pathlib.Path) -> checkpoint_lib.Checkpointer:

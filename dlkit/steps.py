@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from dlkit import metrics as metrics_lib
-from dlkit import nonfinite
+from dlkit import nonfinite, precision
 from dlkit.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -42,6 +42,7 @@ def train_step(
     loss_fn,
     axis_name: str | None = None,
     loss_spike_factor: float = 0.0,
+    grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, metrics_lib.Mean]]:
     """One optimizer step: forward, loss, gradient, (clipping and) update, metrics.
 
@@ -52,45 +53,56 @@ def train_step(
       axis_name: the mapped axis under pmap; None under jit.
       loss_spike_factor: skip updates whose loss exceeds this multiple of the running mean
         loss; 0 = off. Non-finite losses or gradients are always skipped (see `nonfinite`).
+      grad_accum_steps: N > 1 splits the batch into N micro-batches of B/N rows, run one after
+        another by `lax.scan` inside this step (peak activation memory of B/N rows); the summed
+        gradient is that of the whole batch. B/N must split evenly over the devices.
     Returns:
       (new_state, metrics): metrics are {"loss", <loss_fn.metrics>, "grad_norm"} as `Mean`s,
       summed over the global batch. A skipped update leaves params, optimizer and model
       state unchanged, and is counted in `new_state.guard`.
     """
-    inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
         # Devices see different rows, so they must draw different dropout masks.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    denominator = jnp.maximum(_psum(jnp.sum(mask), axis_name), 1.0)
-    mutable = list(state.model_state)
-
-    def compute_loss(params):
-        variables = {"params": params, **state.model_state}
-        if mutable:
-            outputs, model_state = state.apply_fn(
-                variables, inputs, train=True, rngs={"dropout": key}, mutable=mutable
-            )
-        else:
-            outputs = state.apply_fn(variables, inputs, train=True, rngs={"dropout": key})
-            model_state = state.model_state
-        per_example = loss_fn(outputs, labels)  # (B,)
-        return jnp.sum(per_example * mask) / denominator, (outputs, per_example, model_state)
-
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    (_, (outputs, per_example, model_state)), grads = grad_fn(state.params)
+    denominator = jnp.maximum(_psum(jnp.sum(batch["mask"]), axis_name), 1.0)
+    if grad_accum_steps == 1:
+        grads, model_state, metrics = _grads_and_metrics(
+            state, state.model_state, batch, key, denominator, loss_fn
+        )
+    else:
+        grads, model_state, metrics = _accumulate(
+            state, batch, key, denominator, loss_fn, grad_accum_steps
+        )
+    metrics = _psum(metrics, axis_name)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
         # Running statistics (e.g. BatchNorm's) are averaged so every replica keeps the same.
         model_state = jax.lax.pmean(model_state, axis_name)
+    loss_scale = state.loss_scale
+    if loss_scale is not None:
+        grads = loss_scale.unscale(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = _loss_metrics(loss_fn, outputs, labels, per_example, mask, axis_name)
     grad_norm = optax.tree.norm(grads)
     metrics["grad_norm"] = metrics_lib.Mean.scalar(grad_norm)
+    guarded_grad_norm = grad_norm
+    if loss_scale is not None:
+        # float16: a step with overflowing gradients is skipped and the scale lowered. Those
+        # overflows are how the scale is found, not a NaN-policy event, so the guard below
+        # then watches the loss alone.
+        finite = precision.all_finite(grads)
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
+        loss_scale = loss_scale.adjust(finite)
+        metrics["loss_scale"] = metrics_lib.Mean.scalar(loss_scale.scale)
+        guarded_grad_norm = jnp.zeros((), jnp.float32)
     mean_loss = metrics["loss"].total / jnp.maximum(metrics["loss"].count, 1.0)
     ok, guard = nonfinite.check(
-        state.guard, state.step, mean_loss, grad_norm, spike_factor=loss_spike_factor
+        state.guard, state.step, mean_loss, guarded_grad_norm, spike_factor=loss_spike_factor
     )
     params, opt_state, model_state = nonfinite.select(
         ok, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state)
@@ -101,8 +113,70 @@ def train_step(
         model_state=model_state,
         opt_state=opt_state,
         guard=guard,
+        loss_scale=loss_scale,
     )
     return new_state, metrics
+
+
+def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denominator, loss_fn):
+    """This device's gradient of sum(mask * loss) / denominator, the new model state, and the
+    metric sums of `batch` (not yet reduced over a pmap axis)."""
+    inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
+    mutable = list(model_state)
+
+    def compute_loss(params):
+        variables = {"params": params, **model_state}
+        if mutable:
+            outputs, new_model_state = state.apply_fn(
+                variables, inputs, train=True, rngs={"dropout": key}, mutable=mutable
+            )
+        else:
+            outputs = state.apply_fn(variables, inputs, train=True, rngs={"dropout": key})
+            new_model_state = model_state
+        per_example = loss_fn(outputs, labels)  # (B,)
+        loss = jnp.sum(per_example * mask) / denominator
+        if state.loss_scale is not None:
+            loss = state.loss_scale.scale_loss(loss)
+        return loss, (outputs, per_example, new_model_state)
+
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (_, (outputs, per_example, new_model_state)), grads = grad_fn(state.params)
+    metrics = _loss_metrics(loss_fn, outputs, labels, per_example, mask, None)
+    return grads, new_model_state, metrics
+
+
+def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: int):
+    """`_grads_and_metrics` summed over `n` micro-batches with `lax.scan` (one program)."""
+    b = batch["mask"].shape[0]
+    if b % n:
+        raise ValueError(
+            f"train.grad_accum_steps: expected a divisor of the per-step batch {b}, got {n}"
+        )
+
+    def split(x):
+        # Micro-batch i takes rows i, i + n, i + 2n, ...: each device's contiguous block of
+        # the batch stays on that device in every micro-batch (no data movement).
+        return x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)  # (N, B/N, ...)
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, xs):
+        grads_sum, model_state, metrics_sum = carry
+        i, micro_batch = xs
+        grads, model_state, metrics = _grads_and_metrics(
+            state, model_state, micro_batch, jax.random.fold_in(key, i), denominator, loss_fn
+        )
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, model_state, metrics_lib.merge(metrics_sum, metrics)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(
+        lambda: _grads_and_metrics(state, state.model_state, first, key, denominator, loss_fn)
+    )
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[2]))
+    init = (zeros[0], state.model_state, zeros[1])
+    (grads, model_state, metrics), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
+    return grads, model_state, metrics
 
 
 def eval_step(

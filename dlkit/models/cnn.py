@@ -4,6 +4,8 @@ module = CNN(features=(32, 64), dense_size=128, num_classes=10)
 logits = module.apply(variables, images, train=False)  # images (B, H, W, C) -> (B, 10)
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,11 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return jnp.max(x, axis=(2, 4))  # (B, H/2, W/2, C)
 
 
+def _conv_block(conv: nn.Module, x: jax.Array) -> jax.Array:
+    """Conv -> ReLU -> 2x2 max-pool: (B, H, W, C) -> (B, H/2, W/2, ch)."""
+    return max_pool_2x2(nn.relu(conv(x)))
+
+
 class CNN(nn.Module):
     """Conv(3x3) -> ReLU -> 2x2 max-pool per entry of `features`, then Dense -> Dropout -> head.
 
@@ -38,18 +45,24 @@ class CNN(nn.Module):
     dense_size: int = 128  # width of the hidden dense layer; 0 = none
     num_classes: int = 10  # size of the output layer
     dropout_rate: float = 0.25  # before the head, in [0, 1)
+    dtype: Any = jnp.float32  # compute dtype (float32 | bfloat16 | float16); params stay
+    #                           float32. Set by train.precision.
+    remat: bool = False  # recompute each conv block's activations in the backward pass
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"CNN input: expected (B, H, W, C), got shape {x.shape}")
-        x = x.astype(jnp.float32)
+        x = x.astype(self.dtype)
+        # nn.remat of a function keeps the param paths (Conv_0, ...) of the plain model.
+        block = nn.remat(_conv_block) if self.remat else _conv_block
         for channels in self.features:
-            x = nn.relu(nn.Conv(channels, kernel_size=(3, 3), padding="SAME")(x))  # (B, H, W, ch)
-            x = max_pool_2x2(x)  # (B, H/2, W/2, ch)
+            conv = nn.Conv(channels, kernel_size=(3, 3), padding="SAME", dtype=self.dtype)
+            x = block(conv, x)  # (B, H/2, W/2, ch)
         b = x.shape[0]
         x = x.reshape(b, -1)  # (B, H*W*ch)
         if self.dense_size:
-            x = nn.relu(nn.Dense(self.dense_size)(x))  # (B, dense_size)
+            x = nn.relu(nn.Dense(self.dense_size, dtype=self.dtype)(x))  # (B, dense_size)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)  # (B, num_classes)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype)(x)  # (B, num_classes)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,148 @@
+"""Compute report (FLOPs, memory, MFU), --find-batch-size, and the compilation cache."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+from conftest import tiny_digits_config
+
+import dlkit
+from dlkit import compute
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    return dlkit.fit(tiny_digits_config(**{"parallel.num_devices": 1}))
+
+
+def test_flops_per_step_match_the_matmul_count(one_device_run):
+    report = one_device_run.compute_report
+    # MLP 64 -> 32 -> 10 on a batch of 32: forward 2*B*D*H per layer; backward the weight
+    # gradient of both layers and the input gradient of the second only.
+    b, d, h, k = 32, 64, 32, 10
+    matmuls = 2 * (2 * b * d * h) + 3 * (2 * b * h * k)
+    assert matmuls <= report["flops_per_step"] <= 1.5 * matmuls
+    assert report["num_devices"] == 1
+
+
+def test_memory_analysis_covers_the_state(one_device_run):
+    mem = one_device_run.compute_report["memory"]
+    state = one_device_run.compute_report["state_bytes_per_device"]
+    assert mem["argument_bytes"] >= state["params"] + state["opt_state"]
+    assert mem["alias_bytes"] > 0  # the donated state is reused for the new one
+    assert mem["peak_bytes_per_device"] == (
+        mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+    )
+
+
+def test_perf_metrics_are_logged(one_device_run):
+    report = one_device_run.compute_report
+    rows = [r for r in one_device_run.history if "perf/steps_per_s" in r]
+    assert rows
+    for r in rows:
+        assert r["perf/flops_per_s"] == pytest.approx(
+            report["flops_per_step"] * r["perf/steps_per_s"]
+        )
+        assert r["perf/mfu"] == pytest.approx(r["perf/flops_per_s"] / report["peak_flops_per_s"])
+        assert 0 < r["perf/mfu"] < 1
+
+
+def test_peak_table_and_measured_cpu_peak():
+    h100 = types.SimpleNamespace(
+        platform="gpu", device_kind="NVIDIA H100 80GB HBM3", process_index=0
+    )
+    assert compute.peak_flops_per_s([h100] * 8)[0] == 8 * 989e12
+    pcie = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 PCIe", process_index=0)
+    assert compute.peak_flops_per_s([pcie])[0] == 756e12
+    odd = types.SimpleNamespace(platform="gpu", device_kind="Mystery 9000", process_index=0)
+    assert compute.peak_flops_per_s([odd])[0] is None
+    assert compute.perf_metrics({"flops_per_step": 10.0, "peak_flops_per_s": None}, 2.0) == {
+        "perf/flops_per_s": 20.0
+    }
+    peak = compute.measure_cpu_peak_flops()
+    assert 1e8 < peak < 1e14  # a real measurement, not a placeholder
+    assert compute.measure_cpu_peak_flops() == peak  # measured once
+
+
+def test_find_batch_size_uses_the_memory_analysis_only():
+    c = dlkit.build(tiny_digits_config())
+    limit = compute.step_memory(c, 8 * 40)  # a budget that a batch of 320 just fits
+    traced = c.strategy.trace_counts["train"]
+    found = compute.find_batch_size(c, memory_limit_bytes=limit, max_batch_size=4096)
+    assert c.strategy.trace_counts["train"] - traced == len(found["probes"])  # compiled only
+    b = found["batch_size"]
+    assert b % 8 == 0 and b >= 320
+    assert found["peak_bytes_per_device"] <= limit
+    assert compute.step_memory(c, b + 8) > limit  # the next valid batch does not fit
+
+
+def test_find_batch_size_cli(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlkit.cli",
+            "train",
+            "digits_mlp",
+            "--find-batch-size",
+            "--memory-limit-mb",
+            "0.25",
+            "--set",
+            "model.hidden_sizes=64",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["batch_size"] > 0 and result["batch_size"] % 2 == 0
+    assert result["peak_bytes_per_device"] <= 2**18 == result["memory_limit_bytes"]
+
+
+def test_compilation_cache_is_written_then_reused(tmp_path):
+    cache = tmp_path / "cache"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlkit.cli",
+        "train",
+        "digits_mlp",
+        "--no-progress",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "optim.warmup_steps=0",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        f"train.compilation_cache_dir={cache}",
+    ]
+    subprocess.run(
+        cmd + ["--workdir", str(tmp_path / "a")],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    first = set(os.listdir(cache))
+    assert any("train_and_accumulate" in name for name in first), first
+    subprocess.run(
+        cmd + ["--workdir", str(tmp_path / "b")],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    assert set(os.listdir(cache)) == first  # every program came from the cache
