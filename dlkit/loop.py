@@ -46,6 +46,21 @@ def example_batch(source) -> dict[str, np.ndarray]:
     return batch
 
 
+def module_for_strategy(module, strategy: parallel.Strategy):
+    """`module` as `strategy` must run it, so BatchNorm statistics cover the global batch.
+
+    A module with a field `bn_axis_name` (e.g. `dlkit.models.ResNet`) reduces its BatchNorm
+    statistics over that named axis. Under pmap each device holds B/n rows, so the field is set
+    to "data" (`parallel.DATA_AXIS`) and the statistics are averaged across devices; under jit
+    the batch is one global array, so it is set to None (no named axis is bound there) and the
+    statistics are already global. Other modules are returned unchanged.
+    """
+    if "bn_axis_name" not in {f.name for f in dataclasses.fields(module)}:
+        return module
+    axis_name = parallel.DATA_AXIS if strategy.name == "pmap" else None
+    return module if module.bn_axis_name == axis_name else module.clone(bn_axis_name=axis_name)
+
+
 @dataclasses.dataclass
 class Components:
     """Everything a run is built from, made from a `Config` by `build`."""
@@ -133,6 +148,7 @@ def build(
     )
     if module is None:
         module = models.build(cfg.model.name, **cfg.model.options)
+    module = module_for_strategy(module, strategy)
     if train_source is None:
         train_source = data_lib.load_dataset(
             cfg.data.name, "train", data_dir=cfg.data.data_dir or None
@@ -236,8 +252,15 @@ def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[s
 
 
 def _metrics_shape(step_fn, state, source) -> Any:
-    """The structure of a step's metrics (ShapeDtypeStructs), from `jax.eval_shape`."""
-    return jax.eval_shape(step_fn, state, example_batch(source))
+    """The structure of a step's metrics (ShapeDtypeStructs), from `jax.eval_shape`.
+
+    Traced with the "data" axis bound (a vmap of size 1), since under pmap the model may reduce
+    over it (cross-device BatchNorm, see `module_for_strategy`).
+    """
+    batch = jax.tree.map(lambda x: x[None], example_batch(source))  # (1, 1, ...)
+    mapped = jax.vmap(step_fn, in_axes=(None, 0), axis_name=parallel.DATA_AXIS)
+    shapes = jax.eval_shape(mapped, state, batch)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

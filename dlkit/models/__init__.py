@@ -15,13 +15,15 @@ import flax.linen as nn
 
 from dlkit.models.cnn import CNN
 from dlkit.models.mlp import MLP
+from dlkit.models.resnet import ResNet
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
+    "resnet": ResNet,
 }
 
-__all__ = ["CNN", "MLP", "REGISTRY", "build", "get_model_class", "register"]
+__all__ = ["CNN", "MLP", "REGISTRY", "ResNet", "build", "get_model_class", "register"]
 
 
 def register(name: str, module_cls: type[nn.Module]) -> None:
