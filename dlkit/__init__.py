@@ -11,7 +11,19 @@ cell, a training script and `dlkit train`.
     state, cfg = dlkit.load_checkpoint("runs/digits")     # onto one device, e.g. in a notebook
 """
 
-from dlkit import checkpoint, config, data, losses, metrics, models, optim, parallel, state, steps
+from dlkit import (
+    checkpoint,
+    config,
+    data,
+    losses,
+    metrics,
+    models,
+    optim,
+    parallel,
+    sampling,
+    state,
+    steps,
+)
 from dlkit.checkpoint import Checkpointer
 from dlkit.config import Config, ConfigError, apply_overrides, list_experiments, load_config
 from dlkit.loop import FitResult, build, evaluate, fit, load_checkpoint
@@ -45,6 +57,7 @@ __all__ = [
     "models",
     "optim",
     "parallel",
+    "sampling",
     "state",
     "steps",
     "train_step",

@@ -42,7 +42,8 @@ def train_step(
     Args:
       state: the current `TrainState`.
       batch: {"inputs": (B, ...), "labels": (B, ...), "mask": (B,) float32}.
-      loss_fn: a `dlkit.losses` loss: `loss_fn(outputs, labels) -> (B,)` and `.metrics(...)`.
+      loss_fn: a `dlkit.losses` loss: `loss_fn(outputs, labels) -> (B,)` (or (B, T), one value
+        per token, each weighed by its row's mask) and `.metrics(...)`.
       axis_name: the mapped axis under pmap; None under jit.
     Returns:
       (new_state, metrics): metrics are {"loss", <loss_fn.metrics>, "grad_norm"} as `Mean`s,
@@ -53,7 +54,6 @@ def train_step(
     if axis_name is not None:
         # Devices see different rows, so they must draw different dropout masks.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    denominator = jnp.maximum(_psum(jnp.sum(mask), axis_name), 1.0)
     mutable = list(state.model_state)
 
     def compute_loss(params):
@@ -65,8 +65,12 @@ def train_step(
         else:
             outputs = state.apply_fn(variables, inputs, train=True, rngs={"dropout": key})
             model_state = state.model_state
-        per_example = loss_fn(outputs, labels)  # (B,)
-        return jnp.sum(per_example * mask) / denominator, (outputs, per_example, model_state)
+        per_example = loss_fn(outputs, labels)  # (B,), or (B, T) for a per-token loss
+        # The mask weighs every element of its row, as in the metrics: a (B, T) loss is a mean
+        # over the global batch's real tokens, a (B,) loss a mean over its real examples.
+        weighted = metrics_lib.Mean.from_values(per_example, mask)
+        denominator = jnp.maximum(_psum(weighted.count, axis_name), 1.0)
+        return weighted.total / denominator, (outputs, per_example, model_state)
 
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
     (_, (outputs, per_example, model_state)), grads = grad_fn(state.params)
