@@ -61,6 +61,25 @@ def module_for_strategy(module, strategy: parallel.Strategy):
     return module if module.bn_axis_name == axis_name else module.clone(bn_axis_name=axis_name)
 
 
+def module_for_data(module, source):
+    """`module` with `vocab_size` taken from a text source when it is 0 ("from the data").
+
+    A language model's vocabulary is the file's characters, known only once the file is read.
+    Raises a ConfigError, before anything compiles, if a set `vocab_size` is too small.
+    """
+    fields = {f.name for f in dataclasses.fields(module)}
+    if "vocab_size" not in fields or not hasattr(source, "vocab_size"):
+        return module
+    if module.vocab_size == 0:
+        return module.clone(vocab_size=source.vocab_size)
+    if module.vocab_size < source.vocab_size:
+        raise config_lib.ConfigError(
+            f"model.vocab_size: expected 0 (from the data) or >= {source.vocab_size} (the "
+            f"characters in the data), got {module.vocab_size}"
+        )
+    return module
+
+
 @dataclasses.dataclass
 class Components:
     """Everything a run is built from, made from a `Config` by `build`."""
@@ -149,14 +168,16 @@ def build(
     if module is None:
         module = models.build(cfg.model.name, **cfg.model.options)
     module = module_for_strategy(module, strategy)
+    data_options = {
+        "data_dir": cfg.data.data_dir or None,
+        "path": cfg.data.path or None,
+        "seq_len": cfg.data.seq_len,
+    }
     if train_source is None:
-        train_source = data_lib.load_dataset(
-            cfg.data.name, "train", data_dir=cfg.data.data_dir or None
-        )
+        train_source = data_lib.load_dataset(cfg.data.name, "train", **data_options)
     if eval_source is None:
-        eval_source = data_lib.load_dataset(
-            cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir or None
-        )
+        eval_source = data_lib.load_dataset(cfg.data.name, cfg.data.eval_split, **data_options)
+    module = module_for_data(module, train_source)
     loss_fn = losses.make_loss(cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)
     o = cfg.optim
     tx, schedule = optim.make_optimizer(

@@ -43,12 +43,12 @@ def choose_token(
       logits: (B, V) float.
       key: a PRNG key.
       temperature: scalar float >= 0.
-      top_k: static int; 0 = all tokens.
+      top_k: static int; 0 (or >= V) = all tokens.
     Returns:
       (B,) int32 tokens.
     """
     logits = logits.astype(jnp.float32)
-    if top_k:
+    if 0 < top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1), the k-th largest logit
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     greedy = jnp.argmax(logits, axis=-1)  # (B,)

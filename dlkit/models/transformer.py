@@ -125,7 +125,7 @@ class TransformerLM(nn.Module):
     12 heads, d_model 768, max_len 1024) this is GPT-2 small: 124,439,808 parameters.
     """
 
-    vocab_size: int = 256  # tokens in the vocabulary
+    vocab_size: int = 256  # tokens in the vocabulary; 0 = from the data (the engine sets it)
     num_layers: int = 4  # Transformer blocks
     num_heads: int = 4  # attention heads; d_model must be divisible by it
     d_model: int = 256  # width of the residual stream
