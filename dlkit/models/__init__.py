@@ -14,16 +14,20 @@ from typing import Any
 
 import flax.linen as nn
 
+from dlkit.models.audio import AudioClassifier
 from dlkit.models.cnn import CNN
 from dlkit.models.mlp import MLP
 from dlkit.models.resnet import ResNet
 from dlkit.models.transformer import TransformerLM
+from dlkit.models.vit import ViT
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "resnet": ResNet,
     "transformer_lm": TransformerLM,
+    "vit": ViT,
+    "audio_cnn": AudioClassifier,
 }
 
 __all__ = [
