@@ -1,12 +1,18 @@
-"""Tests for dlkit.models.audio: the JAX log-mel front end (a sine peaks in its mel band) and
-the classifier's shapes and pinned parameter count."""
+"""Tests for dlkit.models.audio and dlkit.data.speech: the JAX log-mel front end (a sine peaks
+in its mel band), the classifier's shapes and pinned parameter count, the espeak-ng digits
+(de-duplicated, whole voices and accents held out) and a shrunk spoken_digits run."""
+
+import hashlib
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dlkit
 from dlkit import models, state
+from dlkit.data import speech
 from dlkit.models import audio
 
 
@@ -42,7 +48,72 @@ def test_classifier_shapes_and_pinned_count():
     variables = jax.jit(lambda x: module.init(jax.random.key(0), x, train=False))(x)
     logits = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-    expected = (9 * 1 * 4 + 4) + (9 * 4 * 8 + 8) + (8 * 10 + 10)
-    assert state.param_count(variables["params"]) == expected == 426
+    # The head sees 32 / 2 / 2 = 8 mel positions x 8 channels (time is averaged out).
+    expected = (9 * 1 * 4 + 4) + (9 * 4 * 8 + 8) + (8 * 8 * 10 + 10)
+    assert state.param_count(variables["params"]) == expected == 986
     with pytest.raises(ValueError, match="n_fft=512"):
         audio.log_mel_spectrogram(jnp.zeros((1, 100)), sample_rate=16000)
+
+
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None,
+    reason="needs Debian's espeak-ng: apt-get install espeak-ng",
+)
+TINY_GRID = speech.Grid(
+    accents=("en-us", "en-gb", "en-029"),
+    voices=("m1", "f1", "m3"),
+    speeds=(150,),
+    pitches=(40, 60),
+    held_out_voices=("m3",),
+    held_out_accents=("en-029",),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_speech(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("needs Debian's espeak-ng: apt-get install espeak-ng")
+    cache = tmp_path_factory.mktemp("speech")
+    return {s: speech.load_spoken_digits(s, data_dir=cache, grid=TINY_GRID) for s in speech.SPLITS}
+
+
+@needs_espeak
+def test_spoken_digits_are_deduplicated_and_hold_out_whole_voices_and_accents(tiny_speech):
+    train, voices, accents = (tiny_speech[s] for s in speech.SPLITS)
+    assert set(train.meta["voice"]) == {"m1", "f1"} and set(train.meta["accent"]) == {
+        "en-us",
+        "en-gb",
+    }
+    assert set(voices.meta["voice"]) == {"m3"} and "en-029" not in set(voices.meta["accent"])
+    assert set(accents.meta["accent"]) == {"en-029"} and "m3" not in set(accents.meta["voice"])
+    everything = np.concatenate([s.arrays["inputs"] for s in tiny_speech.values()])
+    assert everything.shape[1:] == (22050,) and everything.dtype == np.int16
+    hashes = {hashlib.sha256(row.tobytes()).digest() for row in everything}
+    assert len(hashes) == len(everything)  # no waveform twice, within or across splits
+    assert len(everything) < 160  # some variants ignore the pitch setting: repeats were dropped
+    for s in tiny_speech.values():
+        assert set(s.arrays["labels"]) == set(range(10))
+
+
+@needs_espeak
+def test_shrunk_spoken_digits_experiment_learns(tiny_speech):
+    cfg = dlkit.load_config("spoken_digits")
+    dlkit.apply_overrides(
+        cfg,
+        [
+            "model.features=8,16",
+            "model.dropout_rate=0.0",
+            "train.steps=60",
+            "train.batch_size=16",
+            "train.eval_batch_size=16",
+            "train.log_every=30",
+            "train.eval_every=0",
+            "train.progress=false",
+            "optim.warmup_steps=5",
+            "parallel.num_devices=1",
+        ],
+    )
+    result = dlkit.fit(
+        cfg, train_source=tiny_speech["train"], eval_source=tiny_speech["test_voices"]
+    )
+    assert result.history.last("eval/accuracy") > 0.5  # chance is 0.1

@@ -90,9 +90,9 @@ def log_mel_spectrogram(
 
 
 class AudioClassifier(nn.Module):
-    """Waveform -> log-mel -> per-example normalisation -> CNN -> mean pool -> head.
+    """Waveform -> log-mel -> per-example normalisation -> CNN -> mean over time -> head.
 
-    Input: waveforms (B, L) float (e.g. 16 kHz mono in [-1, 1]), or (B, L, 1).
+    Input: waveforms (B, L) float in [-1, 1] or int16 PCM (e.g. 16 kHz mono), or (B, L, 1).
     Output: logits (B, num_classes), float32.
     """
 
@@ -110,6 +110,8 @@ class AudioClassifier(nn.Module):
             x = x[..., 0]
         if x.ndim != 2:
             raise ValueError(f"AudioClassifier input: expected (B, L) waveforms, got {x.shape}")
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            x = x.astype(jnp.float32) / 32768.0  # 16-bit PCM to [-1, 1)
         spec = log_mel_spectrogram(
             x,
             sample_rate=self.sample_rate,
@@ -124,6 +126,8 @@ class AudioClassifier(nn.Module):
         for channels in self.features:
             h = nn.relu(nn.Conv(channels, (3, 3), padding="SAME")(h))  # (B, T, M, ch)
             h = max_pool_2x2(h)  # (B, T/2, M/2, ch)
-        h = jnp.mean(h, axis=(1, 2))  # (B, ch)
+        # Pool over time only: where the energy sits in frequency is what tells phonemes apart.
+        h = jnp.mean(h, axis=1)  # (B, M', ch)
+        h = h.reshape(h.shape[0], -1)  # (B, M' * ch)
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
         return nn.Dense(self.num_classes)(h)  # (B, num_classes)
