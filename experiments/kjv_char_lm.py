@@ -3,12 +3,23 @@
 Command:   python experiments/kjv_char_lm.py [--workdir DIR] [--set KEY=VALUE ...]
            (trains like `dlkit train kjv_char_lm`, resuming in DIR, then prints a sample);
            any UTF-8 file instead: --set data.name=text --set data.path=FILE
-Hardware:  the full run is sized for one GPU; 2 shared CPU cores are far too slow for it.
-Runtime:   full run NOT measured. On 2 CPU cores shared with other jobs (load ~7): 10 steps of
-           this config took 243 s including compilation (~20 s/step), so 5000 steps would take
-           more than a day there.
-Result:    full run NOT measured, so the 1.45 target is unverified here. A shrunk CPU run is
-           being measured (see the next commit).
+Hardware:  the full run (10.7M params) is sized for one GPU; 2 shared CPU cores are too slow.
+Runtime:   full run NOT measured. On 2 CPU cores shared with other jobs (load 5-8): 10 steps of
+           this config took 243 s including compilation (~20 s/step there), so 5000 steps would
+           take more than a day.
+Result:    full run NOT measured, so the 1.45 nats/char target is unverified. Measured on the
+           shared CPU instead, a shrunk run (4 layers, d_model 128, seq_len 128, batch 32, 600
+           steps; 0.80M params): held-out loss 1.723 at step 300 and 1.566 nats/char at step 600
+           (ln 73 = 4.29 at chance), 983 s wall, with
+             python experiments/kjv_char_lm.py --workdir /tmp/shrunk --set model.num_layers=4
+               --set model.d_model=128 --set model.num_heads=4 --set model.max_len=128
+               --set data.seq_len=128 --set train.batch_size=32 --set train.steps=600
+               --set optim.warmup_steps=50 --set optim.learning_rate=2e-3
+               --set train.eval_every=300 --set train.progress=false
+               --set checkpoint.every_steps=0
+           Its sample (prompt: the held-out text's first 32 characters, "in every good work,
+           and increasi"): "...on good.\nJer26:14 Let the LORD wilked that the mide of the
+           door of Jeryeth; but the word of your".
 Data:      `bible -f Gen1:1-Rev22:21` (Debian `bible-kjv` + `bible-kjv-text`; `.ci/run`
            installs them), dumped once to $DLKIT_DATA_DIR/kjv.txt or ~/.cache/dlkit/kjv.txt:
            31,102 verses, one per line after its reference, 4,404,412 characters, 73 distinct.
