@@ -23,6 +23,7 @@ from dlkit import (
     optim,
     parallel,
     precision,
+    sampling,
     state,
     steps,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "optim",
     "parallel",
     "precision",
+    "sampling",
     "state",
     "steps",
     "train_step",

@@ -30,8 +30,10 @@ from typing import Any
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "digits"  # dataset: digits | fashion_mnist
+    name: str = "digits"  # dataset: digits | fashion_mnist | text | kjv
     data_dir: str = ""  # directory with the dataset's files; "" = the dataset's default search
+    path: str = ""  # text only: the UTF-8 file to model, character by character
+    seq_len: int = 256  # text and kjv: characters per example
     eval_split: str = "test"  # split evaluated periodically and by `dlkit eval`
     shuffle: bool = True  # shuffle training batches, by (seed, epoch)
     last_batch: str = "drop"  # training loader's last partial batch: drop | pad

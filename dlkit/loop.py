@@ -59,6 +59,40 @@ def example_batch(source) -> dict[str, np.ndarray]:
     return batch
 
 
+def module_for_strategy(module, strategy: parallel.Strategy):
+    """`module` as `strategy` must run it, so BatchNorm statistics cover the global batch.
+
+    A module with a field `bn_axis_name` (e.g. `dlkit.models.ResNet`) reduces its BatchNorm
+    statistics over that named axis. Under pmap each device holds B/n rows, so the field is set
+    to "data" (`parallel.DATA_AXIS`) and the statistics are averaged across devices; under jit
+    the batch is one global array, so it is set to None (no named axis is bound there) and the
+    statistics are already global. Other modules are returned unchanged.
+    """
+    if "bn_axis_name" not in {f.name for f in dataclasses.fields(module)}:
+        return module
+    axis_name = parallel.DATA_AXIS if strategy.name == "pmap" else None
+    return module if module.bn_axis_name == axis_name else module.clone(bn_axis_name=axis_name)
+
+
+def module_for_data(module, source):
+    """`module` with `vocab_size` taken from a text source when it is 0 ("from the data").
+
+    A language model's vocabulary is the file's characters, known only once the file is read.
+    Raises a ConfigError, before anything compiles, if a set `vocab_size` is too small.
+    """
+    fields = {f.name for f in dataclasses.fields(module)}
+    if "vocab_size" not in fields or not hasattr(source, "vocab_size"):
+        return module
+    if module.vocab_size == 0:
+        return module.clone(vocab_size=source.vocab_size)
+    if module.vocab_size < source.vocab_size:
+        raise config_lib.ConfigError(
+            f"model.vocab_size: expected 0 (from the data) or >= {source.vocab_size} (the "
+            f"characters in the data), got {module.vocab_size}"
+        )
+    return module
+
+
 @dataclasses.dataclass
 class Components:
     """Everything a run is built from, made from a `Config` by `build`."""
@@ -203,14 +237,17 @@ def build(
         module = models.build(cfg.model.name, **cfg.model.options)
     if policy.name != "float32":
         module = precision.apply_to_module(policy, module)
+    module = module_for_strategy(module, strategy)
+    data_options = {
+        "data_dir": cfg.data.data_dir or None,
+        "path": cfg.data.path or None,
+        "seq_len": cfg.data.seq_len,
+    }
     if train_source is None:
-        train_source = data_lib.load_dataset(
-            cfg.data.name, "train", data_dir=cfg.data.data_dir or None
-        )
+        train_source = data_lib.load_dataset(cfg.data.name, "train", **data_options)
     if eval_source is None:
-        eval_source = data_lib.load_dataset(
-            cfg.data.name, cfg.data.eval_split, data_dir=cfg.data.data_dir or None
-        )
+        eval_source = data_lib.load_dataset(cfg.data.name, cfg.data.eval_split, **data_options)
+    module = module_for_data(module, train_source)
     loss_fn = losses.make_loss(cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)
     o = cfg.optim
     tx, schedule = optim.make_optimizer(
@@ -361,8 +398,15 @@ def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[s
 
 
 def _metrics_shape(step_fn, state, source) -> Any:
-    """The structure of a step's metrics (ShapeDtypeStructs), from `jax.eval_shape`."""
-    return jax.eval_shape(step_fn, state, example_batch(source))
+    """The structure of a step's metrics (ShapeDtypeStructs), from `jax.eval_shape`.
+
+    Traced with the "data" axis bound (a vmap of size 1), since under pmap the model may reduce
+    over it (cross-device BatchNorm, see `module_for_strategy`).
+    """
+    batch = jax.tree.map(lambda x: x[None], example_batch(source))  # (1, 1, ...)
+    mapped = jax.vmap(step_fn, in_axes=(None, 0), axis_name=parallel.DATA_AXIS)
+    shapes = jax.eval_shape(mapped, state, batch)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
 
 
 def _num_outputs(c: Components) -> int | None:

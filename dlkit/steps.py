@@ -11,6 +11,7 @@ the loss is (sum over the global batch of mask * loss) / (global sum of mask), a
 gradient of its share of that sum is `psum`-ed, which is exactly the global gradient.
 """
 
+import math
 from typing import Any
 
 import jax
@@ -49,7 +50,8 @@ def train_step(
     Args:
       state: the current `TrainState`.
       batch: {"inputs": (B, ...), "labels": (B, ...), "mask": (B,) float32}.
-      loss_fn: a `dlkit.losses` loss: `loss_fn(outputs, labels) -> (B,)` and `.metrics(...)`.
+      loss_fn: a `dlkit.losses` loss: `loss_fn(outputs, labels) -> (B,)` (or (B, T), one value
+        per token, each weighed by its row's mask) and `.metrics(...)`.
       axis_name: the mapped axis under pmap; None under jit.
       loss_spike_factor: skip updates whose loss exceeds this multiple of the running mean
         loss; 0 = off. Non-finite losses or gradients are always skipped (see `nonfinite`).
@@ -65,6 +67,7 @@ def train_step(
     if axis_name is not None:
         # Devices see different rows, so they must draw different dropout masks.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    # Real rows in the global batch (over devices and micro-batches).
     denominator = jnp.maximum(_psum(jnp.sum(batch["mask"]), axis_name), 1.0)
     if grad_accum_steps == 1:
         grads, model_state, metrics = _grads_and_metrics(
@@ -133,8 +136,13 @@ def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denomi
         else:
             outputs = state.apply_fn(variables, inputs, train=True, rngs={"dropout": key})
             new_model_state = model_state
-        per_example = loss_fn(outputs, labels)  # (B,)
-        loss = jnp.sum(per_example * mask) / denominator
+        per_example = loss_fn(outputs, labels)  # (B,), or (B, T) for a per-token loss
+        # The row mask weighs every element of its row, as in the metrics: a (B, T) loss is a
+        # mean over the global batch's real tokens, a (B,) loss a mean over its real rows.
+        # `denominator` counts global rows; the elements per row are static.
+        elements_per_row = math.prod(per_example.shape[1:])
+        weighted = metrics_lib.Mean.from_values(per_example, mask)
+        loss = weighted.total / (denominator * elements_per_row)
         if state.loss_scale is not None:
             loss = state.loss_scale.scale_loss(loss)
         return loss, (outputs, per_example, new_model_state)

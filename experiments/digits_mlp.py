@@ -3,7 +3,7 @@
 Command:   dlkit train digits_mlp            (or just `dlkit train`)
 Hardware:  2 CPU cores, no accelerator.
 Runtime:   7.2 s wall for 2000 steps, compilation included (~900 steps/s once compiled);
-           measured with `/usr/bin/time dlkit train digits_mlp --no-progress`, twice: 7.23 s, 7.12 s.
+           measured twice with `/usr/bin/time dlkit train digits_mlp --no-progress`: 7.23 s, 7.12 s.
 Result:    98.06% test accuracy (353/360), eval loss 0.065, seed 0; bitwise the same on a rerun.
 Data:      sklearn.datasets.load_digits, 1437 train / 360 held-out test (stratified, seed 0).
 """

@@ -231,7 +231,13 @@ def test_pad_allows_batch_larger_than_dataset():
 
 
 def test_registry_and_errors():
-    assert set(data.available_datasets()) == {"digits", "fashion_mnist"}
+    assert set(data.available_datasets()) == {
+        "digits",
+        "fashion_mnist",
+        "text",
+        "kjv",
+        "spoken_digits",
+    }
     assert data.dataset_info("digits") == {
         "num_classes": 10,
         "splits": ("train", "test"),

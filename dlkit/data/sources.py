@@ -48,6 +48,17 @@ _FASHION_MNIST_FILES = {
 DATASETS = {
     "digits": {"num_classes": 10, "splits": ("train", "test"), "input_shape": (8, 8, 1)},
     "fashion_mnist": {"num_classes": 10, "splits": ("train", "test"), "input_shape": (28, 28, 1)},
+    # Character-level text (dlkit.data.text): the vocabulary comes from the file and the
+    # example shape from data.seq_len, so both are None here.
+    "text": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
+    "kjv": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
+    # espeak-ng digits (dlkit.data.speech), 1 s at 22.05 kHz, int16; splits hold out voices
+    # and accents.
+    "spoken_digits": {
+        "num_classes": 10,
+        "splits": ("train", "test_voices", "test_accents"),
+        "input_shape": (22050,),
+    },
 }
 
 
@@ -160,7 +171,7 @@ def dataset_info(name):
     return {
         "num_classes": info["num_classes"],
         "splits": tuple(info["splits"]),
-        "input_shape": tuple(info["input_shape"]),
+        "input_shape": None if info["input_shape"] is None else tuple(info["input_shape"]),
     }
 
 
@@ -295,20 +306,30 @@ def _fashion_mnist_arrays(split, images_path, labels_path):
     return _readonly(inputs), _readonly(labels.astype(np.int32))
 
 
-def load_dataset(name, split, *, data_dir=None):
+def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256):
     """Loads a registered dataset split from local files.
 
     Args:
         name: ``"digits"`` (scikit-learn's bundled 8x8 digits; fixed stratified 80/20 split,
-            1437 train / 360 test) or ``"fashion_mnist"`` (IDX files; 60000 train / 10000 test).
-        split: ``"train"`` or ``"test"``.
-        data_dir: directory holding the data files (fashion_mnist only). Default: search
-            ``$DLKIT_DATA_DIR/fashion-mnist``, ``$DLKIT_DATA_DIR``, else
-            ``/usr/share/datasets/fashion-mnist``.
+            1437 train / 360 test), ``"fashion_mnist"`` (IDX files; 60000 train / 10000 test),
+            ``"text"`` (the UTF-8 file ``path``, characters), ``"kjv"`` (the King James
+            Bible, dumped once into the data cache by Debian's ``bible``; see
+            :mod:`dlkit.data.text`) or ``"spoken_digits"`` (espeak-ng, generated once into the
+            cache; see :mod:`dlkit.data.speech`).
+        split: ``"train"`` or ``"test"``; spoken_digits: ``"train"``, ``"test_voices"`` or
+            ``"test_accents"``.
+        data_dir: directory holding the data files (fashion_mnist), or the cache directory
+            (kjv). Default: search ``$DLKIT_DATA_DIR/fashion-mnist``, ``$DLKIT_DATA_DIR``, else
+            ``/usr/share/datasets/fashion-mnist``; the cache is ``$DLKIT_DATA_DIR`` or
+            ``~/.cache/dlkit``.
+        path: the text file (``"text"`` only).
+        seq_len: characters per example (``"text"`` and ``"kjv"``).
 
     Returns:
-        ArraySource with ``inputs`` float32 (N, H, W, 1) in [0, 1] and ``labels`` int32 (N,).
-        The arrays are cached per process, shared between calls and read-only.
+        ArraySource with ``inputs`` float32 (N, H, W, 1) in [0, 1] (spoken_digits: int16 (N, L)
+        waveforms) and ``labels`` int32 (N,).
+        The arrays are cached per process, shared between calls and read-only. For text, a
+        :class:`dlkit.data.text.TextSource` of (seq_len,) int32 ``inputs`` and ``labels``.
 
     Raises:
         ValueError: unknown name or split.
@@ -316,6 +337,18 @@ def load_dataset(name, split, *, data_dir=None):
     """
     _check_name(name)
     _check_split(name, split)
+    if name in ("text", "kjv"):
+        from dlkit.data import text  # text sources need neither scikit-learn nor IDX files
+
+        if name == "kjv":
+            path = text.kjv_path(data_dir)
+        elif not path:
+            raise ValueError("data.path: expected a UTF-8 text file for data.name=text, got none")
+        return text.load_text(path, split, seq_len=seq_len)
+    if name == "spoken_digits":
+        from dlkit.data import speech
+
+        return speech.load_spoken_digits(split, data_dir=data_dir)
     if name == "digits":
         inputs, labels = _digits_arrays(split)
     else:

@@ -1,8 +1,9 @@
 """Model zoo: Flax Linen modules used through pure `init` / `apply`.
 
 Every module here is called as `module.apply(variables, x, train=bool, rngs={"dropout": key})`
-and returns outputs of shape (B, num_outputs). Its hyperparameters are its dataclass fields;
-the registry below maps the names used in configs (`model.name`) to the classes.
+and returns outputs of shape (B, num_outputs) (a language model: logits (B, T, V)). Its
+hyperparameters are its dataclass fields; the registry below maps the names used in configs
+(`model.name`) to the classes.
 
     import dlkit
     module = dlkit.models.build("mlp", hidden_sizes=(128,), num_classes=10)
@@ -13,15 +14,32 @@ from typing import Any
 
 import flax.linen as nn
 
+from dlkit.models.audio import AudioClassifier
 from dlkit.models.cnn import CNN
 from dlkit.models.mlp import MLP
+from dlkit.models.resnet import ResNet
+from dlkit.models.transformer import TransformerLM
+from dlkit.models.vit import ViT
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
+    "resnet": ResNet,
+    "transformer_lm": TransformerLM,
+    "vit": ViT,
+    "audio_cnn": AudioClassifier,
 }
 
-__all__ = ["CNN", "MLP", "REGISTRY", "build", "get_model_class", "register"]
+__all__ = [
+    "CNN",
+    "MLP",
+    "REGISTRY",
+    "ResNet",
+    "TransformerLM",
+    "build",
+    "get_model_class",
+    "register",
+]
 
 
 def register(name: str, module_cls: type[nn.Module]) -> None:

@@ -1,0 +1,91 @@
+"""Vision Transformer (Dosovitskiy et al. 2021): patch embedding, a pre-LayerNorm encoder,
+class-token or mean pooling, a linear head.
+
+    module = ViT(patch_size=4, num_layers=6, num_heads=4, d_model=128, pooling="cls")
+    logits = module.apply(variables, images, train=False)  # (B, H, W, C) -> (B, num_classes)
+
+With the ViT-B/16 sizes (patch 16, 12 layers, 12 heads, d_model 768, 1000 classes, 224x224
+images) it has 86,567,656 parameters, the published ViT-B/16 count.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_POOLINGS = ("cls", "mean")
+_init = nn.initializers.normal(0.02)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x)). (B, N, C) -> (B, N, C)."""
+
+    num_heads: int
+    mlp_ratio: int = 4
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        b, n, c = x.shape  # (B, N, C)
+        h = self.num_heads
+        drop = nn.Dropout(self.dropout_rate, deterministic=not train)
+        y = nn.LayerNorm(name="ln1")(x)
+        qkv = nn.DenseGeneral((3, h, c // h), kernel_init=_init, name="qkv")(y)  # (B, N, 3, H, D)
+        y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, N, H, D)
+        y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=_init, name="proj")(y)  # (B, N, C)
+        x = x + drop(y)
+        y = nn.LayerNorm(name="ln2")(x)
+        y = nn.gelu(nn.Dense(self.mlp_ratio * c, kernel_init=_init, name="fc")(y))
+        y = nn.Dense(c, kernel_init=_init, name="fc_out")(y)
+        return x + drop(y)  # (B, N, C)
+
+
+class ViT(nn.Module):
+    """Patches -> linear embedding (+ class token) + learned positions -> encoder -> pool -> head.
+
+    Input: images (B, H, W, C), channels last, H and W multiples of patch_size.
+    Output: logits (B, num_classes), float32.
+    """
+
+    patch_size: int = 4  # side of the square patches, in pixels
+    num_layers: int = 6  # encoder blocks
+    num_heads: int = 4  # attention heads; d_model must be divisible by it
+    d_model: int = 128  # width of the token embeddings
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    pooling: str = "cls"  # cls: a learned class token's output | mean: mean of patch outputs
+    num_classes: int = 10  # size of the output layer
+    dropout_rate: float = 0.0  # on embeddings and each residual branch, in [0, 1)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"ViT input: expected (B, H, W, C), got shape {x.shape}")
+        b, height, width, _ = x.shape  # (B, H, W, C)
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"ViT input: expected H and W to be multiples of patch_size={p}, "
+                f"got {height}x{width}"
+            )
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"ViT.pooling: expected one of {_POOLINGS}, got {self.pooling!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"ViT.d_model: expected a multiple of num_heads={self.num_heads}, "
+                f"got {self.d_model}"
+            )
+        x = nn.Conv(self.d_model, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(
+            x.astype(jnp.float32)
+        )  # (B, H/p, W/p, C)
+        x = x.reshape(b, -1, self.d_model)  # (B, N, C), N = HW / p^2
+        if self.pooling == "cls":
+            cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.d_model))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.d_model)), x], axis=1)
+        positions = self.param("pos_embed", _init, (1, x.shape[1], self.d_model))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x + positions)  # (B, N', C)
+        for i in range(self.num_layers):
+            x = EncoderBlock(
+                self.num_heads, self.mlp_ratio, self.dropout_rate, name=f"block{i + 1}"
+            )(x, train=train)
+        x = nn.LayerNorm(name="ln_f")(x)
+        x = x[:, 0] if self.pooling == "cls" else jnp.mean(x, axis=1)  # (B, C)
+        return nn.Dense(self.num_classes, name="head")(x)  # (B, num_classes)
