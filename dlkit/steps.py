@@ -62,46 +62,37 @@ def train_step(
         # Devices see different rows, so they must draw different dropout masks.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     denominator = jnp.maximum(_psum(jnp.sum(batch["mask"]), axis_name), 1.0)
+    loss_scale = precision.loss_scale_of(state.opt_state)  # None unless float16
     if grad_accum_steps == 1:
         grads, model_state, metrics = _grads_and_metrics(
-            state, state.model_state, batch, key, denominator, loss_fn
+            state, state.model_state, batch, key, denominator, loss_fn, loss_scale
         )
     else:
         grads, model_state, metrics = _accumulate(
-            state, batch, key, denominator, loss_fn, grad_accum_steps
+            state, batch, key, denominator, loss_fn, grad_accum_steps, loss_scale
         )
     metrics = _psum(metrics, axis_name)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
         # Running statistics (e.g. BatchNorm's) are averaged so every replica keeps the same.
         model_state = jax.lax.pmean(model_state, axis_name)
-    loss_scale = state.loss_scale
     if loss_scale is not None:
+        # float16: the optimizer (precision.with_loss_scaling) skips non-finite steps.
         grads = loss_scale.unscale(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if loss_scale is not None:
-        # float16: a step with overflowing gradients is skipped and the scale lowered.
-        finite = precision.all_finite(grads)
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
-            (params, opt_state),
-            (state.params, state.opt_state),
-        )
-        loss_scale = loss_scale.adjust(finite)
-        metrics["loss_scale"] = metrics_lib.Mean.scalar(loss_scale.scale)
+        metrics["loss_scale"] = metrics_lib.Mean.scalar(opt_state.loss_scale.scale)
     metrics["grad_norm"] = metrics_lib.Mean.scalar(optax.tree.norm(grads))
     new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        model_state=model_state,
-        opt_state=opt_state,
-        loss_scale=loss_scale,
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )
     return new_state, metrics
 
 
-def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denominator, loss_fn):
+def _grads_and_metrics(
+    state: TrainState, model_state, batch: Batch, key, denominator, loss_fn, loss_scale=None
+):
     """This device's gradient of sum(mask * loss) / denominator, the new model state, and the
     metric sums of `batch` (not yet reduced over a pmap axis)."""
     inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
@@ -118,8 +109,8 @@ def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denomi
             new_model_state = model_state
         per_example = loss_fn(outputs, labels)  # (B,)
         loss = jnp.sum(per_example * mask) / denominator
-        if state.loss_scale is not None:
-            loss = state.loss_scale.scale_loss(loss)
+        if loss_scale is not None:
+            loss = loss_scale.scale_loss(loss)
         return loss, (outputs, per_example, new_model_state)
 
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
@@ -128,7 +119,7 @@ def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denomi
     return grads, new_model_state, metrics
 
 
-def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: int):
+def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: int, loss_scale):
     """`_grads_and_metrics` summed over `n` micro-batches with `lax.scan` (one program)."""
     b = batch["mask"].shape[0]
     if b % n:
@@ -147,14 +138,22 @@ def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: i
         grads_sum, model_state, metrics_sum = carry
         i, micro_batch = xs
         grads, model_state, metrics = _grads_and_metrics(
-            state, model_state, micro_batch, jax.random.fold_in(key, i), denominator, loss_fn
+            state,
+            model_state,
+            micro_batch,
+            jax.random.fold_in(key, i),
+            denominator,
+            loss_fn,
+            loss_scale,
         )
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
         return (grads_sum, model_state, metrics_lib.merge(metrics_sum, metrics)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(
-        lambda: _grads_and_metrics(state, state.model_state, first, key, denominator, loss_fn)
+        lambda: _grads_and_metrics(
+            state, state.model_state, first, key, denominator, loss_fn, loss_scale
+        )
     )
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[2]))
     init = (zeros[0], state.model_state, zeros[1])
