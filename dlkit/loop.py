@@ -113,11 +113,7 @@ class Components:
         """The TrainState's shapes, with each leaf's target sharding attached."""
         example = example_batch(self.train_source)["inputs"]
         abstract = state_lib.abstract_train_state(
-            self.module,
-            self.tx,
-            example,
-            self.config.train.seed,
-            loss_scaling=self.policy.loss_scaling,
+            self.module, self.tx, example, self.config.train.seed
         )
         return checkpoint_lib.abstract_with_shardings(
             abstract, self.strategy.state_shardings(abstract)
@@ -132,7 +128,6 @@ class Components:
             example,
             seed=self.config.train.seed,
             shardings=self.strategy.state_shardings,
-            loss_scaling=self.policy.loss_scaling,
         )
 
     def example_batch(self) -> dict[str, np.ndarray]:
@@ -264,6 +259,8 @@ def build(
         weight_decay=o.weight_decay,
         grad_clip_norm=o.grad_clip_norm,
     )
+    if policy.loss_scaling:
+        tx = precision.with_loss_scaling(tx)
     return Components(
         cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy
     )

@@ -14,15 +14,19 @@ float16 has a narrow exponent range, so small gradients underflow to zero. It th
 dynamic loss scaling (as in NVIDIA's apex and DeepMind's jmp): the loss is multiplied by a
 scale S before differentiation, the gradients are divided by S, and a step whose gradients
 are not finite is skipped and halves S; after `period` finite steps in a row S doubles.
-`DynamicLossScale` is that state, kept in `TrainState.loss_scale` (None for the other
-policies). bfloat16 has float32's exponent range and needs no scaling.
+`with_loss_scaling(tx)` is that as an Optax transformation (like `optax.apply_if_finite`):
+its state `LossScaleState` holds the inner optimizer's state and the `DynamicLossScale`, so
+the TrainState's structure changes only for float16 runs. bfloat16 has float32's exponent
+range and needs no scaling.
 """
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -115,3 +119,39 @@ def all_finite(tree) -> jax.Array:
     """bool scalar: every element of every leaf is finite."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+class LossScaleState(NamedTuple):
+    """Optimizer state of `with_loss_scaling`: the inner state and the loss scale."""
+
+    inner_state: Any
+    loss_scale: DynamicLossScale
+
+
+def with_loss_scaling(
+    tx: optax.GradientTransformation, initial_scale: float = 2.0**15, period: int = 2000
+) -> optax.GradientTransformation:
+    """Wraps `tx` for dynamic loss scaling (the float16 policy).
+
+    `update` expects gradients already divided by the scale (`train_step` does it, since it
+    also scaled the loss). A step whose gradients are not all finite returns zero updates,
+    keeps the inner state and halves the scale; otherwise the scale grows as
+    `DynamicLossScale.adjust` says.
+    """
+
+    def init(params):
+        return LossScaleState(tx.init(params), DynamicLossScale.create(initial_scale, period))
+
+    def update(grads, state, params=None):
+        finite = all_finite(grads)
+        updates, inner = tx.update(grads, state.inner_state, params)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        inner = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner, state.inner_state)
+        return updates, LossScaleState(inner, state.loss_scale.adjust(finite))
+
+    return optax.GradientTransformation(init, update)
+
+
+def loss_scale_of(opt_state) -> DynamicLossScale | None:
+    """The loss scale in a `with_loss_scaling` optimizer state; None for any other state."""
+    return opt_state.loss_scale if isinstance(opt_state, LossScaleState) else None

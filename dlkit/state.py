@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dlkit import nonfinite, precision
+from dlkit import nonfinite
 
 
 @flax.struct.dataclass
@@ -37,7 +37,6 @@ class TrainState:
       guard: `nonfinite.Guard` counters of updates skipped for NaN/Inf (or loss spikes).
       apply_fn: the module's `apply` (static: part of the tree's structure, not a leaf).
       tx: the Optax transformation (static).
-      loss_scale: a `dlkit.precision.DynamicLossScale` under the float16 policy; None otherwise.
     """
 
     step: jax.Array
@@ -48,12 +47,9 @@ class TrainState:
     guard: nonfinite.Guard
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-    loss_scale: Any = None
 
 
-def _init_fn(
-    module, tx, example_inputs, loss_scaling: bool = False
-) -> Callable[[jax.Array], TrainState]:
+def _init_fn(module, tx, example_inputs) -> Callable[[jax.Array], TrainState]:
     def init(key: jax.Array) -> TrainState:
         params_key, dropout_key, step_key = jax.random.split(key, 3)
         variables = dict(
@@ -69,7 +65,6 @@ def _init_fn(
             guard=nonfinite.init_guard(),
             apply_fn=module.apply,
             tx=tx,
-            loss_scale=precision.DynamicLossScale.create() if loss_scaling else None,
         )
 
     return init
@@ -81,11 +76,9 @@ def _example(example_inputs) -> np.ndarray:
     return np.zeros((1,) + x.shape[1:], x.dtype)
 
 
-def abstract_train_state(
-    module, tx, example_inputs, seed: int = 0, *, loss_scaling: bool = False
-) -> TrainState:
+def abstract_train_state(module, tx, example_inputs, seed: int = 0) -> TrainState:
     """The state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), computed without FLOPs."""
-    init = _init_fn(module, tx, _example(example_inputs), loss_scaling)
+    init = _init_fn(module, tx, _example(example_inputs))
     return jax.eval_shape(init, jax.random.key(seed))
 
 
@@ -96,7 +89,6 @@ def create_train_state(
     *,
     seed: int = 0,
     shardings: Callable[[TrainState], Any] | None = None,
-    loss_scaling: bool = False,
 ) -> TrainState:
     """Initialises a `TrainState` directly with its target sharding.
 
@@ -108,11 +100,10 @@ def create_train_state(
       seed: the run's seed; params, dropout and the step keys all derive from it.
       shardings: maps the abstract state to a pytree of `jax.sharding.Sharding` (e.g.
         `strategy.state_shardings`); None = default placement.
-      loss_scaling: keep a `precision.DynamicLossScale` in the state (float16 policy).
     Returns:
       The state, every leaf already on its devices.
     """
-    init = _init_fn(module, tx, _example(example_inputs), loss_scaling)
+    init = _init_fn(module, tx, _example(example_inputs))
     key = jax.random.key(seed)
     if shardings is None:
         return jax.jit(init)(key)

@@ -69,21 +69,22 @@ def train_step(
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     # Real rows in the global batch (over devices and micro-batches).
     denominator = jnp.maximum(_psum(jnp.sum(batch["mask"]), axis_name), 1.0)
+    loss_scale = precision.loss_scale_of(state.opt_state)  # None unless float16
     if grad_accum_steps == 1:
         grads, model_state, metrics = _grads_and_metrics(
-            state, state.model_state, batch, key, denominator, loss_fn
+            state, state.model_state, batch, key, denominator, loss_fn, loss_scale
         )
     else:
         grads, model_state, metrics = _accumulate(
-            state, batch, key, denominator, loss_fn, grad_accum_steps
+            state, batch, key, denominator, loss_fn, grad_accum_steps, loss_scale
         )
     metrics = _psum(metrics, axis_name)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
         # Running statistics (e.g. BatchNorm's) are averaged so every replica keeps the same.
         model_state = jax.lax.pmean(model_state, axis_name)
-    loss_scale = state.loss_scale
     if loss_scale is not None:
+        # float16: the optimizer (precision.with_loss_scaling) skips non-finite steps.
         grads = loss_scale.unscale(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -91,17 +92,9 @@ def train_step(
     metrics["grad_norm"] = metrics_lib.Mean.scalar(grad_norm)
     guarded_grad_norm = grad_norm
     if loss_scale is not None:
-        # float16: a step with overflowing gradients is skipped and the scale lowered. Those
-        # overflows are how the scale is found, not a NaN-policy event, so the guard below
-        # then watches the loss alone.
-        finite = precision.all_finite(grads)
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
-            (params, opt_state),
-            (state.params, state.opt_state),
-        )
-        loss_scale = loss_scale.adjust(finite)
-        metrics["loss_scale"] = metrics_lib.Mean.scalar(loss_scale.scale)
+        metrics["loss_scale"] = metrics_lib.Mean.scalar(opt_state.loss_scale.scale)
+        # float16: overflowing gradients are how the optimizer finds its scale (it skips those
+        # steps itself), not a NaN-policy event, so the guard below then watches the loss alone.
         guarded_grad_norm = jnp.zeros((), jnp.float32)
     mean_loss = metrics["loss"].total / jnp.maximum(metrics["loss"].count, 1.0)
     ok, guard = nonfinite.check(
@@ -116,12 +109,13 @@ def train_step(
         model_state=model_state,
         opt_state=opt_state,
         guard=guard,
-        loss_scale=loss_scale,
     )
     return new_state, metrics
 
 
-def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denominator, loss_fn):
+def _grads_and_metrics(
+    state: TrainState, model_state, batch: Batch, key, denominator, loss_fn, loss_scale=None
+):
     """This device's gradient of sum(mask * loss) / denominator, the new model state, and the
     metric sums of `batch` (not yet reduced over a pmap axis)."""
     inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
@@ -143,8 +137,8 @@ def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denomi
         elements_per_row = math.prod(per_example.shape[1:])
         weighted = metrics_lib.Mean.from_values(per_example, mask)
         loss = weighted.total / (denominator * elements_per_row)
-        if state.loss_scale is not None:
-            loss = state.loss_scale.scale_loss(loss)
+        if loss_scale is not None:
+            loss = loss_scale.scale_loss(loss)
         return loss, (outputs, per_example, new_model_state)
 
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
@@ -153,7 +147,7 @@ def _grads_and_metrics(state: TrainState, model_state, batch: Batch, key, denomi
     return grads, new_model_state, metrics
 
 
-def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: int):
+def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: int, loss_scale):
     """`_grads_and_metrics` summed over `n` micro-batches with `lax.scan` (one program)."""
     b = batch["mask"].shape[0]
     if b % n:
@@ -172,14 +166,22 @@ def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: i
         grads_sum, model_state, metrics_sum = carry
         i, micro_batch = xs
         grads, model_state, metrics = _grads_and_metrics(
-            state, model_state, micro_batch, jax.random.fold_in(key, i), denominator, loss_fn
+            state,
+            model_state,
+            micro_batch,
+            jax.random.fold_in(key, i),
+            denominator,
+            loss_fn,
+            loss_scale,
         )
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
         return (grads_sum, model_state, metrics_lib.merge(metrics_sum, metrics)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(
-        lambda: _grads_and_metrics(state, state.model_state, first, key, denominator, loss_fn)
+        lambda: _grads_and_metrics(
+            state, state.model_state, first, key, denominator, loss_fn, loss_scale
+        )
     )
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[2]))
     init = (zeros[0], state.model_state, zeros[1])

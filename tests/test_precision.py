@@ -42,9 +42,9 @@ def test_loss_curve_stays_close_to_float32(curves, name):
 
 
 def test_float16_keeps_a_dynamic_loss_scale(curves):
-    assert curves["float32"].state.loss_scale is None
-    assert curves["bfloat16"].state.loss_scale is None
-    scale = curves["float16"].state.loss_scale
+    assert precision.loss_scale_of(curves["float32"].state.opt_state) is None
+    assert precision.loss_scale_of(curves["bfloat16"].state.opt_state) is None
+    scale = precision.loss_scale_of(curves["float16"].state.opt_state)
     assert float(scale.scale) == 2.0**15  # no overflow in 60 steps: unchanged
     assert int(scale.good_steps) == 60
     assert curves["float16"].history.last("train/loss_scale") == 2.0**15
@@ -75,13 +75,20 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale():
     cfg = tiny_digits_config(**{"train.precision": "float16", "parallel.num_devices": 1})
     c = dlkit.build(cfg)
     state = c.init_state()
-    state = state.replace(loss_scale=precision.DynamicLossScale.create(initial_scale=2.0**60))
+    huge = precision.DynamicLossScale.create(initial_scale=2.0**60)
+    state = state.replace(opt_state=state.opt_state._replace(loss_scale=huge))
     batch = {k: jnp.asarray(v) for k, v in c.example_batch().items()}
     new, metrics = jax.jit(lambda s, b: dlkit.train_step(s, b, loss_fn=c.loss_fn))(state, batch)
-    assert float(new.loss_scale.scale) == 2.0**59
+    assert float(new.opt_state.loss_scale.scale) == 2.0**59
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), strict=True):
         np.testing.assert_array_equal(a, b)  # skipped
     assert int(new.step) == 1
+    for a, b in zip(
+        jax.tree.leaves(state.opt_state.inner_state),
+        jax.tree.leaves(new.opt_state.inner_state),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)  # the optimizer's moments are untouched too
 
 
 def test_loss_scale_doubles_after_period_finite_steps():
