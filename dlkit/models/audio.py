@@ -7,7 +7,13 @@
 The spectrogram is part of the compiled model: frames are gathered with a strided index,
 windowed (Hann), transformed with `jnp.fft.rfft`, and projected on a triangular mel filterbank
 (HTK mel scale) built once in numpy. Nothing in the front end is learned.
+
+`dtype` is the compute dtype of the CNN (train.precision): the spectrogram and its
+normalisation stay float32 whatever it is, the normalised features are cast to `dtype` for the
+convolutions and the head, params stay float32, and the logits are returned as float32.
 """
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -103,6 +109,8 @@ class AudioClassifier(nn.Module):
     features: tuple[int, ...] = (16, 32, 64)  # channels of each conv block (3x3 conv, 2x2 pool)
     num_classes: int = 10  # size of the output layer
     dropout_rate: float = 0.1  # before the head, in [0, 1)
+    dtype: Any = jnp.float32  # compute dtype of the CNN (float32 | bfloat16 | float16); the
+    #                           log-mel front end and params stay float32. Set by train.precision.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -122,12 +130,13 @@ class AudioClassifier(nn.Module):
         # Loudness differs between recordings: normalise each example's spectrogram.
         mean = jnp.mean(spec, axis=(1, 2), keepdims=True)
         std = jnp.std(spec, axis=(1, 2), keepdims=True)
-        h = ((spec - mean) / (std + 1e-5))[..., None]  # (B, T, M, 1)
+        h = ((spec - mean) / (std + 1e-5))[..., None].astype(self.dtype)  # (B, T, M, 1)
         for channels in self.features:
-            h = nn.relu(nn.Conv(channels, (3, 3), padding="SAME")(h))  # (B, T, M, ch)
+            h = nn.relu(nn.Conv(channels, (3, 3), padding="SAME", dtype=self.dtype)(h))
             h = max_pool_2x2(h)  # (B, T/2, M/2, ch)
         # Pool over time only: where the energy sits in frequency is what tells phonemes apart.
         h = jnp.mean(h, axis=1)  # (B, M', ch)
         h = h.reshape(h.shape[0], -1)  # (B, M' * ch)
         h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
-        return nn.Dense(self.num_classes)(h)  # (B, num_classes)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype)(h)  # (B, num_classes)
+        return logits.astype(jnp.float32)

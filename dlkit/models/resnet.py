@@ -11,7 +11,13 @@ the batch is one global array, so `bn_axis_name=None` already reduces over all o
 `pmap` each device holds B/n rows and `bn_axis_name="data"` makes BatchNorm average its
 statistics across devices. `dlkit.loop.build` sets the field for the strategy in use
 (`dlkit.loop.module_for_strategy`), so configs leave it at None.
+
+`dtype` is the compute dtype (train.precision): the convolutions, BatchNorm outputs and the head
+compute in it (BatchNorm takes its statistics in float32), params and running statistics stay
+float32, and the logits are returned as float32.
 """
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -64,6 +70,8 @@ class BasicBlock(nn.Module):
     shortcut: str = "A"  # A | B, see `ResNet.shortcut`
     bn_momentum: float = 0.9
     bn_axis_name: str | None = None
+    dtype: Any = jnp.float32  # compute dtype (float32 | bfloat16 | float16); params stay
+    #                           float32. Set by the parent ResNet.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -73,6 +81,7 @@ class BasicBlock(nn.Module):
                 momentum=self.bn_momentum,
                 epsilon=1e-5,
                 axis_name=self.bn_axis_name,
+                dtype=self.dtype,
                 name=name,
             )
 
@@ -84,6 +93,7 @@ class BasicBlock(nn.Module):
                 padding=((kernel // 2, kernel // 2),) * 2,
                 use_bias=False,
                 kernel_init=_conv_init,
+                dtype=self.dtype,
                 name=name,
             )
 
@@ -118,6 +128,8 @@ class ResNet(nn.Module):
     num_classes: int = 10  # size of the output layer
     bn_momentum: float = 0.9  # running statistics decay, in [0, 1)
     bn_axis_name: str | None = None  # set by the engine: "data" under pmap, None under jit
+    dtype: Any = jnp.float32  # compute dtype (float32 | bfloat16 | float16); params stay
+    #                           float32. Set by train.precision.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -129,7 +141,7 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"ResNet.shortcut: expected one of {_SHORTCUTS}, got {self.shortcut!r}"
             )
-        x = x.astype(jnp.float32)
+        x = x.astype(self.dtype)
         if self.stem == "cifar":
             x = nn.Conv(
                 self.width,
@@ -137,6 +149,7 @@ class ResNet(nn.Module):
                 padding=((1, 1), (1, 1)),
                 use_bias=False,
                 kernel_init=_conv_init,
+                dtype=self.dtype,
                 name="stem_conv",
             )(x)  # (B, H, W, width)
         else:
@@ -147,6 +160,7 @@ class ResNet(nn.Module):
                 padding=((3, 3), (3, 3)),
                 use_bias=False,
                 kernel_init=_conv_init,
+                dtype=self.dtype,
                 name="stem_conv",
             )(x)  # (B, H/2, W/2, width)
         x = nn.BatchNorm(
@@ -154,6 +168,7 @@ class ResNet(nn.Module):
             momentum=self.bn_momentum,
             epsilon=1e-5,
             axis_name=self.bn_axis_name,
+            dtype=self.dtype,
             name="stem_bn",
         )(x)
         x = nn.relu(x)
@@ -169,7 +184,9 @@ class ResNet(nn.Module):
                     shortcut=self.shortcut,
                     bn_momentum=self.bn_momentum,
                     bn_axis_name=self.bn_axis_name,
+                    dtype=self.dtype,
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x, train=train)  # (B, H_i, W_i, width * 2**i)
         x = jnp.mean(x, axis=(1, 2))  # (B, channels)
-        return nn.Dense(self.num_classes, name="head")(x)  # (B, num_classes)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)  # (B, num_classes)
+        return logits.astype(jnp.float32)

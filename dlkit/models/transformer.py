@@ -16,14 +16,20 @@ With `decode=True` the module reads and writes the "cache" collection (call with
 queries attend to every cached position up to their own, and the index advances by T. A
 prompt is therefore one call with T = prompt length (prefill) and each new token a call with
 T = 1; `dlkit.sampling` wraps both in one compiled function.
+
+`dtype` is the compute dtype (train.precision): the embedding, every Dense, LayerNorm (whose
+statistics are float32) and attention compute in it, params stay float32, the KV cache holds
+keys and values in it, and the logits are returned as float32.
 """
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 _POSITIONS = ("rotary", "learned")
-_DTYPES = ("float32", "bfloat16")
+_DTYPES = ("float32", "bfloat16", "float16")
 _init = nn.initializers.normal(0.02)
 
 
@@ -57,7 +63,7 @@ class CausalSelfAttention(nn.Module):
     num_heads: int
     max_len: int
     positions: str = "rotary"
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype (also the KV cache's); params stay float32
 
     @nn.compact
     def __call__(self, x: jax.Array, offset: jax.Array, *, decode: bool) -> jax.Array:
@@ -97,7 +103,7 @@ class Block(nn.Module):
     mlp_ratio: int = 4
     positions: str = "rotary"
     dropout_rate: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    dtype: Any = jnp.float32  # compute dtype; params stay float32. Set by the parent model.
 
     @nn.compact
     def __call__(self, x, offset, *, train: bool, decode: bool):
@@ -134,14 +140,19 @@ class TransformerLM(nn.Module):
     positions: str = "rotary"  # rotary | learned
     tie_embeddings: bool = True  # output layer = token embedding transposed
     dropout_rate: float = 0.0  # on embeddings and each residual branch, in [0, 1)
-    dtype: str = "float32"  # computation dtype: float32 | bfloat16 (params stay float32)
+    dtype: Any = jnp.float32  # compute dtype (float32 | bfloat16 | float16); params stay
+    #                           float32. Set by train.precision.
 
     def _check(self, tokens: jax.Array) -> None:
         if self.positions not in _POSITIONS:
             raise ValueError(
                 f"TransformerLM.positions: expected one of {_POSITIONS}, got {self.positions!r}"
             )
-        if self.dtype not in _DTYPES:
+        try:
+            dtype_name = jnp.dtype(self.dtype).name
+        except TypeError:
+            dtype_name = None
+        if dtype_name not in _DTYPES:
             raise ValueError(f"TransformerLM.dtype: expected one of {_DTYPES}, got {self.dtype!r}")
         if self.d_model % self.num_heads:
             raise ValueError(
@@ -171,12 +182,14 @@ class TransformerLM(nn.Module):
             index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
             offset = index.value
             index.value = offset + t
-        embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=_init, name="embed")
+        embed = nn.Embed(
+            self.vocab_size, self.d_model, embedding_init=_init, dtype=dtype, name="embed"
+        )
         x = embed(tokens.astype(jnp.int32))  # (B, T, C)
         if self.positions == "learned":
             table = self.param("pos_embed", _init, (self.max_len, self.d_model))
-            x = x + jax.lax.dynamic_slice_in_dim(table, offset, t)[None]  # (B, T, C)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x).astype(dtype)
+            x = x + jax.lax.dynamic_slice_in_dim(table, offset, t)[None].astype(dtype)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)  # (B, T, C)
         for i in range(self.num_layers):
             x = Block(
                 self.num_heads,
@@ -189,7 +202,9 @@ class TransformerLM(nn.Module):
             )(x, offset, train=train, decode=decode)
         x = nn.LayerNorm(dtype=dtype, name="ln_f")(x)
         if self.tie_embeddings:
-            logits = embed.attend(x.astype(jnp.float32))  # (B, T, V)
+            logits = embed.attend(x)  # (B, T, V), computed in dtype
         else:
-            logits = nn.Dense(self.vocab_size, use_bias=False, kernel_init=_init, name="head")(x)
+            logits = nn.Dense(
+                self.vocab_size, use_bias=False, kernel_init=_init, dtype=dtype, name="head"
+            )(x)
         return logits.astype(jnp.float32)  # (B, T, V)

@@ -6,7 +6,13 @@ class-token or mean pooling, a linear head.
 
 With the ViT-B/16 sizes (patch 16, 12 layers, 12 heads, d_model 768, 1000 classes, 224x224
 images) it has 86,567,656 parameters, the published ViT-B/16 count.
+
+`dtype` is the compute dtype (train.precision): every layer computes in it (LayerNorm takes its
+statistics in float32; attention gets bf16/f16 queries, keys and values), params stay float32,
+and the logits are returned as float32.
 """
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,20 +28,25 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_ratio: int = 4
     dropout_rate: float = 0.0
+    dtype: Any = jnp.float32  # compute dtype; params stay float32. Set by the parent ViT.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         b, n, c = x.shape  # (B, N, C)
         h = self.num_heads
         drop = nn.Dropout(self.dropout_rate, deterministic=not train)
-        y = nn.LayerNorm(name="ln1")(x)
-        qkv = nn.DenseGeneral((3, h, c // h), kernel_init=_init, name="qkv")(y)  # (B, N, 3, H, D)
+        y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
+        qkv = nn.DenseGeneral((3, h, c // h), kernel_init=_init, dtype=self.dtype, name="qkv")(
+            y
+        )  # (B, N, 3, H, D)
         y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, N, H, D)
-        y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=_init, name="proj")(y)  # (B, N, C)
+        y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=_init, dtype=self.dtype, name="proj")(
+            y
+        )  # (B, N, C)
         x = x + drop(y)
-        y = nn.LayerNorm(name="ln2")(x)
-        y = nn.gelu(nn.Dense(self.mlp_ratio * c, kernel_init=_init, name="fc")(y))
-        y = nn.Dense(c, kernel_init=_init, name="fc_out")(y)
+        y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+        y = nn.Dense(self.mlp_ratio * c, kernel_init=_init, dtype=self.dtype, name="fc")(y)
+        y = nn.Dense(c, kernel_init=_init, dtype=self.dtype, name="fc_out")(nn.gelu(y))
         return x + drop(y)  # (B, N, C)
 
 
@@ -54,6 +65,8 @@ class ViT(nn.Module):
     pooling: str = "cls"  # cls: a learned class token's output | mean: mean of patch outputs
     num_classes: int = 10  # size of the output layer
     dropout_rate: float = 0.0  # on embeddings and each residual branch, in [0, 1)
+    dtype: Any = jnp.float32  # compute dtype (float32 | bfloat16 | float16); params stay
+    #                           float32. Set by train.precision.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -73,19 +86,31 @@ class ViT(nn.Module):
                 f"ViT.d_model: expected a multiple of num_heads={self.num_heads}, "
                 f"got {self.d_model}"
             )
-        x = nn.Conv(self.d_model, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(
-            x.astype(jnp.float32)
-        )  # (B, H/p, W/p, C)
+        x = nn.Conv(
+            self.d_model,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            name="patch_embed",
+        )(x.astype(self.dtype))  # (B, H/p, W/p, C)
         x = x.reshape(b, -1, self.d_model)  # (B, N, C), N = HW / p^2
         if self.pooling == "cls":
             cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.d_model))
+            cls = cls.astype(self.dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.d_model)), x], axis=1)
         positions = self.param("pos_embed", _init, (1, x.shape[1], self.d_model))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x + positions)  # (B, N', C)
+        x = x + positions.astype(self.dtype)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)  # (B, N', C)
         for i in range(self.num_layers):
             x = EncoderBlock(
-                self.num_heads, self.mlp_ratio, self.dropout_rate, name=f"block{i + 1}"
+                self.num_heads,
+                self.mlp_ratio,
+                self.dropout_rate,
+                dtype=self.dtype,
+                name=f"block{i + 1}",
             )(x, train=train)
-        x = nn.LayerNorm(name="ln_f")(x)
+        x = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)
         x = x[:, 0] if self.pooling == "cls" else jnp.mean(x, axis=1)  # (B, C)
-        return nn.Dense(self.num_classes, name="head")(x)  # (B, num_classes)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)  # (B, num_classes)
+        return logits.astype(jnp.float32)
