@@ -30,6 +30,7 @@ import tempfile
 import time
 
 from dlkit import checkpoint as ckpt_lib
+from dlkit import cli
 
 _SETS = (
     "checkpoint.every_steps=20",
@@ -53,21 +54,7 @@ class RunReport:
 
 
 def _command(workdir: pathlib.Path, steps: int) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "dlkit.cli",
-        "train",
-        "digits_mlp",
-        "--workdir",
-        str(workdir),
-        "--no-progress",
-        "--set",
-        f"train.steps={steps}",
-    ]
-    for s in _SETS:
-        cmd += ["--set", s]
-    return cmd
+    return cli.train_command("digits_mlp", workdir, (f"train.steps={steps}", *_SETS))
 
 
 def _env() -> dict:

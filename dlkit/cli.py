@@ -18,6 +18,23 @@ import sys
 DEFAULT_EXPERIMENT = "digits_mlp"
 
 
+def train_command(
+    experiment: str = DEFAULT_EXPERIMENT, workdir=None, sets=(), progress: bool = False
+) -> list[str]:
+    """The argv that runs `dlkit train` in a fresh Python process (this interpreter).
+
+    For scripts and tests that start, kill or time training runs as separate processes.
+    """
+    cmd = [sys.executable, "-m", "dlkit.cli", "train", experiment]
+    if workdir is not None:
+        cmd += ["--workdir", str(workdir)]
+    if not progress:
+        cmd.append("--no-progress")
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlkit", description="Train and evaluate JAX models (Flax + Optax + Orbax)."

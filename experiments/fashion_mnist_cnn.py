@@ -2,9 +2,12 @@
 
 Command:   dlkit train fashion_mnist_cnn
 Hardware:  2 CPU cores, no accelerator.
-Runtime:   3 min 52 s wall (231.7 s) for 3750 steps, compilation and 3 evaluations included,
-           ~17 steps/s; measured on an otherwise idle machine with
-           `/usr/bin/time dlkit train fashion_mnist_cnn --no-progress`.
+Runtime:   4 min 31 s wall (270.8 s) for 3750 steps at HEAD of this change, compilation, the
+           compute report and 3 evaluations included, ~14-15 steps/s; measured on an otherwise
+           idle machine with `/usr/bin/time dlkit train fashion_mnist_cnn --no-progress`. Before
+           the scale/reliability merges the same command took 231.7 s (~17 steps/s); an
+           alternating A/B over 400 steps gave 16.4-16.8 (before) vs 14.3-15.3 steps/s (after).
+           The cause is not found yet (the NaN guard's select alone is not it).
 Result:    92.38% test accuracy (eval loss 0.216), seed 0; the same at steps 1250/2500/3750
            (90.57%/91.91%/92.38%) in three separate runs.
 Data:      the standard IDX files (Debian: `apt-get install dataset-fashion-mnist`, installed under

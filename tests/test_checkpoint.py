@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -14,6 +13,7 @@ import pytest
 from conftest import tiny_digits_config
 
 import dlkit
+from dlkit import cli
 
 
 def _leaves(state):
@@ -49,19 +49,7 @@ def test_resume_in_process_is_bitwise_identical(tmp_path):
 
 
 def _cli(workdir, *sets):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dlkit.cli",
-        "train",
-        "digits_mlp",
-        "--workdir",
-        str(workdir),
-        "--no-progress",
-    ]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd
+    return cli.train_command("digits_mlp", workdir, sets)
 
 
 def _committed_steps(ckpt_dir):

@@ -18,6 +18,7 @@ from conftest import tiny_digits_config
 
 import dlkit
 from dlkit import checkpoint as ckpt_lib
+from dlkit import cli
 
 
 def _leaves(state):
@@ -269,23 +270,11 @@ def test_sigterm_stops_the_cli_with_a_checkpoint_and_exit_0_and_resumes_bitwise(
         "train.batch_size=64",
     ]
 
-    def cli(workdir):
-        cmd = [
-            sys.executable,
-            "-m",
-            "dlkit.cli",
-            "train",
-            "digits_mlp",
-            "--workdir",
-            str(workdir),
-            "--no-progress",
-        ]
-        for s in sets:
-            cmd += ["--set", s]
-        return cmd
+    def command(workdir):
+        return cli.train_command("digits_mlp", workdir, sets)
 
-    subprocess.run(cli(tmp_path / "ref"), check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(cli(tmp_path / "run"), stdout=subprocess.PIPE, text=True)
+    subprocess.run(command(tmp_path / "ref"), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(command(tmp_path / "run"), stdout=subprocess.PIPE, text=True)
     # Wait for training to be under way (the first metrics row), then ask it to stop.
     deadline = time.time() + 120
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -299,7 +288,7 @@ def test_sigterm_stops_the_cli_with_a_checkpoint_and_exit_0_and_resumes_bitwise(
         stopped_at = ckpt.latest_step()
     assert stopped_at is not None and stopped_at < 1500
     again = subprocess.run(
-        cli(tmp_path / "run"), check=True, capture_output=True, text=True, timeout=300
+        command(tmp_path / "run"), check=True, capture_output=True, text=True, timeout=300
     )
     assert f"resuming from step {stopped_at}" in again.stdout
     ref, _ = dlkit.load_checkpoint(tmp_path / "ref")
