@@ -144,6 +144,12 @@ class Components:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shape
         )
 
+    def abstract_eval_metrics(self, state) -> Any:
+        """The eval metrics' structure (`ShapeDtypeStruct`s), for the eval accumulator."""
+        return _metrics_shape(
+            functools.partial(steps.eval_step, loss_fn=self.loss_fn), state, self.eval_source
+        )
+
 
 def _check_config(cfg: config_lib.Config) -> None:
     """Errors a user can cause, raised before anything is compiled."""
@@ -277,8 +283,10 @@ def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> No
         )
 
 
-def _compile_train(c: Components, state) -> tuple[Any, dict[str, Any]]:
+def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]:
     """Compiles the train step ahead of time and reads its compute report.
+
+    `acc_spec` is the metric accumulator's structure (`Components.abstract_metrics`).
 
     Returns:
       (compiled, report): the executable `(state, acc, batch) -> (state, acc)` the loop runs,
@@ -292,13 +300,13 @@ def _compile_train(c: Components, state) -> tuple[Any, dict[str, Any]]:
         loss_spike_factor=c.config.train.loss_spike_factor,
     )
     batch = strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
-    compiled = train_fn.lower(state, c.abstract_metrics(state), batch).compile()
+    compiled = train_fn.lower(state, acc_spec, batch).compile()
     report = compute.analyze(compiled, strategy.devices)
     if c.config.train.grad_accum_steps > 1:
         # XLA's cost analysis counts a loop body once, not once per iteration, so the FLOPs
         # of an accumulating step come from the same step without the scan (compiled only).
         plain = strategy.compile_train(c.loss_fn, strategy.state_shardings(state))
-        lowered = plain.lower(state, c.abstract_metrics(state), batch)
+        lowered = plain.lower(state, acc_spec, batch)
         strategy.trace_counts["train"] -= 1  # a trace for counting FLOPs, never run
         per_device = compute.flops_per_device_of(lowered.compile())
         report["flops_per_step_per_device"] = per_device
@@ -526,18 +534,14 @@ def fit(
                 bar.write(f"resuming from step {start} in {workdir}")
 
         distributed.barrier("fit_start", cfg.parallel.barrier_timeout_s)
-        train_fn, report = _compile_train(c, state)
+        train_shape = c.abstract_metrics(state)
+        train_fn, report = _compile_train(c, state, train_shape)
         if is_main:
             bar.write(compute.format_report(report))
             if workdir is not None:
                 (workdir / "compute.json").write_text(json.dumps(report, indent=2) + "\n")
         eval_fn = strategy.compile_eval(c.loss_fn, strategy.state_shardings(state))
-        train_shape = _metrics_shape(
-            lambda s, b: steps.train_step(s, b, loss_fn=c.loss_fn)[1], state, c.train_source
-        )
-        eval_shape = _metrics_shape(
-            functools.partial(steps.eval_step, loss_fn=c.loss_fn), state, c.eval_source
-        )
+        eval_shape = c.abstract_eval_metrics(state)
         loader = data_lib.Loader(
             c.train_source,
             cfg.train.batch_size,
@@ -688,10 +692,7 @@ def evaluate(
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
     eval_fn = strategy.compile_eval(c.loss_fn)
-    eval_shape = _metrics_shape(
-        functools.partial(steps.eval_step, loss_fn=c.loss_fn), state, c.eval_source
-    )
-    result = run_eval(c, state, eval_fn, eval_shape)
+    result = run_eval(c, state, eval_fn, c.abstract_eval_metrics(state))
     return {
         "step": step,
         "split": cfg.data.eval_split,
