@@ -12,6 +12,7 @@ cell, a training script and `dlkit train`.
 """
 
 from dlkit import (
+    callbacks,
     checkpoint,
     compute,
     config,
@@ -27,6 +28,7 @@ from dlkit import (
     state,
     steps,
 )
+from dlkit.callbacks import Callback, Run
 from dlkit.checkpoint import Checkpointer
 from dlkit.config import Config, ConfigError, apply_overrides, list_experiments, load_config
 from dlkit.loop import FitResult, build, evaluate, fit, load_checkpoint
@@ -37,6 +39,7 @@ from dlkit.steps import eval_step, train_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "Callback",
     "Checkpointer",
     "Config",
     "ConfigError",
@@ -44,6 +47,7 @@ __all__ = [
     "TrainState",
     "apply_overrides",
     "build",
+    "callbacks",
     "checkpoint",
     "compute",
     "config",
@@ -63,6 +67,7 @@ __all__ = [
     "optim",
     "parallel",
     "precision",
+    "Run",
     "sampling",
     "state",
     "steps",

@@ -20,12 +20,14 @@ import functools
 import json
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import tqdm.auto
 
+from dlkit import callbacks as callbacks_lib
 from dlkit import checkpoint as checkpoint_lib
 from dlkit import (
     compute,
@@ -332,7 +334,8 @@ class FitResult:
       trace_counts: times each compiled function was traced; {"train": 1, "eval": 1} means
         no recompilation happened.
       stopped: None if the run reached train.steps; else what stopped it ("SIGTERM",
-        "SIGINT", "preemption").
+        "SIGINT", "preemption", or the reason a callback gave to `Run.request_stop`, e.g.
+        "early_stopping").
       compute_report: FLOPs per step, memory analysis and state bytes per device of the
         compiled train step (see `dlkit.compute`); also in the workdir's compute.json.
     """
@@ -466,6 +469,7 @@ def fit(
     eval_source=None,
     strategy: parallel.Strategy | None = None,
     progress: bool | None = None,
+    callbacks: Sequence[callbacks_lib.Callback] = (),
 ) -> FitResult:
     """Trains (or resumes training) according to `config`.
 
@@ -475,6 +479,8 @@ def fit(
         training resumes from the newest valid one. None = keep nothing on disk.
       module, train_source, eval_source, strategy: replace the config's choice (see `build`).
       progress: show a progress bar; None = `config.train.progress`.
+      callbacks: extra `dlkit.Callback`s, run after those the config turns on
+        (see `dlkit.callbacks`).
     Returns:
       A `FitResult` with the final state and the metric history. After SIGTERM/SIGINT (or
       Ctrl-C in a notebook) it returns early, with a checkpoint of the last step written and
@@ -484,6 +490,7 @@ def fit(
       FloatingPointError: `train.nan_policy` stopped the run.
     """
     cfg = config
+    user_callbacks = callbacks_lib.check_callbacks(callbacks)
     c = build(
         cfg, module=module, train_source=train_source, eval_source=eval_source, strategy=strategy
     )
@@ -495,6 +502,7 @@ def fit(
     _check_data(c, log)
 
     workdir = pathlib.Path(workdir) if workdir is not None else None
+    cbs = callbacks_lib.default_callbacks(cfg, workdir) + user_callbacks
     ckpt = writer = None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -571,6 +579,21 @@ def fit(
             )
             paused += time.perf_counter() - t
 
+        run = callbacks_lib.Run(
+            config=cfg,
+            components=c,
+            workdir=workdir,
+            checkpointer=ckpt,
+            log=bar.write if is_main else (lambda text: None),
+            is_main=is_main,
+            start_step=start,
+            compute_report=report,
+            get_state=lambda: state,
+            history=history,
+        )
+        for cb in cbs:
+            cb.on_train_start(run)
+
         if stop.signal_name is not None:  # asked to stop before the first step: nothing to save
             stopped = stop.signal_name
             bar.write(f"stopped by {stopped} before training started")
@@ -608,12 +631,14 @@ def fit(
                 # one (logs, batch jobs), every logged row is a line.
                 if "eval/loss" in row or not bar.enabled:
                     bar.write(_format(row))
-            stop_now = stop.requested(step)
+                for cb in cbs:
+                    cb.on_row(run, row)
+            stop_now = stop.requested(step) or run.stop_reason is not None
             due = is_time(step, cfg.checkpoint.every_steps) or step == total
             if ckpt is not None and (due or stop_now):
                 save(step)
             if stop_now:
-                stopped = stop.signal_name
+                stopped = stop.signal_name or run.stop_reason
                 bar.write(
                     f"stopped by {stopped} after step {step}"
                     + (f"; checkpoint written to {ckpt.directory}" if ckpt else "")
@@ -631,7 +656,10 @@ def fit(
     trace_counts = dict(strategy.trace_counts)
     if trace_counts.get("train", 0) > 1 and is_main:
         print(f"warning: the train step was compiled {trace_counts['train']} times")
-    return FitResult(state, history, workdir, trace_counts, stopped=stopped, compute_report=report)
+    result = FitResult(state, history, workdir, trace_counts, stopped=stopped, compute_report=report)
+    for cb in cbs:  # the checkpoints are durable now (ckpt.close waited for them)
+        result = cb.on_train_end(run, result) or result
+    return result
 
 
 def _open_existing(workdir: pathlib.Path) -> checkpoint_lib.Checkpointer:

@@ -1,0 +1,121 @@
+"""Hooks into `fit`: what a run does besides stepping, without growing the loop.
+
+`fit` owns the hot loop (step, metric accumulation, eval cadence, checkpoints, signals). Every
+feature that only needs to *watch* a run, or to ask it to stop, is a `Callback`: early stopping,
+TensorBoard, plots, the end-of-run diagnosis, the model summary. They see the run through one
+`Run` object and never touch the compiled step, so they cannot cause a recompile or a
+host-device sync in the hot loop: `on_row` only fires on logging/eval steps, with metrics the
+loop has already fetched.
+
+Why callbacks rather than more `if cfg.x:` blocks in `fit`: each feature lives in the module
+named after it, is testable on its own (call its hooks with a fake `Run`), and users add their
+own the same way:
+
+    class PrintAccuracy(dlkit.Callback):
+        def on_row(self, run, row):
+            if "eval/accuracy" in row:
+                run.log(f"acc {row['eval/accuracy']:.3f}")
+
+    dlkit.fit(cfg, callbacks=[PrintAccuracy()])
+
+Order of calls: `on_train_start` once, after the state is restored/created and the step is
+compiled; `on_row` for every metric row (in step order); `on_train_end` once, after the last
+checkpoint is written and waited for, and only if the run did not raise. `on_train_end` may
+return a replacement `FitResult` (early stopping returns the best state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imports for annotations only: loop imports this module
+    from dlkit import checkpoint as checkpoint_lib
+    from dlkit import config as config_lib
+    from dlkit.loop import Components, FitResult
+
+
+@dataclasses.dataclass
+class Run:
+    """What a callback may see of a running `fit`.
+
+    Attributes:
+      config: the run's Config.
+      components: the built pieces (module, sources, strategy, loss, optimizer, schedule).
+      workdir: the run's directory, or None when nothing is kept on disk.
+      checkpointer: the run's Checkpointer, or None.
+      log: prints a line above the progress bar (main process only).
+      is_main: True on process 0 (write files only there).
+      start_step: the step the run started (or resumed) from.
+      compute_report: the compiled train step's FLOPs/memory report.
+      get_state: returns the current TrainState (a device pytree; fetch only what you need).
+      history: the run's metric rows so far (including those before a resume).
+    """
+
+    config: config_lib.Config
+    components: Components
+    workdir: pathlib.Path | None
+    checkpointer: checkpoint_lib.Checkpointer | None
+    log: Callable[[str], None]
+    is_main: bool
+    start_step: int
+    compute_report: dict[str, Any]
+    get_state: Callable[[], Any]
+    history: Any
+    stop_reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Asks `fit` to stop after the current step (a checkpoint of it is written)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+
+class Callback:
+    """Base class: override the hooks you need; each default does nothing."""
+
+    def on_train_start(self, run: Run) -> None:
+        """Once, after the state exists and the step is compiled, before the first step."""
+
+    def on_row(self, run: Run, row: dict[str, Any]) -> None:
+        """After each metric row (train metrics on logging steps, eval metrics after evals)."""
+
+    def on_train_end(self, run: Run, result: FitResult) -> FitResult | None:
+        """Once, after the last checkpoint is durable. Return a FitResult to replace it."""
+        return None
+
+
+# Factories for the callbacks a Config turns on, each `(cfg, workdir) -> Callback | None`.
+# Modules that provide a config-driven callback register here (see `register_default`), so
+# `fit` needs no knowledge of them.
+_DEFAULT_FACTORIES: list[Callable[[Any, pathlib.Path | None], Callback | None]] = []
+
+
+def register_default(factory: Callable[[Any, pathlib.Path | None], Callback | None]):
+    """Registers `factory(cfg, workdir) -> Callback | None`, called by every `fit`."""
+    _DEFAULT_FACTORIES.append(factory)
+    return factory
+
+
+def default_callbacks(cfg, workdir: pathlib.Path | None) -> list[Callback]:
+    """The callbacks `cfg` turns on, in registration order."""
+    out = []
+    for factory in _DEFAULT_FACTORIES:
+        cb = factory(cfg, workdir)
+        if cb is not None:
+            out.append(cb)
+    return out
+
+
+def check_callbacks(callbacks: Sequence[Any]) -> list[Callback]:
+    """Validates the user's `callbacks=` argument before anything compiles."""
+    out = []
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, Callback):
+            raise TypeError(
+                f"fit(callbacks=...): item {i} must be a dlkit.Callback instance; "
+                f"got {type(cb).__name__}"
+            )
+        out.append(cb)
+    return out
