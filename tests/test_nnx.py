@@ -58,3 +58,44 @@ def test_fit_trains_an_nnx_mlp_on_digits(strategy):
     assert result.history.last("eval/accuracy") > 0.9
     assert result.trace_counts == {"train": 1, "eval": 1}
     assert "state" in result.state.model_state  # BatchNorm statistics live in model_state
+
+
+class NNXBNNet(nnx.Module):
+    # No bias before BatchNorm: its true gradient is 0, and Adam would turn the rounding
+    # noise in it into +-lr updates that differ between any two summation orders.
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(64, 32, use_bias=False, rngs=rngs)
+        self.norm = nnx.BatchNorm(32, momentum=0.9, rngs=rngs)
+        self.out = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.norm(self.hidden(x.reshape(x.shape[0], -1)))))
+
+
+def _fit_nnx_bn(strategy):
+    cfg = tiny_digits_config()
+    cfg.parallel.strategy = strategy
+    cfg.parallel.num_devices = 8
+    cfg.train.steps = 6
+    cfg.train.eval_every = 0
+    return dlkit.fit(cfg, module=NNXAdapter(NNXBNNet))
+
+
+def _max_diff(a, b):
+    a, b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_nnx_batchnorm_statistics_are_global_under_pmap(monkeypatch):
+    jit, pmap = _fit_nnx_bn("jit").state, _fit_nnx_bn("pmap").state
+    assert _max_diff(jit.model_state, pmap.model_state) < 1e-5
+    assert _max_diff(jit.params, pmap.params) < 1e-5
+    # With per-device statistics (B/8 rows each) the numbers differ: the check has teeth.
+    from dlkit import loop
+
+    monkeypatch.setattr(loop, "module_for_strategy", lambda module, strategy: module)
+    local = _fit_nnx_bn("pmap").state
+    assert _max_diff(jit.model_state, local.model_state) > 1e-3
+    assert _max_diff(jit.params, local.params) > 1e-3

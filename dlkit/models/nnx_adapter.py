@@ -15,11 +15,17 @@ NNX modules are mutable Python objects; the engine needs pure functions of array
 splits the module into its static graph definition and its state (`nnx.split`), and keeps the
 state as plain nested dicts: "params" (every `nnx.Param`) and, if there are any, "state" (other
 variables such as BatchNorm's `nnx.BatchStat`, which the engine keeps in `model_state`, marks
-mutable while training and averages across devices under pmap). `apply` merges graph and
+mutable while training). `apply` merges graph and
 state into a fresh module (`nnx.merge`), sets train or eval mode (`module.train()` /
 `.eval()`), seeds its random streams from the step's key, calls it, and returns the outputs,
 plus the updated "state" when asked. RNG stream state is rebuilt on every call from the
 key passed in, so it never enters the TrainState.
+
+BatchNorm under pmap: each device holds B/n rows, so per-device batch statistics would differ
+from jit's global-batch ones. Like `dlkit.models.ResNet`, the adapter has a `bn_axis_name`
+field that `dlkit.loop.module_for_strategy` sets to the mapped axis under pmap; `apply` then
+sets `axis_name` on every `nnx.BatchNorm` in the merged module, so its statistics (and their
+gradients) are reduced across devices and both strategies compute the same numbers.
 """
 
 import dataclasses
@@ -52,6 +58,11 @@ class NNXAdapter:
     """
 
     make_module: Callable[[nnx.Rngs], nnx.Module]
+    bn_axis_name: str | None = None  # set by the engine under pmap (see the module docstring)
+
+    def clone(self, **changes) -> "NNXAdapter":
+        """A copy with `changes` applied (Linen's `Module.clone` contract)."""
+        return dataclasses.replace(self, **changes)
 
     def _split_abstract(self):
         # The same streams as `init`'s, so `apply` can reseed "dropout".
@@ -93,6 +104,10 @@ class NNXAdapter:
             nnx.replace_by_pure_dict(rest, variables["state"])
         rng_state = jax.tree.map(_concrete, rng_state)
         module = nnx.merge(graphdef, params, rng_state, rest)
+        if self.bn_axis_name is not None:
+            for _, node in nnx.iter_graph(module):
+                if isinstance(node, nnx.BatchNorm):
+                    node.axis_name = self.bn_axis_name
         key = (rngs or {}).get("dropout") if isinstance(rngs, dict) else rngs
         if key is not None:
             nnx.reseed(module, dropout=key)
