@@ -52,7 +52,9 @@ class Issue:
     Attributes:
       check: what found it: duplicates | leakage | conflicting_labels | nonfinite |
         constant_features | class_imbalance.
-      severity: error (the run's numbers cannot be trusted) | warning | info.
+      severity: error (the run's numbers cannot be trusted: leakage, conflicting labels,
+        NaN/Inf, every feature constant) | warning (duplicates, imbalance) | info (some
+        constant features).
       split: "train", "eval", or "train+eval" for findings across the splits.
       message: one readable line with the counts.
       count: how many examples (or features) are affected.
@@ -341,7 +343,9 @@ def audit_datasets(
                 issues.append(
                     Issue(
                         "constant_features",
-                        "warning" if len(constant) < flat.shape[1] else "error",
+                        # Border pixels of centred images are often constant: a note,
+                        # unless no feature varies at all.
+                        "info" if len(constant) < flat.shape[1] else "error",
                         split,
                         f"{split}: {len(constant)} of {flat.shape[1]} input features are constant "
                         f"(one value in every example)",
@@ -478,5 +482,6 @@ def audit_for_fit(
             + "; ".join(i.message for i in report.errors)
             + " (see `dlkit audit EXPERIMENT` for the report; data.audit=warn to train anyway)"
         )
-    log(report.summary() if not report.issues else "warning: " + report.summary())
+    serious = any(i.severity != "info" for i in report.issues)
+    log(("warning: " if serious else "") + report.summary())
     return report
