@@ -500,8 +500,12 @@ def fit(
       Ctrl-C in a notebook) it returns early, with a checkpoint of the last step written and
       `stopped` naming the signal.
     Raises:
-      ConfigError / DataError (ValueErrors): bad settings or data, before anything compiles.
+      ConfigError / DataError (ValueErrors): bad settings or data, before anything compiles
+        (including leakage, conflicting labels or NaN/Inf found with data.audit=fail).
       FloatingPointError: `train.nan_policy` stopped the run.
+
+    `train.fast_dev_run` and `train.overfit_batches` adjust the run (see `dlkit.debugging`); a
+    fast_dev_run without a workdir uses a temporary one, and `result.workdir` is then None.
     """
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)

@@ -132,3 +132,22 @@ def test_fit_with_audit_warn_logs_and_writes_the_report(tmp_path, capsys):
 def test_bad_audit_setting_is_rejected():
     with pytest.raises(dlkit.ConfigError, match=r"data.audit: expected one of warn \| fail"):
         dlkit.fit(tiny_digits_config(**{"data.audit": "strict"}))
+
+
+def test_cli_audit_prints_writes_json_and_fails_on_leakage(tmp_path, capsys):
+    from dlkit import cli
+
+    out_json = tmp_path / "audit.json"
+    assert cli.main(["audit", "digits_mlp", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "train: 1437 examples" in text and "eval: 360 examples" in text
+    saved = json.loads(out_json.read_text())
+    assert saved["stats"]["train"]["num_examples"] == 1437
+    assert {(i["check"], i["split"], i["count"]) for i in saved["issues"]} == {
+        ("constant_features", "train", 4),
+        ("constant_features", "eval", 6),
+    }
+    # Evaluating on the training split is total leakage; data.audit=fail makes it exit 1.
+    argv = ["audit", "digits_mlp", "--set", "data.eval_split=train", "--set", "data.audit=fail"]
+    assert cli.main(argv) == 1
+    assert "leakage: 1437 of 1437 eval examples (100.00%)" in capsys.readouterr().out
