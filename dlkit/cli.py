@@ -3,7 +3,10 @@
     dlkit train [EXPERIMENT] [--workdir DIR] [--set KEY=VALUE ...]
     dlkit train [EXPERIMENT] --find-batch-size [--memory-limit-mb MB]
     dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
+    dlkit train [EXPERIMENT] --fast-dev-run      # 1 step, 1 eval batch, checkpoint checked
     dlkit eval WORKDIR [--step N] [--split NAME]
+    dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
+    dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
     dlkit list
 
 `dlkit train` with no experiment runs the default main job, digits_mlp. The same command on the
@@ -59,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
+        "--fast-dev-run",
+        action="store_true",
+        help="train.fast_dev_run=true: one train step, one eval batch, one checkpoint saved and "
+        "restored, in a temporary directory unless --workdir is given (see dlkit.debugging)",
+    )
+    train.add_argument(
         "--find-batch-size",
         action="store_true",
         help="report the largest global batch whose compiled step fits in device memory "
@@ -77,8 +86,36 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
 
+    audit = sub.add_parser(
+        "audit", help="audit an experiment's data: duplicates, leakage, labels, NaN, ranges"
+    )
+    audit.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT)
+    _add_set_argument(audit)
+    audit.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+
+    lr = sub.add_parser(
+        "lr-find", help="learning-rate range test: saves lr_find.png/.json, suggests a rate"
+    )
+    lr.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT)
+    _add_set_argument(lr)
+    lr.add_argument("--out", help="output directory (default: runs/<experiment>/lr_find)")
+    lr.add_argument("--min-lr", type=float, default=1e-7, help="first rate (default 1e-7)")
+    lr.add_argument("--max-lr", type=float, default=10.0, help="last rate (default 10)")
+    lr.add_argument("--steps", type=int, default=100, help="steps in the sweep (default 100)")
+
     sub.add_parser("list", help="list the experiments")
     return parser
+
+
+def _add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
 
 
 def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +146,10 @@ def _train(args) -> int:
     cfg = dlkit.load_config(args.experiment, args.overrides)
     if args.find_batch_size:
         return _find_batch_size(cfg, args)
-    workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / cfg.name)
+    if args.fast_dev_run:  # a temporary directory unless one is named: never runs/<name>
+        cfg.train.fast_dev_run = True
+    default_workdir = None if cfg.train.fast_dev_run else pathlib.Path("runs") / cfg.name
+    workdir = args.workdir or default_workdir
     result = dlkit.fit(cfg, workdir, progress=False if args.no_progress else None)
     final = {"step": result.history[-1]["step"]} if result.history else {}
     if result.stopped:
@@ -117,7 +157,37 @@ def _train(args) -> int:
     for row in result.history:
         final.update(row)
     if dlkit.distributed.is_main_process():  # only process 0 of a multi-host job prints
-        print(json.dumps({"workdir": str(workdir), **final}))
+        print(json.dumps({"workdir": None if workdir is None else str(workdir), **final}))
+    return 0
+
+
+def _audit(args) -> int:
+    import dlkit
+    from dlkit.data import audit
+
+    cfg = dlkit.load_config(args.experiment, args.overrides)
+    c = dlkit.build(cfg)
+    report = audit.audit_datasets(
+        c.train_source, c.eval_source, max_examples=cfg.data.audit_max_examples
+    )
+    print(report.format())
+    if args.json_path:
+        print(f"report written to {report.write(args.json_path)}")
+    # Like fit: data.audit=fail turns errors into a failure (exit status 1).
+    return 1 if cfg.data.audit == "fail" and report.errors else 0
+
+
+def _lr_find(args) -> int:
+    import dlkit
+    from dlkit import lr_finder
+
+    cfg = dlkit.load_config(args.experiment, args.overrides)
+    out = pathlib.Path(args.out or pathlib.Path("runs") / cfg.name / "lr_find")
+    result = lr_finder.lr_find(
+        cfg, out, min_lr=args.min_lr, max_lr=args.max_lr, num_steps=args.steps
+    )
+    print(result.summary())
+    print(json.dumps({"out": str(out), "suggested_lr": result.suggested_lr}))
     return 0
 
 
@@ -159,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     from dlkit.checkpoint import CheckpointError
 
     try:
-        return {"train": _train, "eval": _eval, "list": _list}[args.command](args)
+        commands = {
+            "train": _train,
+            "eval": _eval,
+            "audit": _audit,
+            "lr-find": _lr_find,
+            "list": _list,
+        }
+        return commands[args.command](args)
     except (FileNotFoundError, ValueError) as e:  # bad settings, data or paths (ConfigError too)
         print(f"dlkit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,9 @@ class DataConfig:
     prefetch: int = 2  # batches staged on the devices ahead of the step (0 = synchronous)
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
+    audit: str = "warn"  # data audit before compiling (duplicates, leakage, conflicting
+    #   labels, NaN/Inf; dlkit.data.audit): warn | fail (raise on errors) | off
+    audit_max_examples: int = 200_000  # audit: per split, above this a random sample is audited
 
 
 @dataclasses.dataclass
@@ -89,6 +92,10 @@ class TrainConfig:
     #   compute dtype; params and optimizer state stay float32
     grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
     compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
+    fast_dev_run: bool = False  # 1 train step, 1 eval batch, 1 checkpoint saved and restored,
+    #   then stop (dlkit.debugging); into a temporary directory when there is no workdir
+    overfit_batches: int = 0  # train (and evaluate) on the first N batches only, unshuffled;
+    #   0 = off (dlkit.debugging)
 
 
 @dataclasses.dataclass

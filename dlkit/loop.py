@@ -31,6 +31,7 @@ from dlkit import callbacks as callbacks_lib
 from dlkit import checkpoint as checkpoint_lib
 from dlkit import (
     compute,
+    debugging,
     distributed,
     interrupt,
     losses,
@@ -46,6 +47,7 @@ from dlkit import data as data_lib
 from dlkit import metrics as metrics_lib
 from dlkit import state as state_lib
 from dlkit import workdir as workdir_lib
+from dlkit.data import audit as audit_lib
 from dlkit.data import validate
 
 
@@ -158,6 +160,7 @@ def _check_config(cfg: config_lib.Config) -> None:
     positive = {
         "train.steps": cfg.train.steps,
         "train.batch_size": cfg.train.batch_size,
+        "data.audit_max_examples": cfg.data.audit_max_examples,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -168,6 +171,7 @@ def _check_config(cfg: config_lib.Config) -> None:
         "train.eval_batch_size": cfg.train.eval_batch_size,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "data.prefetch": cfg.data.prefetch,
+        "train.overfit_batches": cfg.train.overfit_batches,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -177,6 +181,7 @@ def _check_config(cfg: config_lib.Config) -> None:
         "checkpoint.best_mode": (cfg.checkpoint.best_mode, ("min", "max")),
         "data.last_batch": (cfg.data.last_batch, ("drop", "pad")),
         "data.validate": (cfg.data.validate, ("error", "warn", "off")),
+        "data.audit": (cfg.data.audit, ("warn", "fail", "off")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -250,6 +255,10 @@ def build(
         train_source = data_lib.load_dataset(cfg.data.name, "train", **data_options)
     if eval_source is None:
         eval_source = data_lib.load_dataset(cfg.data.name, cfg.data.eval_split, **data_options)
+    if cfg.train.overfit_batches:
+        train_source, eval_source = debugging.overfit_sources(
+            train_source, cfg.train.overfit_batches, cfg.train.batch_size
+        )
     module = module_for_data(module, train_source)
     loss_fn = losses.make_loss(cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)
     o = cfg.optim
@@ -380,8 +389,11 @@ def _format(row: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[str, float]:
-    """Evaluates `state` on the whole eval split (every example once; padding masked)."""
+def run_eval(
+    components: Components, state, eval_fn, abstract_metrics, max_batches: int | None = None
+) -> dict[str, float]:
+    """Evaluates `state` on the whole eval split (every example once; padding masked), or on
+    its first `max_batches` batches."""
     c = components
     strategy = c.strategy
     batch_size = c.config.train.eval_batch_size or c.config.train.batch_size
@@ -396,7 +408,9 @@ def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[s
     acc = strategy.zeros(abstract_metrics)
     batches = data_lib.prefetch(loader.iter_epoch(0), strategy.put_batch, c.config.data.prefetch)
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
             acc = eval_fn(state, acc, batch)
             if strategy.sync_every_step:
                 jax.block_until_ready(acc)
@@ -486,10 +500,14 @@ def fit(
       Ctrl-C in a notebook) it returns early, with a checkpoint of the last step written and
       `stopped` naming the signal.
     Raises:
-      ConfigError / DataError (ValueErrors): bad settings or data, before anything compiles.
+      ConfigError / DataError (ValueErrors): bad settings or data, before anything compiles
+        (including leakage, conflicting labels or NaN/Inf found with data.audit=fail).
       FloatingPointError: `train.nan_policy` stopped the run.
+
+    `train.fast_dev_run` and `train.overfit_batches` adjust the run (see `dlkit.debugging`); a
+    fast_dev_run without a workdir uses a temporary one, and `result.workdir` is then None.
     """
-    cfg = config
+    cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
     c = build(
         cfg, module=module, train_source=train_source, eval_source=eval_source, strategy=strategy
@@ -500,6 +518,9 @@ def fit(
     show = (cfg.train.progress if progress is None else progress) and is_main
     log = (lambda text: print(text, flush=True)) if is_main else (lambda text: None)
     _check_data(c, log)
+    audit_report = audit_lib.audit_for_fit(
+        c.train_source, c.eval_source, cfg.data.audit, log, cfg.data.audit_max_examples
+    )
 
     workdir = pathlib.Path(workdir) if workdir is not None else None
     cbs = callbacks_lib.default_callbacks(cfg, workdir) + user_callbacks
@@ -538,6 +559,8 @@ def fit(
             writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
             history = writer.truncate_after(start)
             workdir_lib.write_config(workdir, cfg, bar.write)
+            if audit_report is not None:
+                audit_report.write(workdir / "audit.json")
             if start:
                 bar.write(f"resuming from step {start} in {workdir}")
 
@@ -617,8 +640,10 @@ def fit(
                 interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
             if is_time(step, cfg.train.eval_every) or step == total:
                 t = time.perf_counter()
+                eval_batches = 1 if cfg.train.fast_dev_run else None
                 last_eval = {
-                    f"eval/{k}": v for k, v in run_eval(c, state, eval_fn, eval_shape).items()
+                    f"eval/{k}": v
+                    for k, v in run_eval(c, state, eval_fn, eval_shape, eval_batches).items()
                 }
                 paused += time.perf_counter() - t
                 row.update(last_eval)
@@ -661,6 +686,9 @@ def fit(
     )
     for cb in cbs:  # the checkpoints are durable now (ckpt.close waited for them)
         result = cb.on_train_end(run, result) or result
+    if fast_dev_tmp is not None:
+        fast_dev_tmp.cleanup()
+        result = dataclasses.replace(result, workdir=None)
     return result
 
 

@@ -79,7 +79,7 @@ def make_schedule(
 
 def make_optimizer(
     name: str,
-    learning_rate: float,
+    learning_rate: float | optax.Schedule,
     *,
     total_steps: int,
     schedule: str = "constant",
@@ -97,7 +97,8 @@ def make_optimizer(
     Args:
       name: sgd | momentum | adam | adamw.
       learning_rate, total_steps, schedule, warmup_steps, end_learning_rate_factor: see
-        `make_schedule`.
+        `make_schedule`. A callable `learning_rate(step) -> rate` is used as the schedule
+        as it is, and the schedule arguments are ignored (e.g. `dlkit.lr_finder`'s sweep).
       momentum: for "momentum" (heavy-ball SGD).
       b1, b2, eps: for adam/adamw.
       weight_decay: adamw decays decoupled from the gradient (Loshchilov & Hutter); the others
@@ -112,13 +113,16 @@ def make_optimizer(
         raise ValueError(f"optim.weight_decay: expected a float >= 0, got {weight_decay}")
     if grad_clip_norm < 0:
         raise ValueError(f"optim.grad_clip_norm: expected a float >= 0, got {grad_clip_norm}")
-    lr = make_schedule(
-        learning_rate,
-        total_steps=total_steps,
-        schedule=schedule,
-        warmup_steps=warmup_steps,
-        end_learning_rate_factor=end_learning_rate_factor,
-    )
+    if callable(learning_rate):
+        lr = learning_rate
+    else:
+        lr = make_schedule(
+            learning_rate,
+            total_steps=total_steps,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            end_learning_rate_factor=end_learning_rate_factor,
+        )
     parts = []
     if grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))

@@ -13,6 +13,11 @@ Result:    92.38% test accuracy (eval loss 0.216), seed 0; the same at steps 125
 Data:      the standard IDX files (Debian: `apt-get install dataset-fashion-mnist`, installed under
            /usr/share/datasets/fashion-mnist; or set DLKIT_DATA_DIR / --set data.data_dir=DIR).
            60,000 train / 10,000 official test images, 28x28 grey.
+Audit:     `dlkit audit fashion_mnist_cnn` (docs/data_audit.md): 0 exact duplicate images in
+           train and in test, 0 test images that are exact copies of train images (no leakage),
+           0 identical images with conflicting labels, no NaN/Inf, no constant pixel; exactly
+           6,000 train / 1,000 test images per class; values in [0, 1], mean 0.286 (train) and
+           0.287 (test). Near-duplicates are not checked.
 """
 
 import dlkit
