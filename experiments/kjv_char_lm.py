@@ -3,23 +3,21 @@
 Command:   python experiments/kjv_char_lm.py [--workdir DIR] [--set KEY=VALUE ...]
            (trains like `dlkit train kjv_char_lm`, resuming in DIR, then prints a sample);
            any UTF-8 file instead: --set data.name=text --set data.path=FILE
-Hardware:  the full run (10.7M params) is sized for one GPU; 2 shared CPU cores are too slow.
-Runtime:   full run NOT measured. On 2 CPU cores shared with other jobs (load 5-8): 10 steps of
-           this config took 243 s including compilation (~20 s/step there), so 5000 steps would
-           take more than a day.
-Result:    full run NOT measured, so the 1.45 nats/char target is unverified. Measured on the
-           shared CPU instead, a shrunk run (4 layers, d_model 128, seq_len 128, batch 32, 600
-           steps; 0.80M params): held-out loss 1.723 at step 300 and 1.566 nats/char at step 600
-           (ln 73 = 4.29 at chance), 983 s wall, with
-             python experiments/kjv_char_lm.py --workdir /tmp/shrunk --set model.num_layers=4
-               --set model.d_model=128 --set model.num_heads=4 --set model.max_len=128
-               --set data.seq_len=128 --set train.batch_size=32 --set train.steps=600
-               --set optim.warmup_steps=50 --set optim.learning_rate=2e-3
-               --set train.eval_every=300 --set train.progress=false
-               --set checkpoint.every_steps=0
-           Its sample (prompt: the held-out text's first 32 characters, "in every good work,
-           and increasi"): "...on good.\nJer26:14 Let the LORD wilked that the mide of the
-           door of Jeryeth; but the word of your".
+Hardware:  2 CPU cores (sized for them: 0.80M params, 23.75 GFLOP per step).
+Runtime:   19 min 19 s for the 3000 steps (2.5-2.8 steps/s, ~65 GFLOP/s), measured on the
+           2-core machine while other jobs ran (load average ~2, this run at nice 5), from the
+           workdir's config.json to the final line of output; an idle machine is faster.
+Result:    held-out loss 1.3123 nats/char at step 3000 (target <= 1.45; ln 73 = 4.29 is
+           chance); 1.5898 / 1.4606 / 1.3978 / 1.3576 / 1.3306 at steps 500-2500, and 1.0884
+           on the training text at the end (the held-out tail is other books, Colossians to
+           Revelation, so part of the gap is a shift in style, not only overfitting). Seed 0,
+           `python experiments/kjv_char_lm.py --workdir /tmp/kjv/run1`. Its sample (prompt: the
+           held-out text's first 32 characters):
+             "in every good work, and increasing good.\nJer27:14 Let thy brethren, saying, He
+             maketh, and do in their eye; but a disciple for a"
+           A GPU-sized run (6 layers, 6 heads, d_model 384, seq_len 256, batch 64, 5000 steps,
+           LR 1e-3, warm-up 200: 10.7M params) is NOT measured: no GPU was lent; on the CPU it
+           ran ~20 s/step.
 Data:      `bible -f Gen1:1-Rev22:21` (Debian `bible-kjv` + `bible-kjv-text`; `.ci/run`
            installs them), dumped once to $DLKIT_DATA_DIR/kjv.txt or ~/.cache/dlkit/kjv.txt:
            31,102 verses, one per line after its reference, 4,404,412 characters, 73 distinct.
@@ -37,32 +35,32 @@ import dlkit
 def config() -> dlkit.Config:
     cfg = dlkit.Config(name="kjv_char_lm")
     cfg.data.name = "kjv"
-    cfg.data.seq_len = 256
+    cfg.data.seq_len = 128
     cfg.model.name = "transformer_lm"
     cfg.model.options = {
         "vocab_size": 0,  # the file's characters
-        "num_layers": 6,
-        "num_heads": 6,
-        "d_model": 384,
-        "max_len": 256,
+        "num_layers": 4,
+        "num_heads": 4,
+        "d_model": 128,
+        "max_len": 128,
         "positions": "rotary",
         "tie_embeddings": True,
         "dropout_rate": 0.1,
     }
     cfg.optim.name = "adamw"
-    cfg.optim.learning_rate = 1e-3
+    cfg.optim.learning_rate = 2e-3
     cfg.optim.schedule = "warmup_cosine"
-    cfg.optim.warmup_steps = 200
+    cfg.optim.warmup_steps = 100
     cfg.optim.end_learning_rate_factor = 0.1
     cfg.optim.b2 = 0.99
     cfg.optim.weight_decay = 0.1
     cfg.optim.grad_clip_norm = 1.0
-    cfg.train.steps = 5000
-    cfg.train.batch_size = 64
+    cfg.train.steps = 3000
+    cfg.train.batch_size = 32
     cfg.train.eval_batch_size = 64
     cfg.train.log_every = 100
-    cfg.train.eval_every = 1000
-    cfg.checkpoint.every_steps = 1000
+    cfg.train.eval_every = 500
+    cfg.checkpoint.every_steps = 500
     return cfg
 
 
