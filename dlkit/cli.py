@@ -4,6 +4,7 @@
     dlkit train [EXPERIMENT] --find-batch-size [--memory-limit-mb MB]
     dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
     dlkit eval WORKDIR [--step N] [--split NAME]
+    dlkit report WORKDIR [--no-plots]
     dlkit list
 
 `dlkit train` with no experiment runs the default main job, digits_mlp. The same command on the
@@ -77,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
 
+    rep = sub.add_parser(
+        "report", help="summarise a run; write curves.png (and confusion_matrix.png)"
+    )
+    rep.add_argument("workdir")
+    rep.add_argument("--no-plots", action="store_true", help="print the summary only")
+
     sub.add_parser("list", help="list the experiments")
     return parser
 
@@ -144,6 +151,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    import dlkit
+
+    dlkit.report.report(args.workdir, plots=not args.no_plots)
+    return 0
+
+
 def _list(_args) -> int:
     from dlkit import config
 
@@ -159,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     from dlkit.checkpoint import CheckpointError
 
     try:
-        return {"train": _train, "eval": _eval, "list": _list}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "report": _report, "list": _list}
+        return commands[args.command](args)
     except (FileNotFoundError, ValueError) as e:  # bad settings, data or paths (ConfigError too)
         print(f"dlkit {args.command}: error: {e}", file=sys.stderr)
         return 2

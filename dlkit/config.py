@@ -89,6 +89,9 @@ class TrainConfig:
     #   compute dtype; params and optimizer state stay float32
     grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
     compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
+    summary: bool = True  # print the model summary at the start; WORKDIR/summary.txt
+    tensorboard: bool = False  # also write TensorBoard event files to WORKDIR/tensorboard/
+    plots: bool = True  # write WORKDIR/curves.png at the end of a run (needs matplotlib)
 
 
 @dataclasses.dataclass
