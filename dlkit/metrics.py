@@ -101,7 +101,8 @@ class History(list):
             e.g. to overlay two runs; None = a new Figure.
           label: prefixed to each line's label ("run A train/loss"), to tell runs apart.
         Returns:
-          The matplotlib Figure (shown inline in a notebook; `fig.savefig("x.png")`).
+          The matplotlib Figure, made without pyplot (no global state): a notebook cell ending
+          with it shows it (after `%matplotlib inline`); `fig.savefig("curves.png")` saves it.
         Raises:
           ImportError: matplotlib is not installed (`pip install 'dlkit[plots]'`).
           ValueError: a key names no metric in this history.
