@@ -32,7 +32,7 @@ def _png_size(path) -> tuple[int, int]:
 def run(tmp_path_factory):
     """One tiny digits run with TensorBoard on and a progress bar asked for, output captured."""
     workdir = tmp_path_factory.mktemp("run")
-    cfg = tiny_digits_config(**{"train.tensorboard": True})
+    cfg = tiny_digits_config(**{"train.tensorboard": True, "train.plots": True})
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         result = dlkit.fit(cfg, workdir, progress=True)
@@ -201,7 +201,7 @@ def test_report_on_a_directory_that_is_not_a_run(tmp_path, capsys):
 def test_plots_without_matplotlib_say_how_to_install_once(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(report, "has_matplotlib", lambda: False)
     monkeypatch.setattr(report, "_warned_no_matplotlib", False)
-    cfg = tiny_digits_config(**{"train.steps": 2, "train.eval_every": 0})
+    cfg = tiny_digits_config(**{"train.plots": True})
     assert report._plots_factory(cfg, tmp_path) is None
     assert report._plots_factory(cfg, tmp_path) is None
     out = capsys.readouterr().out
