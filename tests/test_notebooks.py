@@ -39,6 +39,14 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
+def _has_ipywidgets() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def test_there_are_notebooks():
     names = {p.name for p in NOTEBOOKS}
     assert {"01_quickstart.ipynb", "03_checkpoints.ipynb", "04_custom_model.ipynb"} <= names
@@ -58,6 +66,11 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     seconds = time.perf_counter() - start
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    if path.name == "01_quickstart.ipynb":
+        mimes = [m for o in outputs for m in o.get("data", {})]
+        assert mimes.count("image/png") >= 2  # the curves and the predictions, inline
+        if _has_ipywidgets():  # tqdm.auto's notebook bar is a widget, not text redraws
+            assert "application/vnd.jupyter.widget-view+json" in mimes
     print(f"{path.name}: {seconds:.1f} s")
 
 
