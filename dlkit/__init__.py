@@ -26,14 +26,18 @@ from dlkit import (
     optim,
     parallel,
     precision,
+    report,
     sampling,
     state,
     steps,
+    summary,
+    tensorboard,
 )
 from dlkit.callbacks import Callback, Run
 from dlkit.checkpoint import Checkpointer
 from dlkit.config import Config, ConfigError, apply_overrides, list_experiments, load_config
 from dlkit.loop import FitResult, build, evaluate, fit, load_checkpoint
+from dlkit.metrics import read_history
 from dlkit.parallel import make_strategy
 from dlkit.state import TrainState, create_train_state
 from dlkit.steps import eval_step, train_step
@@ -63,6 +67,7 @@ __all__ = [
     "list_experiments",
     "load_checkpoint",
     "load_config",
+    "read_history",
     "losses",
     "lr_finder",
     "make_strategy",
@@ -72,8 +77,11 @@ __all__ = [
     "parallel",
     "precision",
     "Run",
+    "report",
     "sampling",
     "state",
     "steps",
+    "summary",
+    "tensorboard",
     "train_step",
 ]

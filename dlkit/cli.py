@@ -7,6 +7,7 @@
     dlkit eval WORKDIR [--step N] [--split NAME]
     dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
     dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
+    dlkit report WORKDIR [--no-plots]
     dlkit list
 
 `dlkit train` with no experiment runs the default main job, digits_mlp. The same command on the
@@ -102,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     lr.add_argument("--min-lr", type=float, default=1e-7, help="first rate (default 1e-7)")
     lr.add_argument("--max-lr", type=float, default=10.0, help="last rate (default 10)")
     lr.add_argument("--steps", type=int, default=100, help="steps in the sweep (default 100)")
+
+    rep = sub.add_parser(
+        "report", help="summarise a run; write curves.png (and confusion_matrix.png)"
+    )
+    rep.add_argument("workdir")
+    rep.add_argument("--no-plots", action="store_true", help="print the summary only")
 
     sub.add_parser("list", help="list the experiments")
     return parser
@@ -214,6 +221,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    import dlkit
+
+    dlkit.report.report(args.workdir, plots=not args.no_plots)
+    return 0
+
+
 def _list(_args) -> int:
     from dlkit import config
 
@@ -234,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": _eval,
             "audit": _audit,
             "lr-find": _lr_find,
+            "report": _report,
             "list": _list,
         }
         return commands[args.command](args)

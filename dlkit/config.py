@@ -96,6 +96,9 @@ class TrainConfig:
     #   then stop (dlkit.debugging); into a temporary directory when there is no workdir
     overfit_batches: int = 0  # train (and evaluate) on the first N batches only, unshuffled;
     #   0 = off (dlkit.debugging)
+    summary: bool = True  # print the model summary at the start; WORKDIR/summary.txt
+    tensorboard: bool = False  # also write TensorBoard event files to WORKDIR/tensorboard/
+    plots: bool = True  # write WORKDIR/curves.png at the end of a run (needs matplotlib)
 
 
 @dataclasses.dataclass

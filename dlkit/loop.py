@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -357,10 +358,24 @@ class FitResult:
     compute_report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython is only looked at if already imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _bar_renders() -> bool:
+    """A progress bar redraws in place only in a terminal or a notebook; in a log file or a
+    pipe each redraw would be another line, so there the loop prints metric rows instead."""
+    return _in_notebook() or sys.stderr.isatty()
+
+
 class _Progress:
     """A tqdm bar (terminal or notebook) that is silent where it should be."""
 
     def __init__(self, enabled: bool, total: int, initial: int, is_main: bool = True):
+        enabled = enabled and _bar_renders()
         self.bar = tqdm.auto.tqdm(
             total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled
         )

@@ -10,13 +10,18 @@ step, so nothing leaves the device until a logging step fetches the sums:
 Sums are reduced over devices inside the step (global arrays under jit, `psum` under pmap), so
 a mean is the mean over the global batch whatever the device count.
 
-Writers: `JsonlWriter` appends one JSON object per line (`{"step": 100, "train/loss": ...}`).
+Writers: `JsonlWriter` appends one JSON object per line (`{"step": 100, "train/loss": ...}`);
+`read_history(workdir)` reads a run's rows back as a `History`, which can plot itself:
+
+    history = dlkit.metrics.read_history("runs/digits")
+    fig = history.plot()            # train vs eval per metric, step on x (needs matplotlib)
 """
 
 import json
 import math
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -85,6 +90,89 @@ class History(list):
         for row in self:
             seen.update(dict.fromkeys(k for k in row if k != "step"))
         return list(seen)
+
+    def plot(self, keys: Sequence[str] | None = None, ax=None, *, label: str = ""):
+        """Plots the curves: one panel per metric, train and eval on shared axes, step on x.
+
+        Args:
+          keys: metric names without their prefix (e.g. ["loss", "accuracy"]), or full keys
+            ("perf/steps_per_s"). None = every metric that has an eval series, else "loss".
+          ax: a matplotlib Axes (one key) or a sequence of Axes (one per key) to draw into,
+            e.g. to overlay two runs; None = a new Figure.
+          label: prefixed to each line's label ("run A train/loss"), to tell runs apart.
+        Returns:
+          The matplotlib Figure, made without pyplot (no global state): a notebook cell ending
+          with it shows it (after `%matplotlib inline`); `fig.savefig("curves.png")` saves it.
+        Raises:
+          ImportError: matplotlib is not installed (`pip install 'dlkit[plots]'`).
+          ValueError: a key names no metric in this history.
+        """
+        names = self._plot_names(keys)
+        if ax is None:
+            figure_cls = _matplotlib_figure()
+            fig = figure_cls(figsize=(4.5 * len(names), 3.4), layout="constrained")
+            axes = list(fig.subplots(1, len(names), squeeze=False)[0])
+        else:
+            axes = [ax] if hasattr(ax, "plot") else list(ax)
+            if len(axes) != len(names):
+                raise ValueError(
+                    f"History.plot(ax=...): expected {len(names)} Axes (one per key in "
+                    f"{names}), got {len(axes)}"
+                )
+            fig = axes[0].figure
+        for axis, name in zip(axes, names, strict=True):
+            full = [name] if "/" in name else [f"train/{name}", f"eval/{name}"]
+            for key in full:
+                steps, values = self.series(key)
+                if steps:
+                    style = "o-" if key.startswith("eval/") else "-"
+                    axis.plot(steps, values, style, markersize=3, label=f"{label} {key}".strip())
+            axis.set_title(name)
+            axis.set_xlabel("step")
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize="small")
+        return fig
+
+    def _plot_names(self, keys: Sequence[str] | None) -> list[str]:
+        available = self.keys()
+        if keys is None:
+            names = [k.removeprefix("eval/") for k in available if k.startswith("eval/")]
+            names = names or ["loss"]
+        else:
+            names = [keys] if isinstance(keys, str) else list(keys)
+        for name in names:
+            candidates = [name] if "/" in name else [f"train/{name}", f"eval/{name}"]
+            if not any(c in available for c in candidates):
+                raise ValueError(
+                    f"History.plot(keys=...): expected metric names from {available} (with or "
+                    f"without the train/ or eval/ prefix), got {name!r}"
+                )
+        if not names:
+            raise ValueError("History.plot(keys=...): expected at least one key, got none")
+        return names
+
+
+def _matplotlib_figure():
+    """matplotlib's Figure class, imported on first use (an optional dependency)."""
+    try:
+        import matplotlib.figure
+    except ImportError as e:
+        raise ImportError(
+            "plots need matplotlib: pip install 'dlkit[plots]' (or pip install matplotlib)"
+        ) from e
+    return matplotlib.figure.Figure
+
+
+def read_history(workdir: str | os.PathLike) -> History:
+    """The metric rows of a run, read from `workdir/metrics.jsonl`.
+
+    Raises:
+      FileNotFoundError: the workdir has no metrics.jsonl.
+    """
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"read_history: no metrics.jsonl in {workdir}")
+    return JsonlWriter(path).read()
 
 
 class JsonlWriter:

@@ -36,5 +36,6 @@ def tiny_digits_config(**overrides) -> dlkit.Config:
     cfg.train.progress = False
     cfg.optim.warmup_steps = 2
     cfg.checkpoint.every_steps = 6
+    cfg.train.plots = False  # curves.png costs ~0.3-0.8 s per run; tests/test_report.py turns it on
     dlkit.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
     return cfg
