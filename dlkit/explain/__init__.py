@@ -1,0 +1,1 @@
+from dlkit.explain.attribution import Completeness, Explainer
