@@ -4,6 +4,7 @@
     dlkit train [EXPERIMENT] --find-batch-size [--memory-limit-mb MB]
     dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
     dlkit eval WORKDIR [--step N] [--split NAME]
+    dlkit explain WORKDIR [--method ig --method saliency ...] [--num 8] [--out explain.png]
     dlkit list
 
 `dlkit train` with no experiment runs the default main job, digits_mlp. The same command on the
@@ -77,6 +78,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
 
+    ex = sub.add_parser("explain", help="attribution grid of eval examples; JSON on last line")
+    ex.add_argument("workdir")
+    ex.add_argument(
+        "--method",
+        dest="methods",
+        action="append",
+        default=None,
+        help="saliency | gradient_x_input | smoothgrad | ig | occlusion (repeatable; "
+        "default: saliency and ig)",
+    )
+    ex.add_argument("--num", type=int, default=8, help="examples from the eval split")
+    ex.add_argument("--out", default="explain.png", help="PNG to write (needs matplotlib)")
+    ex.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
+
     sub.add_parser("list", help="list the experiments")
     return parser
 
@@ -144,6 +159,17 @@ def _eval(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    from dlkit.explain import run
+
+    methods = tuple(args.methods or ("saliency", "ig"))
+    result = run.explain_run(
+        args.workdir, methods=methods, num=args.num, out=args.out, step=args.step
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def _list(_args) -> int:
     from dlkit import config
 
@@ -159,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     from dlkit.checkpoint import CheckpointError
 
     try:
-        return {"train": _train, "eval": _eval, "list": _list}[args.command](args)
+        return {"train": _train, "eval": _eval, "explain": _explain, "list": _list}[args.command](
+            args
+        )
     except (FileNotFoundError, ValueError) as e:  # bad settings, data or paths (ConfigError too)
         print(f"dlkit {args.command}: error: {e}", file=sys.stderr)
         return 2

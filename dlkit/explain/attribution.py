@@ -19,6 +19,7 @@ IG path, the SmoothGrad samples, the occlusion positions) go through them in chu
 `max_batch` model inputs (a `lax.scan` over `vmap`ped chunks), so memory stays bounded.
 """
 
+import functools
 import math
 import pathlib
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dlkit.explain import attention
 
 DEFAULT_IG_STEPS = 128  # midpoint rule; 64 left gaps up to 1.2% on a small trained CNN
 DEFAULT_MAX_BATCH = 256
@@ -86,6 +89,7 @@ class Explainer:
             ),
             "integrated_gradients": jax.jit(self._ig_impl, static_argnames=("steps",)),
             "occlusion": jax.jit(self._occlusion_impl, static_argnames=("patch", "stride")),
+            "attention": jax.jit(functools.partial(attention.attention_maps, apply_fn)),
         }
 
     @classmethod
@@ -222,9 +226,7 @@ class Explainer:
                 f"{name}: expected float inputs (attributions need gradients with respect to "
                 f"the input), got dtype {dtype}"
             )
-        out = jax.eval_shape(
-            self._apply, self.variables, jax.ShapeDtypeStruct(shape, self._dtype)
-        )
+        out = jax.eval_shape(self._apply, self.variables, jax.ShapeDtypeStruct(shape, self._dtype))
         if out.shape[:1] != shape[:1] or len(out.shape) != 2:
             raise ValueError(
                 f"Explainer: expected the model to return logits (B, num_classes) for inputs "
@@ -263,6 +265,11 @@ class Explainer:
         """The model's logits (B, K) in eval mode."""
         x = self._inputs(x)
         return self._jitted["logits"](self.variables, x)
+
+    def attention_maps(self, x) -> list[jax.Array]:
+        """Per-layer attention weights [(B, heads, Tq, Tk)] of a ViT or Transformer LM (any
+        input dtype: images or tokens). See `dlkit.explain.attention_maps`."""
+        return self._jitted["attention"](self.variables, jnp.asarray(x))
 
     def predict(self, x) -> jax.Array:
         """Predicted classes (B,) int32."""
