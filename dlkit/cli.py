@@ -8,6 +8,7 @@
     dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
     dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
     dlkit report WORKDIR [--no-plots]
+    dlkit explain WORKDIR [--method ig --method saliency ...] [--num 8] [--out explain.png]
     dlkit list
 
 `dlkit train` with no experiment runs the default main job, digits_mlp. The same command on the
@@ -109,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("workdir")
     rep.add_argument("--no-plots", action="store_true", help="print the summary only")
+
+    ex = sub.add_parser("explain", help="attribution grid of eval examples; JSON on last line")
+    ex.add_argument("workdir")
+    ex.add_argument(
+        "--method",
+        dest="methods",
+        action="append",
+        default=None,
+        help="saliency | gradient_x_input | smoothgrad | ig | occlusion (repeatable; "
+        "default: saliency and ig)",
+    )
+    ex.add_argument("--num", type=int, default=8, help="examples from the eval split")
+    ex.add_argument("--out", default="explain.png", help="PNG to write (needs matplotlib)")
+    ex.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
 
     sub.add_parser("list", help="list the experiments")
     return parser
@@ -228,6 +243,17 @@ def _report(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    from dlkit.explain import run
+
+    methods = tuple(args.methods or ("saliency", "ig"))
+    result = run.explain_run(
+        args.workdir, methods=methods, num=args.num, out=args.out, step=args.step
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def _list(_args) -> int:
     from dlkit import config
 
@@ -249,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "audit": _audit,
             "lr-find": _lr_find,
             "report": _report,
+            "explain": _explain,
             "list": _list,
         }
         return commands[args.command](args)

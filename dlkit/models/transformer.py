@@ -20,6 +20,10 @@ T = 1; `dlkit.sampling` wraps both in one compiled function.
 `dtype` is the compute dtype (train.precision): the embedding, every Dense, LayerNorm (whose
 statistics are float32) and attention compute in it, params stay float32, the KV cache holds
 keys and values in it, and the logits are returned as float32.
+
+Attention weights: applied with `mutable=["intermediates"]` (and decode=False), each block stores
+its causal (B, heads, T, T) attention weights as `intermediates/blockI/attn/attention`
+(recomputed in float32; see `dlkit.explain.attention_maps`). Without it nothing extra is computed.
 """
 
 from typing import Any
@@ -27,6 +31,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dlkit.models import vit
 
 _POSITIONS = ("rotary", "learned")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -89,6 +95,9 @@ class CausalSelfAttention(nn.Module):
                 mask=mask[None, None],  # (1, 1, T, L)
             )  # (B, T, N, D)
         else:
+            if self.is_mutable_collection("intermediates"):  # explain-time only
+                causal = jnp.tril(jnp.ones((t, t), bool))  # (Tq, Tk)
+                self.sow("intermediates", "attention", vit.attention_weights(q, k, causal))
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, D)
         return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=_init, name="proj")(
             y

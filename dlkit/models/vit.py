@@ -10,6 +10,10 @@ images) it has 86,567,656 parameters, the published ViT-B/16 count.
 `dtype` is the compute dtype (train.precision): every layer computes in it (LayerNorm takes its
 statistics in float32; attention gets bf16/f16 queries, keys and values), params stay float32,
 and the logits are returned as float32.
+
+Attention weights: applied with `mutable=["intermediates"]`, each block also stores its
+(B, heads, N, N) attention weights as `intermediates/blockI/attention` (recomputed in float32;
+`dlkit.explain.attention_maps` collects them). Without it nothing extra is computed.
 """
 
 from typing import Any
@@ -20,6 +24,24 @@ import jax.numpy as jnp
 
 _POOLINGS = ("cls", "mean")
 _init = nn.initializers.normal(0.02)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(D) + mask), in float32: the weights `jax.nn.dot_product_attention`
+    uses but does not return.
+
+    Args:
+      q: (B, Tq, H, D) queries; k: (B, Tk, H, D) keys.
+      mask: optional bool, broadcastable to (B, H, Tq, Tk); False = not attended.
+    Returns:
+      (B, H, Tq, Tk) float32; each row sums to 1.
+    """
+    d = q.shape[-1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = scores / jnp.sqrt(jnp.float32(d))  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
 
 
 class EncoderBlock(nn.Module):
@@ -39,7 +61,10 @@ class EncoderBlock(nn.Module):
         qkv = nn.DenseGeneral((3, h, c // h), kernel_init=_init, dtype=self.dtype, name="qkv")(
             y
         )  # (B, N, 3, H, D)
-        y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, N, H, D)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, D) each
+        if self.is_mutable_collection("intermediates"):  # explain-time only; see dlkit.explain
+            self.sow("intermediates", "attention", attention_weights(q, k))
+        y = jax.nn.dot_product_attention(q, k, v)  # (B, N, H, D)
         y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=_init, dtype=self.dtype, name="proj")(
             y
         )  # (B, N, C)
