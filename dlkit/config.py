@@ -40,6 +40,12 @@ class DataConfig:
     prefetch: int = 2  # batches staged on the devices ahead of the step (0 = synchronous)
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
+    train_examples: int = 0  # use only the first N training examples; 0 = all
+    # Augmentation inside the compiled train step (dlkit.data.augment; images only):
+    random_crop_padding: int = 0  # zero-pad by N pixels per side, then crop back; 0 = off
+    horizontal_flip: bool = False  # mirror left-right with probability 1/2 (not for digits)
+    mixup_alpha: float = 0.0  # mixup with Beta(alpha, alpha) weights; 0 = off
+    cutmix_alpha: float = 0.0  # cutmix with Beta(alpha, alpha) areas; 0 = off
 
 
 @dataclasses.dataclass
@@ -89,6 +95,12 @@ class TrainConfig:
     #   compute dtype; params and optimizer state stay float32
     grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
     compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
+    ema_decay: float = 0.0  # keep an EMA of the weights (e.g. 0.999) and evaluate on it; 0 = off
+    early_stopping_metric: str = ""  # e.g. eval/loss; stop when it stops improving; "" = off
+    early_stopping_mode: str = "min"  # min | max: whether lower or higher is better
+    early_stopping_patience: int = 5  # evaluations without improvement before stopping
+    early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
+    diagnosis: bool = True  # at the end, print and save diagnosis.json (dlkit.diagnosis)
 
 
 @dataclasses.dataclass

@@ -46,6 +46,7 @@ from dlkit import data as data_lib
 from dlkit import metrics as metrics_lib
 from dlkit import state as state_lib
 from dlkit import workdir as workdir_lib
+from dlkit.data import augment as augment_lib
 from dlkit.data import validate
 
 
@@ -110,12 +111,18 @@ class Components:
     policy: precision.Policy = dataclasses.field(
         default_factory=lambda: precision.get_policy("float32")
     )
+    augment: augment_lib.Augment | None = None  # training augmentation (None = off)
+
+    @property
+    def ema(self) -> bool:
+        """Whether the state keeps `ema_params` (`train.ema_decay` > 0)."""
+        return self.config.train.ema_decay > 0
 
     def abstract_state(self) -> state_lib.TrainState:
         """The TrainState's shapes, with each leaf's target sharding attached."""
         example = example_batch(self.train_source)["inputs"]
         abstract = state_lib.abstract_train_state(
-            self.module, self.tx, example, self.config.train.seed
+            self.module, self.tx, example, self.config.train.seed, ema=self.ema
         )
         return checkpoint_lib.abstract_with_shardings(
             abstract, self.strategy.state_shardings(abstract)
@@ -130,6 +137,7 @@ class Components:
             example,
             seed=self.config.train.seed,
             shardings=self.strategy.state_shardings,
+            ema=self.ema,
         )
 
     def example_batch(self) -> dict[str, np.ndarray]:
@@ -197,6 +205,14 @@ def _check_config(cfg: config_lib.Config) -> None:
         raise config_lib.ConfigError(
             f"train.grad_accum_steps: expected an int >= 1, got {cfg.train.grad_accum_steps}"
         )
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise config_lib.ConfigError(
+            f"train.ema_decay: expected a float in [0, 1) (0 = off), got {cfg.train.ema_decay}"
+        )
+    if cfg.data.train_examples < 0:
+        raise config_lib.ConfigError(
+            f"data.train_examples: expected an int >= 0 (0 = all), got {cfg.data.train_examples}"
+        )
     if cfg.checkpoint.max_to_keep < 1:
         raise config_lib.ConfigError(
             f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
@@ -248,6 +264,8 @@ def build(
     }
     if train_source is None:
         train_source = data_lib.load_dataset(cfg.data.name, "train", **data_options)
+    if cfg.data.train_examples:
+        train_source = data_lib.Subset(train_source, cfg.data.train_examples)
     if eval_source is None:
         eval_source = data_lib.load_dataset(cfg.data.name, cfg.data.eval_split, **data_options)
     module = module_for_data(module, train_source)
@@ -269,9 +287,34 @@ def build(
     )
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
+    augment = _make_augment(cfg, strategy, train_source, loss_fn)
     return Components(
-        cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy
+        cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
     )
+
+
+def _make_augment(cfg, strategy, train_source, loss_fn) -> augment_lib.Augment | None:
+    """The config's `data.*` augmentation, checked against the data before compiling."""
+    d = cfg.data
+    try:
+        augment = augment_lib.Augment(
+            random_crop_padding=d.random_crop_padding,
+            horizontal_flip=d.horizontal_flip,
+            mixup_alpha=d.mixup_alpha,
+            cutmix_alpha=d.cutmix_alpha,
+        )
+        if not augment.enabled:
+            return None
+        shape = np.shape(example_batch(train_source)["inputs"])
+        augment.check(shape, cfg.train.batch_size // strategy.num_devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    if augment.mixes and not isinstance(loss_fn, losses.SoftmaxCrossEntropy):
+        raise config_lib.ConfigError(
+            "data.mixup_alpha / cutmix_alpha: expected loss.name=softmax_cross_entropy "
+            f"(mixing blends class labels), got loss.name={cfg.loss.name!r}"
+        )
+    return augment
 
 
 def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> None:
@@ -300,6 +343,8 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
         strategy.state_shardings(state),
         grad_accum_steps=c.config.train.grad_accum_steps,
         loss_spike_factor=c.config.train.loss_spike_factor,
+        augment=c.augment,
+        ema_decay=c.config.train.ema_decay,
     )
     batch = strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
     compiled = train_fn.lower(state, acc_spec, batch).compile()
@@ -307,7 +352,12 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
     if c.config.train.grad_accum_steps > 1:
         # XLA's cost analysis counts a loop body once, not once per iteration, so the FLOPs
         # of an accumulating step come from the same step without the scan (compiled only).
-        plain = strategy.compile_train(c.loss_fn, strategy.state_shardings(state))
+        plain = strategy.compile_train(
+            c.loss_fn,
+            strategy.state_shardings(state),
+            augment=c.augment,
+            ema_decay=c.config.train.ema_decay,
+        )
         lowered = plain.lower(state, acc_spec, batch)
         strategy.trace_counts["train"] -= 1  # a trace for counting FLOPs, never run
         per_device = compute.flops_per_device_of(lowered.compile())
@@ -378,6 +428,14 @@ def _format(row: dict[str, Any]) -> str:
     parts = [f"step {row['step']}"]
     parts += [f"{k}={v:.4f}" for k, v in row.items() if k != "step" and isinstance(v, float)]
     return "  ".join(parts)
+
+
+def ema_view(state):
+    """`state` with its EMA weights as `params` (unchanged when it keeps none): same structure,
+    so the compiled eval step takes it without recompiling."""
+    if state.ema_params is None:
+        return state
+    return state.replace(params=state.ema_params)
 
 
 def run_eval(components: Components, state, eval_fn, abstract_metrics) -> dict[str, float]:
@@ -617,9 +675,14 @@ def fit(
                 interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
             if is_time(step, cfg.train.eval_every) or step == total:
                 t = time.perf_counter()
+                # With an EMA, eval/ is the EMA weights and eval_raw/ the trained ones.
                 last_eval = {
-                    f"eval/{k}": v for k, v in run_eval(c, state, eval_fn, eval_shape).items()
+                    f"eval/{k}": v
+                    for k, v in run_eval(c, ema_view(state), eval_fn, eval_shape).items()
                 }
+                if state.ema_params is not None:
+                    raw = run_eval(c, state, eval_fn, eval_shape)
+                    last_eval.update({f"eval_raw/{k}": v for k, v in raw.items()})
                 paused += time.perf_counter() - t
                 row.update(last_eval)
             if row:
@@ -656,7 +719,9 @@ def fit(
     trace_counts = dict(strategy.trace_counts)
     if trace_counts.get("train", 0) > 1 and is_main:
         print(f"warning: the train step was compiled {trace_counts['train']} times")
-    result = FitResult(state, history, workdir, trace_counts, stopped=stopped, compute_report=report)
+    result = FitResult(
+        state, history, workdir, trace_counts, stopped=stopped, compute_report=report
+    )
     for cb in cbs:  # the checkpoints are durable now (ckpt.close waited for them)
         result = cb.on_train_end(run, result) or result
     return result
@@ -675,6 +740,7 @@ def load_checkpoint(
     step: int | None = None,
     *,
     strategy: parallel.Strategy | None = None,
+    weights: str = "ema",
 ) -> tuple[state_lib.TrainState, config_lib.Config]:
     """Loads a run's checkpoint onto this machine, e.g. into a notebook.
 
@@ -683,9 +749,14 @@ def load_checkpoint(
       step: which step; None = the newest.
       strategy: where to put the state; default one device (`jit` strategy, 1 device), which
         on a CPU-only machine is the plain CPU. The saving run's device count does not matter.
+      weights: "ema" = when the run kept an EMA of the weights (`train.ema_decay` > 0),
+        `state.params` are the EMA weights (what the run evaluated); "raw" = the trained
+        weights as saved (the state to continue training from).
     Returns:
       (state, config): the TrainState and the run's Config.
     """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"load_checkpoint(weights=...): expected ema | raw, got {weights!r}")
     workdir = pathlib.Path(workdir)
     with _open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
@@ -693,7 +764,7 @@ def load_checkpoint(
         strategy = strategy or parallel.make_strategy("jit", num_devices=1)
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
-    return state, cfg
+    return (ema_view(state) if weights == "ema" else state), cfg
 
 
 def evaluate(
@@ -703,7 +774,8 @@ def evaluate(
     split: str | None = None,
     strategy: parallel.Strategy | None = None,
 ) -> dict[str, Any]:
-    """Evaluates a run's checkpoint on its eval split (or `split`).
+    """Evaluates a run's checkpoint on its eval split (or `split`), with its EMA weights when
+    it kept them (as the run's own `eval/` metrics).
 
     Returns:
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
@@ -720,7 +792,7 @@ def evaluate(
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
     eval_fn = strategy.compile_eval(c.loss_fn)
-    result = run_eval(c, state, eval_fn, c.abstract_eval_metrics(state))
+    result = run_eval(c, ema_view(state), eval_fn, c.abstract_eval_metrics(state))
     return {
         "step": step,
         "split": cfg.data.eval_split,

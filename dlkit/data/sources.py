@@ -357,3 +357,45 @@ def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256):
             split, os.path.abspath(images_path), os.path.abspath(labels_path)
         )
     return ArraySource(inputs=inputs, labels=labels)
+
+
+class Subset:
+    """The first `n` examples of a random-access source (e.g. `data.train_examples`).
+
+    Args:
+        source: any source with ``__len__`` and ``__getitem__`` (and optionally ``get_batch``).
+        n: how many examples to keep, 1 <= n <= len(source).
+    """
+
+    def __init__(self, source, n):
+        if not 1 <= n <= len(source):
+            raise ValueError(f"data.train_examples: expected 1..{len(source)} (0 = all), got {n}")
+        self.source = source
+        self._length = int(n)
+
+    def __len__(self):
+        return self._length
+
+    def __getitem__(self, i):
+        i = int(i)
+        if not -self._length <= i < self._length:
+            raise IndexError(f"index: expected in [0, {self._length}), got {i}")
+        return self.source[i % self._length]
+
+    def get_batch(self, indices):
+        indices = np.asarray(indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= self._length):
+            raise IndexError(f"indices: expected in [0, {self._length}), got {indices}")
+        return get_batch(self.source, indices)
+
+    def __getattr__(self, name):
+        # vocab_size, element_spec, ...: what the full source says about its examples;
+        # `arrays` (read by the input checks) is cut to the subset.
+        if name == "source":
+            raise AttributeError(name)
+        if name == "arrays":
+            return {k: v[: self._length] for k, v in self.source.arrays.items()}
+        return getattr(self.source, name)
+
+    def __repr__(self):
+        return f"Subset(first {self._length} of {self.source!r})"
