@@ -21,9 +21,9 @@ import json
 import math
 from typing import Any
 
+# early_stopping is imported so that it registers first: its log lines come before ours.
 from dlkit import callbacks
-from dlkit import early_stopping as _early_stopping  # noqa: F401  registered first: its log
-#                                                     lines come before the diagnosis
+from dlkit import early_stopping as _early_stopping  # noqa: F401
 
 
 def _series(history, key: str) -> tuple[list[int], list[float]]:
