@@ -157,7 +157,8 @@ def runs():
 
 def test_jit_and_pmap_augment_identically(runs):
     ref, got = runs["jit1"], runs["pmap8_accum"]
-    for a, b in zip(jax.tree.leaves(ref.state.params), jax.tree.leaves(got.state.params)):
+    leaves = zip(jax.tree.leaves(ref.state.params), jax.tree.leaves(got.state.params), strict=True)
+    for a, b in leaves:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(
         ref.history.series("train/loss")[1], got.history.series("train/loss")[1], rtol=1e-4
