@@ -41,6 +41,8 @@ class DataConfig:
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
     train_examples: int = 0  # use only the first N training examples; 0 = all
+    validation_examples: int = 0  # hold out the last N of the train split (never trained on)
+    #   as the split "validation" (set eval_split=validation to watch it); 0 = none
     # Augmentation inside the compiled train step (dlkit.data.augment; images only):
     random_crop_padding: int = 0  # zero-pad by N pixels per side, then crop back; 0 = off
     horizontal_flip: bool = False  # mirror left-right with probability 1/2 (not for digits)

@@ -209,6 +209,11 @@ def _check_config(cfg: config_lib.Config) -> None:
         raise config_lib.ConfigError(
             f"train.ema_decay: expected a float in [0, 1) (0 = off), got {cfg.train.ema_decay}"
         )
+    if cfg.data.validation_examples < 0:
+        raise config_lib.ConfigError(
+            "data.validation_examples: expected an int >= 0 (0 = none), got "
+            f"{cfg.data.validation_examples}"
+        )
     if cfg.data.train_examples < 0:
         raise config_lib.ConfigError(
             f"data.train_examples: expected an int >= 0 (0 = all), got {cfg.data.train_examples}"
@@ -262,11 +267,28 @@ def build(
         "path": cfg.data.path or None,
         "seq_len": cfg.data.seq_len,
     }
+    held_out = cfg.data.validation_examples
+    if held_out and cfg.data.eval_split == "validation" and eval_source is None:
+        full = train_source or data_lib.load_dataset(cfg.data.name, "train", **data_options)
+        eval_source = data_lib.Subset(
+            full, held_out, len(full) - held_out, what="data.validation_examples"
+        )
     if train_source is None:
         train_source = data_lib.load_dataset(cfg.data.name, "train", **data_options)
+    if held_out:
+        if not 0 < held_out < len(train_source):
+            raise config_lib.ConfigError(
+                f"data.validation_examples: expected 0..{len(train_source) - 1}, got {held_out}"
+            )
+        train_source = data_lib.Subset(train_source, len(train_source) - held_out)
     if cfg.data.train_examples:
         train_source = data_lib.Subset(train_source, cfg.data.train_examples)
     if eval_source is None:
+        if cfg.data.eval_split == "validation":
+            raise config_lib.ConfigError(
+                "data.eval_split: 'validation' needs data.validation_examples > 0 (the last "
+                "N train examples held out), got data.validation_examples=0"
+            )
         eval_source = data_lib.load_dataset(cfg.data.name, cfg.data.eval_split, **data_options)
     module = module_for_data(module, train_source)
     loss_fn = losses.make_loss(cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)

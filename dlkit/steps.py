@@ -68,8 +68,9 @@ def train_step(
         micro-batches) with a key of its own per step, `fold_in(fold_in(rng, AUGMENT_STREAM),
         step)`, so dropout keys do not change when it is turned on; examples are keyed by
         their global row, so jit and pmap augment identically. None = off.
-      ema_decay: d > 0 updates `state.ema_params` (which must exist) to d * ema + (1 - d) *
-        params after each applied update; a skipped update leaves it unchanged. 0 = off.
+      ema_decay: d > 0 updates `state.ema_params` (which must exist) after each applied
+        update to the bias-corrected exponential average of the weights so far (see
+        `ema_decay_at`); a skipped update leaves it unchanged. 0 = off.
     Returns:
       (new_state, metrics): metrics are {"loss", <loss_fn.metrics>, "grad_norm"} as `Mean`s,
       summed over the global batch. A skipped update leaves params, optimizer and model
@@ -129,8 +130,9 @@ def train_step(
                 "train_step(ema_decay=...): expected a state with ema_params (create it with "
                 f"ema=True), got ema_decay={ema_decay} and state.ema_params=None"
             )
+        decay = ema_decay_at(ema_decay, state.step + 1 - guard.skipped)
+        moved = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
         # On a skipped step params are the old ones: the average must not move either.
-        moved = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params)
         ema_params = nonfinite.select(ok, moved, ema_params)
     new_state = state.replace(
         step=state.step + 1,
@@ -141,6 +143,18 @@ def train_step(
         ema_params=ema_params,
     )
     return new_state, metrics
+
+
+def ema_decay_at(decay: float, t: jax.Array) -> jax.Array:
+    """The decay of the bias-corrected EMA at its t-th update (t >= 1), float32 scalar.
+
+    With d_t = d (1 - d^(t-1)) / (1 - d^t), the recurrence ema_t = d_t ema_(t-1) + (1 - d_t) p_t
+    gives ema_t = sum_k (1 - d) d^(t-k) p_k / (1 - d^t) over the updated weights p_1..p_t:
+    the zero-initialised, debiased average of `optax.ema(debias=True)`, with no trace of the
+    initial weights (d_1 = 0, so ema_1 = p_1).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    return decay * (1.0 - decay ** (t - 1.0)) / (1.0 - decay**t)
 
 
 def _grads_and_metrics(

@@ -35,10 +35,10 @@ def test_ema_follows_the_closed_form_recurrence():
     for _ in range(3):
         state, _ = step(state, batch)
         params.append(_leaves(state.params))
-    # ema_3 = d^3 p_0 + (1 - d) (d^2 p_1 + d p_2 + p_3)
-    weights = [d**3, (1 - d) * d**2, (1 - d) * d, 1 - d]
+    # Bias-corrected: ema_3 = (1 - d) (d^2 p_1 + d p_2 + p_3) / (1 - d^3); p_0 has no weight.
+    weights = [0.0, (1 - d) * d**2, (1 - d) * d, 1 - d]
     for i, got in enumerate(_leaves(state.ema_params)):
-        want = sum(w * p[i] for w, p in zip(weights, params, strict=True))
+        want = sum(w * p[i] for w, p in zip(weights, params, strict=True)) / (1 - d**3)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert np.abs(_leaves(state.ema_params)[0] - params[-1][0]).max() > 1e-4  # not the params
 
