@@ -12,14 +12,27 @@ off with --set (below); both keep the CNN's dropout 0.3 and weight decay 1e-4.
 
 Commands:
   python -m dlkit train fashion_mnist_small_regularized --workdir runs/reg --no-progress
-  python -m dlkit eval runs/reg --split test
+  python -m dlkit eval runs/reg --step 675 --split test   # the best step the run returned
   python -m dlkit train fashion_mnist_small_regularized --workdir runs/base --no-progress \\
       --set data.random_crop_padding=0 --set data.horizontal_flip=false \\
       --set loss.label_smoothing=0 --set train.ema_decay=0 --set train.early_stopping_metric=
   python -m dlkit eval runs/base --split test
 Hardware:  2 CPU cores, no accelerator (shared with other jobs: see Runtime).
-Runtime:   RUNTIME
-Result:    RESULT
+Runtime:   5 min 59 s (regularized) and 5 min 48 s (baseline) wall, the two run side by side
+           on 2 cores shared with other jobs (load average 8-9): not a speed figure. The
+           regularized run evaluates twice per eval (EMA and raw weights).
+Result:    test accuracy (10,000 images, seed 0, one run each):
+             baseline                     86.24%  (test loss 0.626; step 750)
+             regularized, returned state  86.63%  (best validation accuracy 87.32% at step 675,
+                                                   the state early stopping returned; EMA weights)
+             regularized, last step       86.67%  (step 750)
+           So +0.4 points of test accuracy here; the larger effect is on overfitting itself:
+           the baseline's validation loss bottomed at 0.434 (step 150) and rose to 0.587 while
+           its train accuracy reached 99.8% (diagnosis: overfitting; train - validation
+           accuracy gap 13.3 points), the regularized run's validation loss fell to the end
+           (0.805; diagnosis: healthy; gap 4.7 points). Early stopping did not trigger (no 3
+           evaluations without improvement) but returned the best evaluation's state. Label
+           smoothing raises the loss values themselves, so compare accuracies, not losses.
 Data:      the Fashion-MNIST IDX files (Debian `dataset-fashion-mnist`); see fashion_mnist_cnn.
 """
 
