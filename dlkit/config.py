@@ -43,6 +43,14 @@ class DataConfig:
     audit: str = "warn"  # data audit before compiling (duplicates, leakage, conflicting
     #   labels, NaN/Inf; dlkit.data.audit): warn | fail (raise on errors) | off
     audit_max_examples: int = 200_000  # audit: per split, above this a random sample is audited
+    train_examples: int = 0  # use only the first N training examples; 0 = all
+    validation_examples: int = 0  # hold out the last N of the train split (never trained on)
+    #   as the split "validation" (set eval_split=validation to watch it); 0 = none
+    # Augmentation inside the compiled train step (dlkit.data.augment; images only):
+    random_crop_padding: int = 0  # zero-pad by N pixels per side, then crop back; 0 = off
+    horizontal_flip: bool = False  # mirror left-right with probability 1/2 (not for digits)
+    mixup_alpha: float = 0.0  # mixup with Beta(alpha, alpha) weights; 0 = off
+    cutmix_alpha: float = 0.0  # cutmix with Beta(alpha, alpha) areas; 0 = off
 
 
 @dataclasses.dataclass
@@ -99,6 +107,12 @@ class TrainConfig:
     summary: bool = True  # print the model summary at the start; WORKDIR/summary.txt
     tensorboard: bool = False  # also write TensorBoard event files to WORKDIR/tensorboard/
     plots: bool = True  # write WORKDIR/curves.png at the end of a run (needs matplotlib)
+    ema_decay: float = 0.0  # keep an EMA of the weights (e.g. 0.999) and evaluate on it; 0 = off
+    early_stopping_metric: str = ""  # e.g. eval/loss; stop when it stops improving; "" = off
+    early_stopping_mode: str = "min"  # min | max: whether lower or higher is better
+    early_stopping_patience: int = 5  # evaluations without improvement before stopping
+    early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
+    diagnosis: bool = True  # at the end, print and save diagnosis.json (dlkit.diagnosis)
 
 
 @dataclasses.dataclass

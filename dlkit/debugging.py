@@ -56,6 +56,10 @@ def prepare(
     cfg = copy.deepcopy(cfg)
     if t.overfit_batches:
         cfg.data.shuffle = False  # the same N batches, in the same order, every epoch
+        # ... and the same pixels: augmentation would make them new batches every epoch.
+        cfg.data.random_crop_padding = 0
+        cfg.data.horizontal_flip = False
+        cfg.data.mixup_alpha = cfg.data.cutmix_alpha = 0.0
     tmp = None
     if t.fast_dev_run:
         cfg.train.steps = 1

@@ -49,6 +49,7 @@ from dlkit import metrics as metrics_lib
 from dlkit import state as state_lib
 from dlkit import workdir as workdir_lib
 from dlkit.data import audit as audit_lib
+from dlkit.data import augment as augment_lib
 from dlkit.data import validate
 
 
@@ -113,12 +114,18 @@ class Components:
     policy: precision.Policy = dataclasses.field(
         default_factory=lambda: precision.get_policy("float32")
     )
+    augment: augment_lib.Augment | None = None  # training augmentation (None = off)
+
+    @property
+    def ema(self) -> bool:
+        """Whether the state keeps `ema_params` (`train.ema_decay` > 0)."""
+        return self.config.train.ema_decay > 0
 
     def abstract_state(self) -> state_lib.TrainState:
         """The TrainState's shapes, with each leaf's target sharding attached."""
         example = example_batch(self.train_source)["inputs"]
         abstract = state_lib.abstract_train_state(
-            self.module, self.tx, example, self.config.train.seed
+            self.module, self.tx, example, self.config.train.seed, ema=self.ema
         )
         return checkpoint_lib.abstract_with_shardings(
             abstract, self.strategy.state_shardings(abstract)
@@ -133,6 +140,7 @@ class Components:
             example,
             seed=self.config.train.seed,
             shardings=self.strategy.state_shardings,
+            ema=self.ema,
         )
 
     def example_batch(self) -> dict[str, np.ndarray]:
@@ -203,6 +211,19 @@ def _check_config(cfg: config_lib.Config) -> None:
         raise config_lib.ConfigError(
             f"train.grad_accum_steps: expected an int >= 1, got {cfg.train.grad_accum_steps}"
         )
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise config_lib.ConfigError(
+            f"train.ema_decay: expected a float in [0, 1) (0 = off), got {cfg.train.ema_decay}"
+        )
+    if cfg.data.validation_examples < 0:
+        raise config_lib.ConfigError(
+            "data.validation_examples: expected an int >= 0 (0 = none), got "
+            f"{cfg.data.validation_examples}"
+        )
+    if cfg.data.train_examples < 0:
+        raise config_lib.ConfigError(
+            f"data.train_examples: expected an int >= 0 (0 = all), got {cfg.data.train_examples}"
+        )
     if cfg.checkpoint.max_to_keep < 1:
         raise config_lib.ConfigError(
             f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
@@ -252,9 +273,28 @@ def build(
         "path": cfg.data.path or None,
         "seq_len": cfg.data.seq_len,
     }
+    held_out = cfg.data.validation_examples
+    if held_out and cfg.data.eval_split == "validation" and eval_source is None:
+        full = train_source or data_lib.load_dataset(cfg.data.name, "train", **data_options)
+        eval_source = data_lib.Subset(
+            full, held_out, len(full) - held_out, what="data.validation_examples"
+        )
     if train_source is None:
         train_source = data_lib.load_dataset(cfg.data.name, "train", **data_options)
+    if held_out:
+        if not 0 < held_out < len(train_source):
+            raise config_lib.ConfigError(
+                f"data.validation_examples: expected 0..{len(train_source) - 1}, got {held_out}"
+            )
+        train_source = data_lib.Subset(train_source, len(train_source) - held_out)
+    if cfg.data.train_examples:
+        train_source = data_lib.Subset(train_source, cfg.data.train_examples)
     if eval_source is None:
+        if cfg.data.eval_split == "validation":
+            raise config_lib.ConfigError(
+                "data.eval_split: 'validation' needs data.validation_examples > 0 (the last "
+                "N train examples held out), got data.validation_examples=0"
+            )
         eval_source = data_lib.load_dataset(cfg.data.name, cfg.data.eval_split, **data_options)
     if cfg.train.overfit_batches:
         train_source, eval_source = debugging.overfit_sources(
@@ -279,9 +319,34 @@ def build(
     )
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
+    augment = _make_augment(cfg, strategy, train_source, loss_fn)
     return Components(
-        cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy
+        cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
     )
+
+
+def _make_augment(cfg, strategy, train_source, loss_fn) -> augment_lib.Augment | None:
+    """The config's `data.*` augmentation, checked against the data before compiling."""
+    d = cfg.data
+    try:
+        augment = augment_lib.Augment(
+            random_crop_padding=d.random_crop_padding,
+            horizontal_flip=d.horizontal_flip,
+            mixup_alpha=d.mixup_alpha,
+            cutmix_alpha=d.cutmix_alpha,
+        )
+        if not augment.enabled:
+            return None
+        shape = np.shape(example_batch(train_source)["inputs"])
+        augment.check(shape, cfg.train.batch_size // strategy.num_devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    if augment.mixes and not isinstance(loss_fn, losses.SoftmaxCrossEntropy):
+        raise config_lib.ConfigError(
+            "data.mixup_alpha / cutmix_alpha: expected loss.name=softmax_cross_entropy "
+            f"(mixing blends class labels), got loss.name={cfg.loss.name!r}"
+        )
+    return augment
 
 
 def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> None:
@@ -310,6 +375,8 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
         strategy.state_shardings(state),
         grad_accum_steps=c.config.train.grad_accum_steps,
         loss_spike_factor=c.config.train.loss_spike_factor,
+        augment=c.augment,
+        ema_decay=c.config.train.ema_decay,
     )
     batch = strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
     compiled = train_fn.lower(state, acc_spec, batch).compile()
@@ -317,7 +384,12 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
     if c.config.train.grad_accum_steps > 1:
         # XLA's cost analysis counts a loop body once, not once per iteration, so the FLOPs
         # of an accumulating step come from the same step without the scan (compiled only).
-        plain = strategy.compile_train(c.loss_fn, strategy.state_shardings(state))
+        plain = strategy.compile_train(
+            c.loss_fn,
+            strategy.state_shardings(state),
+            augment=c.augment,
+            ema_decay=c.config.train.ema_decay,
+        )
         lowered = plain.lower(state, acc_spec, batch)
         strategy.trace_counts["train"] -= 1  # a trace for counting FLOPs, never run
         per_device = compute.flops_per_device_of(lowered.compile())
@@ -402,6 +474,14 @@ def _format(row: dict[str, Any]) -> str:
     parts = [f"step {row['step']}"]
     parts += [f"{k}={v:.4f}" for k, v in row.items() if k != "step" and isinstance(v, float)]
     return "  ".join(parts)
+
+
+def ema_view(state):
+    """`state` with its EMA weights as `params` (unchanged when it keeps none): same structure,
+    so the compiled eval step takes it without recompiling."""
+    if state.ema_params is None:
+        return state
+    return state.replace(params=state.ema_params)
 
 
 def run_eval(
@@ -655,11 +735,17 @@ def fit(
                 interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
             if is_time(step, cfg.train.eval_every) or step == total:
                 t = time.perf_counter()
+                # With an EMA, eval/ is the EMA weights and eval_raw/ the trained ones.
                 eval_batches = 1 if cfg.train.fast_dev_run else None
                 last_eval = {
                     f"eval/{k}": v
-                    for k, v in run_eval(c, state, eval_fn, eval_shape, eval_batches).items()
+                    for k, v in run_eval(
+                        c, ema_view(state), eval_fn, eval_shape, eval_batches
+                    ).items()
                 }
+                if state.ema_params is not None:
+                    raw = run_eval(c, state, eval_fn, eval_shape, eval_batches)
+                    last_eval.update({f"eval_raw/{k}": v for k, v in raw.items()})
                 paused += time.perf_counter() - t
                 row.update(last_eval)
             if row:
@@ -720,6 +806,7 @@ def load_checkpoint(
     step: int | None = None,
     *,
     strategy: parallel.Strategy | None = None,
+    weights: str = "ema",
 ) -> tuple[state_lib.TrainState, config_lib.Config]:
     """Loads a run's checkpoint onto this machine, e.g. into a notebook.
 
@@ -728,9 +815,14 @@ def load_checkpoint(
       step: which step; None = the newest.
       strategy: where to put the state; default one device (`jit` strategy, 1 device), which
         on a CPU-only machine is the plain CPU. The saving run's device count does not matter.
+      weights: "ema" = when the run kept an EMA of the weights (`train.ema_decay` > 0),
+        `state.params` are the EMA weights (what the run evaluated); "raw" = the trained
+        weights as saved (the state to continue training from).
     Returns:
       (state, config): the TrainState and the run's Config.
     """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"load_checkpoint(weights=...): expected ema | raw, got {weights!r}")
     workdir = pathlib.Path(workdir)
     with _open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
@@ -738,7 +830,7 @@ def load_checkpoint(
         strategy = strategy or parallel.make_strategy("jit", num_devices=1)
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
-    return state, cfg
+    return (ema_view(state) if weights == "ema" else state), cfg
 
 
 def evaluate(
@@ -748,7 +840,8 @@ def evaluate(
     split: str | None = None,
     strategy: parallel.Strategy | None = None,
 ) -> dict[str, Any]:
-    """Evaluates a run's checkpoint on its eval split (or `split`).
+    """Evaluates a run's checkpoint on its eval split (or `split`), with its EMA weights when
+    it kept them (as the run's own `eval/` metrics).
 
     Returns:
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
@@ -765,7 +858,7 @@ def evaluate(
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
     eval_fn = strategy.compile_eval(c.loss_fn)
-    result = run_eval(c, state, eval_fn, c.abstract_eval_metrics(state))
+    result = run_eval(c, ema_view(state), eval_fn, c.abstract_eval_metrics(state))
     return {
         "step": step,
         "split": cfg.data.eval_split,

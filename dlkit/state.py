@@ -37,6 +37,11 @@ class TrainState:
       guard: `nonfinite.Guard` counters of updates skipped for NaN/Inf (or loss spikes).
       apply_fn: the module's `apply` (static: part of the tree's structure, not a leaf).
       tx: the Optax transformation (static).
+      ema_params: an exponential moving average of `params` (same structure), or None when
+        the run keeps none (`train.ema_decay` = 0). A field of its own rather than part of
+        `opt_state`: evaluation and `dlkit.load_checkpoint` read it by name, and None adds no
+        leaves, so a state without EMA has exactly the structure it had before it existed
+        (older checkpoints still load).
     """
 
     step: jax.Array
@@ -47,9 +52,10 @@ class TrainState:
     guard: nonfinite.Guard
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    ema_params: Any = None
 
 
-def _init_fn(module, tx, example_inputs) -> Callable[[jax.Array], TrainState]:
+def _init_fn(module, tx, example_inputs, ema: bool = False) -> Callable[[jax.Array], TrainState]:
     def init(key: jax.Array) -> TrainState:
         params_key, dropout_key, step_key = jax.random.split(key, 3)
         variables = dict(
@@ -65,6 +71,9 @@ def _init_fn(module, tx, example_inputs) -> Callable[[jax.Array], TrainState]:
             guard=nonfinite.init_guard(),
             apply_fn=module.apply,
             tx=tx,
+            # The average starts at the initial weights (a copy, not an alias: buffers are
+            # donated separately).
+            ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         )
 
     return init
@@ -76,9 +85,11 @@ def _example(example_inputs) -> np.ndarray:
     return np.zeros((1,) + x.shape[1:], x.dtype)
 
 
-def abstract_train_state(module, tx, example_inputs, seed: int = 0) -> TrainState:
+def abstract_train_state(
+    module, tx, example_inputs, seed: int = 0, *, ema: bool = False
+) -> TrainState:
     """The state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), computed without FLOPs."""
-    init = _init_fn(module, tx, _example(example_inputs))
+    init = _init_fn(module, tx, _example(example_inputs), ema)
     return jax.eval_shape(init, jax.random.key(seed))
 
 
@@ -89,6 +100,7 @@ def create_train_state(
     *,
     seed: int = 0,
     shardings: Callable[[TrainState], Any] | None = None,
+    ema: bool = False,
 ) -> TrainState:
     """Initialises a `TrainState` directly with its target sharding.
 
@@ -100,10 +112,11 @@ def create_train_state(
       seed: the run's seed; params, dropout and the step keys all derive from it.
       shardings: maps the abstract state to a pytree of `jax.sharding.Sharding` (e.g.
         `strategy.state_shardings`); None = default placement.
+      ema: also keep `ema_params`, starting equal to the initial params.
     Returns:
       The state, every leaf already on its devices.
     """
-    init = _init_fn(module, tx, _example(example_inputs))
+    init = _init_fn(module, tx, _example(example_inputs), ema)
     key = jax.random.key(seed)
     if shardings is None:
         return jax.jit(init)(key)

@@ -20,9 +20,13 @@ import optax
 
 from dlkit import metrics as metrics_lib
 from dlkit import nonfinite, precision
+from dlkit.data import augment as augment_lib
 from dlkit.state import TrainState
 
 Batch = dict[str, jax.Array]
+# Augmentation draws from its own stream of the run's key: fold_in(rng, step) stays the dropout
+# key, so turning augmentation on leaves dropout masks unchanged.
+AUGMENT_STREAM = 0x61756721
 
 
 def _psum(x: Any, axis_name: str | None) -> Any:
@@ -44,6 +48,8 @@ def train_step(
     axis_name: str | None = None,
     loss_spike_factor: float = 0.0,
     grad_accum_steps: int = 1,
+    augment: augment_lib.Augment | None = None,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, metrics_lib.Mean]]:
     """One optimizer step: forward, loss, gradient, (clipping and) update, metrics.
 
@@ -58,12 +64,26 @@ def train_step(
       grad_accum_steps: N > 1 splits the batch into N micro-batches of B/N rows, run one after
         another by `lax.scan` inside this step (peak activation memory of B/N rows); the summed
         gradient is that of the whole batch. B/N must split evenly over the devices.
+      augment: a `dlkit.data.augment.Augment` applied to the batch (before it is split into
+        micro-batches) with a key of its own per step, `fold_in(fold_in(rng, AUGMENT_STREAM),
+        step)`, so dropout keys do not change when it is turned on; examples are keyed by
+        their global row, so jit and pmap augment identically. None = off.
+      ema_decay: d > 0 updates `state.ema_params` (which must exist) after each applied
+        update to the bias-corrected exponential average of the weights so far (see
+        `ema_decay_at`); a skipped update leaves it unchanged. 0 = off.
     Returns:
       (new_state, metrics): metrics are {"loss", <loss_fn.metrics>, "grad_norm"} as `Mean`s,
       summed over the global batch. A skipped update leaves params, optimizer and model
       state unchanged, and is counted in `new_state.guard`.
     """
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    root = jax.random.wrap_key_data(state.rng)
+    if augment is not None and augment.enabled:
+        aug_key = jax.random.fold_in(jax.random.fold_in(root, AUGMENT_STREAM), state.step)
+        row_offset = 0
+        if axis_name is not None:
+            row_offset = jax.lax.axis_index(axis_name) * batch["mask"].shape[0]
+        batch = augment(aug_key, batch, row_offset)
+    key = jax.random.fold_in(root, state.step)
     if axis_name is not None:
         # Devices see different rows, so they must draw different dropout masks.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
@@ -103,14 +123,38 @@ def train_step(
     params, opt_state, model_state = nonfinite.select(
         ok, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state)
     )
+    ema_params = state.ema_params
+    if ema_decay > 0:
+        if ema_params is None:
+            raise ValueError(
+                "train_step(ema_decay=...): expected a state with ema_params (create it with "
+                f"ema=True), got ema_decay={ema_decay} and state.ema_params=None"
+            )
+        decay = ema_decay_at(ema_decay, state.step + 1 - guard.skipped)
+        moved = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+        # On a skipped step params are the old ones: the average must not move either.
+        ema_params = nonfinite.select(ok, moved, ema_params)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
         model_state=model_state,
         opt_state=opt_state,
         guard=guard,
+        ema_params=ema_params,
     )
     return new_state, metrics
+
+
+def ema_decay_at(decay: float, t: jax.Array) -> jax.Array:
+    """The decay of the bias-corrected EMA at its t-th update (t >= 1), float32 scalar.
+
+    With d_t = d (1 - d^(t-1)) / (1 - d^t), the recurrence ema_t = d_t ema_(t-1) + (1 - d_t) p_t
+    gives ema_t = sum_k (1 - d) d^(t-k) p_k / (1 - d^t) over the updated weights p_1..p_t:
+    the zero-initialised, debiased average of `optax.ema(debias=True)`, with no trace of the
+    initial weights (d_1 = 0, so ema_1 = p_1).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    return decay * (1.0 - decay ** (t - 1.0)) / (1.0 - decay**t)
 
 
 def _grads_and_metrics(
@@ -131,6 +175,9 @@ def _grads_and_metrics(
             outputs = state.apply_fn(variables, inputs, train=True, rngs={"dropout": key})
             new_model_state = model_state
         per_example = loss_fn(outputs, labels)  # (B,), or (B, T) for a per-token loss
+        if "mix_labels" in batch:  # mixup/cutmix: the loss of the blended target
+            w = batch["mix_weight"]  # (B,)
+            per_example = w * per_example + (1.0 - w) * loss_fn(outputs, batch["mix_labels"])
         # The row mask weighs every element of its row, as in the metrics: a (B, T) loss is a
         # mean over the global batch's real tokens, a (B,) loss a mean over its real rows.
         # `denominator` counts global rows; the elements per row are static.

@@ -64,6 +64,7 @@ def test_overfit_batches_memorises_the_batches(tmp_path):
             "optim.learning_rate": 1e-2,
             "optim.warmup_steps": 0,
             "model.hidden_sizes": "[64]",
+            "data.random_crop_padding": 2,  # turned off: it would make new batches each epoch
         }
     )
     c = dlkit.build(cfg)
@@ -78,6 +79,7 @@ def test_overfit_batches_memorises_the_batches(tmp_path):
     assert last["eval/accuracy"] >= 0.99  # the same 64 examples, without dropout
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["data"]["shuffle"] is False
+    assert saved["data"]["random_crop_padding"] == 0
 
 
 def test_overfit_batches_larger_than_the_data_is_rejected():

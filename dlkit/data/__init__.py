@@ -23,6 +23,7 @@ from dlkit.data.prefetch import Prefetcher, prefetch
 from dlkit.data.sources import (
     DATASETS,
     ArraySource,
+    Subset,
     available_datasets,
     dataset_info,
     get_batch,
@@ -35,6 +36,7 @@ __all__ = [
     "ArraySource",
     "Loader",
     "Prefetcher",
+    "Subset",
     "available_datasets",
     "dataset_info",
     "get_batch",

@@ -357,3 +357,52 @@ def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256):
             split, os.path.abspath(images_path), os.path.abspath(labels_path)
         )
     return ArraySource(inputs=inputs, labels=labels)
+
+
+class Subset:
+    """Examples ``start .. start + n - 1`` of a random-access source (e.g. the first
+    `data.train_examples`, or the last `data.validation_examples` held out for validation).
+
+    Args:
+        source: any source with ``__len__`` and ``__getitem__`` (and optionally ``get_batch``).
+        n: how many examples to keep, 1 <= n <= len(source) - start.
+        start: the first example kept.
+        what: the setting named in errors.
+    """
+
+    def __init__(self, source, n, start=0, what="data.train_examples"):
+        if not 0 <= start < len(source) or not 1 <= n <= len(source) - start:
+            raise ValueError(
+                f"{what}: expected 1..{len(source) - start} (examples available), got {n}"
+            )
+        self.source = source
+        self._length = int(n)
+        self._start = int(start)
+
+    def __len__(self):
+        return self._length
+
+    def __getitem__(self, i):
+        i = int(i)
+        if not -self._length <= i < self._length:
+            raise IndexError(f"index: expected in [0, {self._length}), got {i}")
+        return self.source[self._start + i % self._length]
+
+    def get_batch(self, indices):
+        indices = np.asarray(indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= self._length):
+            raise IndexError(f"indices: expected in [0, {self._length}), got {indices}")
+        return get_batch(self.source, indices + self._start)
+
+    def __getattr__(self, name):
+        # vocab_size, element_spec, ...: what the full source says about its examples;
+        # `arrays` (read by the input checks) is cut to the subset.
+        if name == "source":
+            raise AttributeError(name)
+        if name == "arrays":
+            end = self._start + self._length
+            return {k: v[self._start : end] for k, v in self.source.arrays.items()}
+        return getattr(self.source, name)
+
+    def __repr__(self):
+        return f"Subset({self._length} from {self._start} of {self.source!r})"
