@@ -89,6 +89,8 @@ class TrainConfig:
     #   compute dtype; params and optimizer state stay float32
     grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
     compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
+    steps_per_dispatch: int = 1  # K optimizer steps per compiled call (lax.scan over K
+    #   batches); steps and every cadence must be multiples of K (see dlkit.dispatch)
 
 
 @dataclasses.dataclass
