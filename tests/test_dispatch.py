@@ -73,11 +73,13 @@ def test_resume_with_k_continues_at_the_exact_data_position(single, tmp_path):
 def test_cadences_must_be_multiples_of_k(key, value):
     strategy = dlkit.parallel.make_strategy("jit", num_devices=1)
     cfg = tiny_digits_config(**{"train.steps_per_dispatch": 2, key: value})
-    with pytest.raises(dlkit.ConfigError, match=rf"{key}: expected a multiple of .*=2.*got {value}"):
+    expected = rf"{key}: expected a multiple of .*=2.*got {value}"
+    with pytest.raises(dlkit.ConfigError, match=expected):
         dlkit.fit(cfg, strategy=strategy)
     assert dict(strategy.trace_counts) == {}, "the step was compiled before the error"
 
 
 def test_k_must_be_positive():
-    with pytest.raises(dlkit.ConfigError, match=r"train.steps_per_dispatch: expected an int >= 1, got 0"):
+    expected = r"train.steps_per_dispatch: expected an int >= 1, got 0"
+    with pytest.raises(dlkit.ConfigError, match=expected):
         dlkit.fit(tiny_digits_config(**{"train.steps_per_dispatch": 0}))
