@@ -27,13 +27,13 @@ import time
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-K = 50  # steps per dispatch for the *_k / *_scan contenders
+K = {"mlp": 50, "cnn": 10}  # steps per dispatch for the *_k / *_scan contenders
 CONTENDERS = ("jax_jit", "jax_jit_scan", "dlkit", "dlkit_k", "torch", "keras_jax")
 LABELS = {
     "jax_jit": "hand-written jax.jit loop",
-    "jax_jit_scan": f"hand-written jax.jit, lax.scan K={K}",
+    "jax_jit_scan": "hand-written jax.jit, lax.scan K steps/call",
     "dlkit": "dlkit.fit",
-    "dlkit_k": f"dlkit.fit, train.steps_per_dispatch={K}",
+    "dlkit_k": "dlkit.fit, train.steps_per_dispatch=K",
     "torch": "PyTorch eager CPU (2 threads)",
     "keras_jax": "Keras 3 fit (JAX backend)",
 }
@@ -73,7 +73,7 @@ class Worker:
         env = dict(os.environ)
         env.pop("XLA_FLAGS", None)  # one CPU device, as a user's script gets
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        env.update(BENCH_K=str(K), BENCH_CONV=conv_impl, KERAS_BACKEND="jax")
+        env.update(BENCH_K=str(K[model]), BENCH_CONV=conv_impl, KERAS_BACKEND="jax")
         self.name = name
         self.stderr = open(os.path.join(log_dir, f"{model}_{name}.log"), "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -150,8 +150,10 @@ def bench_model(model, names, repeats, quick, conv_impl, log_dir) -> dict:
                     res = workers[n].measure(warmup, steps)
                     results[n].append(res["steps_per_s"])
                     extras[n] = res
-                    print(f"[{model}] repeat {r + 1}/{repeats} {n}: "
-                          f"{res['steps_per_s']:.1f} steps/s", flush=True)
+                    print(
+                        f"[{model}] repeat {r + 1}/{repeats} {n}: {res['steps_per_s']:.1f} steps/s",
+                        flush=True,
+                    )
         finally:
             for w in workers.values():
                 w.close()
@@ -168,7 +170,8 @@ def table(model: str, res: dict) -> str:
     med = {n: statistics.median(v) for n, v in res["results"].items() if v}
     base, torch = med.get("jax_jit"), med.get("torch")
     lines = [
-        f"| {model} contender | steps/s (median) | min-max | vs jax.jit | vs PyTorch |",
+        f"| {model} contender (K={K[model]}) | steps/s (median) | min-max | vs jax.jit "
+        "| vs PyTorch |",
         "|---|---:|---:|---:|---:|",
     ]
     for n, v in res["results"].items():
