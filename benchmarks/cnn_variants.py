@@ -19,8 +19,13 @@ from dlkit import models
 
 
 def make_step(impl):
-    module = models.build("cnn", features=(32, 64), dense_size=128, dropout_rate=0.0,
-                          conv_impl="patches" if impl == "patches" else "xla")
+    module = models.build(
+        "cnn",
+        features=(32, 64),
+        dense_size=128,
+        dropout_rate=0.0,
+        conv_impl="patches" if impl == "patches" else "xla",
+    )
     x = jnp.asarray(np.random.default_rng(0).normal(size=(128, 28, 28, 1)), jnp.float32)
     y = jnp.arange(128) % 10
     params = module.init(jax.random.key(0), x, train=False)["params"]
@@ -61,8 +66,10 @@ def main():
             rates[i].append(args.steps / (time.perf_counter() - t))
             runs[i][1], runs[i][2] = p, o
     for i in impls:
-        print(f"{i:8s} median {statistics.median(rates[i]):.1f} steps/s  "
-              f"({min(rates[i]):.1f}-{max(rates[i]):.1f})")
+        print(
+            f"{i:8s} median {statistics.median(rates[i]):.1f} steps/s  "
+            f"({min(rates[i]):.1f}-{max(rates[i]):.1f})"
+        )
 
 
 if __name__ == "__main__":

@@ -670,7 +670,9 @@ def fit(
     trace_counts = dict(strategy.trace_counts)
     if trace_counts.get("train", 0) > 1 and is_main:
         print(f"warning: the train step was compiled {trace_counts['train']} times")
-    result = FitResult(state, history, workdir, trace_counts, stopped=stopped, compute_report=report)
+    result = FitResult(
+        state, history, workdir, trace_counts, stopped=stopped, compute_report=report
+    )
     for cb in cbs:  # the checkpoints are durable now (ckpt.close waited for them)
         result = cb.on_train_end(run, result) or result
     return result

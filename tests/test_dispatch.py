@@ -32,8 +32,9 @@ def _assert_same_run(ref, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in got.history] == [r["step"] for r in ref.history] == [4, 6, 8, 12]
     for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss"):
-        np.testing.assert_allclose(ref.history.series(key)[1], got.history.series(key)[1],
-                                   rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(
+            ref.history.series(key)[1], got.history.series(key)[1], rtol=1e-5, err_msg=key
+        )
 
 
 @pytest.mark.parametrize("strategy,num_devices", [("jit", 1), ("pmap", 8)])
@@ -67,8 +68,12 @@ def test_resume_with_k_continues_at_the_exact_data_position(single, tmp_path):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("train.log_every", 3), ("train.eval_every", 5), ("checkpoint.every_steps", 9),
-     ("train.steps", 13)],
+    [
+        ("train.log_every", 3),
+        ("train.eval_every", 5),
+        ("checkpoint.every_steps", 9),
+        ("train.steps", 13),
+    ],
 )
 def test_cadences_must_be_multiples_of_k(key, value):
     strategy = dlkit.parallel.make_strategy("jit", num_devices=1)
