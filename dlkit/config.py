@@ -113,6 +113,8 @@ class TrainConfig:
     early_stopping_patience: int = 5  # evaluations without improvement before stopping
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
     diagnosis: bool = True  # at the end, print and save diagnosis.json (dlkit.diagnosis)
+    steps_per_dispatch: int = 1  # K optimizer steps per compiled call (lax.scan over K
+    #   batches); steps and every cadence must be multiples of K (see dlkit.dispatch)
 
 
 @dataclasses.dataclass

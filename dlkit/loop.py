@@ -33,6 +33,7 @@ from dlkit import checkpoint as checkpoint_lib
 from dlkit import (
     compute,
     debugging,
+    dispatch,
     distributed,
     interrupt,
     losses,
@@ -228,6 +229,7 @@ def _check_config(cfg: config_lib.Config) -> None:
         raise config_lib.ConfigError(
             f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
         )
+    dispatch.check_config(cfg)
 
 
 def build(
@@ -370,6 +372,7 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
       and `compute.analyze`'s report plus the bytes of params and optimizer state per device.
     """
     strategy = c.strategy
+    k = c.config.train.steps_per_dispatch
     train_fn = strategy.compile_train(
         c.loss_fn,
         strategy.state_shardings(state),
@@ -377,8 +380,12 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
         loss_spike_factor=c.config.train.loss_spike_factor,
         augment=c.augment,
         ema_decay=c.config.train.ema_decay,
+        steps_per_dispatch=k,
     )
-    batch = strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
+    if k > 1:
+        batch = strategy.stacked_batch_spec(c.example_batch(), c.config.train.batch_size, k)
+    else:
+        batch = strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
     compiled = train_fn.lower(state, acc_spec, batch).compile()
     report = compute.analyze(compiled, strategy.devices)
     if c.config.train.grad_accum_steps > 1:
@@ -398,6 +405,7 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
     report["param_sharding"] = strategy.param_sharding
     report["precision"] = c.policy.name
     report["grad_accum_steps"] = c.config.train.grad_accum_steps
+    report["steps_per_dispatch"] = k
     report["state_bytes_per_device"] = {
         "params": parallel.bytes_per_device(state.params)["max"],
         "opt_state": parallel.bytes_per_device(state.opt_state)["max"],
@@ -649,6 +657,7 @@ def fit(
         else:
             state, position = c.init_state(), 0
         start = int(jax.device_get(state.step))
+        k = dispatch.check_config(cfg, start)
         bar = _Progress(show, total, min(start, total), is_main)
         if workdir is not None and is_main:
             writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
@@ -679,7 +688,11 @@ def fit(
             position=position,
         )
         # The prefetcher runs ahead of the loop, so the position saved is counted here.
-        batches = data_lib.prefetch(iter(loader), strategy.put_batch, cfg.data.prefetch)
+        if k > 1:
+            stacked = dispatch.stack(iter(loader), k)
+            batches = data_lib.prefetch(stacked, strategy.put_stacked, cfg.data.prefetch)
+        else:
+            batches = data_lib.prefetch(iter(loader), strategy.put_batch, cfg.data.prefetch)
         acc = strategy.zeros(train_shape)
         interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
         last_eval: dict[str, float] = {}
@@ -716,12 +729,13 @@ def fit(
             stopped = stop.signal_name
             bar.write(f"stopped by {stopped} before training started")
         last = total if stopped is None else start
-        for step in range(start + 1, last + 1):
+        # `step` is the last of the k steps each call runs (k = train.steps_per_dispatch).
+        for step in range(start + k, last + 1, k):
             state, acc = train_fn(state, acc, next(batches))
             if strategy.sync_every_step:
                 jax.block_until_ready(acc)
-            interval_steps += 1
-            bar.update()
+            interval_steps += k
+            bar.update(k)
             row: dict[str, Any] = {}
             if is_time(step, cfg.train.log_every) or step == total:
                 row.update(metrics_lib.compute(jax.device_get(acc), prefix="train/"))

@@ -38,8 +38,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dlkit import dispatch, steps
 from dlkit import metrics as metrics_lib
-from dlkit import steps
 
 STRATEGIES = ("jit", "pmap")
 PARAM_SHARDINGS = ("replicated", "fsdp")
@@ -146,6 +146,7 @@ class Strategy:
                     f"collectives deadlock XLA:CPU in that layout), got {sync_every_step!r}"
                 )
         self.trace_counts: collections.Counter = collections.Counter()
+        self._zeros_fns: dict = {}
 
     def _available_devices(self) -> list:
         raise NotImplementedError
@@ -183,11 +184,22 @@ class Strategy:
             )
 
     def zeros(self, abstract_metrics):
-        """A fresh zero accumulator for metrics shaped like `abstract_metrics`, replicated."""
-        return jax.jit(
-            functools.partial(metrics_lib.zeros_like, abstract_metrics),
-            out_shardings=self.replicated,
-        )()
+        """A fresh zero accumulator for metrics shaped like `abstract_metrics`, replicated.
+
+        The zero-making program is compiled once per metric structure and reused: the loop
+        asks for a fresh accumulator on every logging step, and a new `jax.jit` each time
+        cost one compilation (~50-80 ms on 2 CPU cores) per logged row.
+        """
+        leaves, treedef = jax.tree.flatten(abstract_metrics)
+        key = (treedef, tuple((tuple(x.shape), np.dtype(x.dtype)) for x in leaves))
+        make = self._zeros_fns.get(key)
+        if make is None:
+            make = jax.jit(
+                functools.partial(metrics_lib.zeros_like, abstract_metrics),
+                out_shardings=self.replicated,
+            )
+            self._zeros_fns[key] = make
+        return make()
 
     def _count(self, name: str):
         self.trace_counts[name] += 1
@@ -200,8 +212,21 @@ class Strategy:
         rows shaped like `example` (any leading size): for compiling ahead of time."""
         raise NotImplementedError
 
-    def compile_train(self, loss_fn, state_shardings=None, **step_options):
-        """Options (e.g. loss_spike_factor) are passed to `steps.train_step` as static."""
+    def compile_train(self, loss_fn, state_shardings=None, steps_per_dispatch=1, **step_options):
+        """Options (e.g. loss_spike_factor) are passed to `steps.train_step` as static.
+
+        `steps_per_dispatch` K > 1 compiles K steps over stacked batches (leaves (K, B, ...),
+        from `put_stacked`) with `lax.scan` (see `dlkit.dispatch`).
+        """
+        raise NotImplementedError
+
+    def put_stacked(self, batches: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """K stacked global batches (K, B, ...) -> device arrays, each batch split as
+        `put_batch` splits one."""
+        raise NotImplementedError
+
+    def stacked_batch_spec(self, example, batch_size: int, k: int) -> dict:
+        """`batch_spec` of what `put_stacked` makes from K stacked batches."""
         raise NotImplementedError
 
     def compile_eval(self, loss_fn, state_shardings=None):
@@ -223,6 +248,10 @@ class JitStrategy(Strategy):
     def put_batch(self, batch):
         """This process's rows (b_local, ...) -> global arrays (B, ...) split along "data"."""
         sharding = self.batch_sharding
+        if jax.process_count() == 1:
+            # One process holds the whole batch: a single device_put of the dict is the same
+            # global array at about half the per-step host cost (measured on 2 CPU cores).
+            return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
         return {
             k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()
@@ -236,22 +265,49 @@ class JitStrategy(Strategy):
             for k, v in example.items()
         }
 
-    def compile_train(self, loss_fn, state_shardings=None, **step_options):
+    @property
+    def stacked_batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(None, DATA_AXIS))
+
+    def put_stacked(self, batches):
+        sharding = self.stacked_batch_sharding
+        if jax.process_count() == 1:
+            return jax.device_put({k: np.asarray(v) for k, v in batches.items()}, sharding)
+        return {
+            k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batches.items()
+        }
+
+    def stacked_batch_spec(self, example, batch_size, k):
+        return {
+            key: jax.ShapeDtypeStruct(
+                (k, batch_size) + np.shape(v)[1:],
+                np.asarray(v).dtype,
+                sharding=self.stacked_batch_sharding,
+            )
+            for key, v in example.items()
+        }
+
+    def compile_train(self, loss_fn, state_shardings=None, steps_per_dispatch=1, **step_options):
         """`(state, acc, batch) -> (state, acc)`: one program with the step and the metric sum.
 
         `state` and `acc` are donated: their buffers are reused for the outputs.
-        `grad_accum_steps` is passed to `steps.train_step`.
+        `grad_accum_steps` is passed to `steps.train_step`. With `steps_per_dispatch` K > 1
+        the batch is K stacked batches and the program runs K steps (`dispatch.scan_steps`).
         """
 
         def train_and_accumulate(state, acc, batch):
             self._count("train")
+            if steps_per_dispatch > 1:
+                return dispatch.scan_steps(state, acc, batch, loss_fn=loss_fn, **step_options)
             state, metrics = steps.train_step(state, batch, loss_fn=loss_fn, **step_options)
             return state, metrics_lib.merge(acc, metrics)
 
         state_sh = self.replicated if state_shardings is None else state_shardings
+        batch_sh = self.batch_sharding if steps_per_dispatch == 1 else self.stacked_batch_sharding
         return jax.jit(
             train_and_accumulate,
-            in_shardings=(state_sh, self.replicated, self.batch_sharding),
+            in_shardings=(state_sh, self.replicated, batch_sh),
             out_shardings=(state_sh, self.replicated),
             donate_argnums=(0, 1),
         )
@@ -326,8 +382,32 @@ class PmapStrategy(Strategy):
             donate_argnums=donate_argnums,
         )
 
-    def compile_train(self, loss_fn, state_shardings=None, **step_options):
-        """`(state, acc, batch) -> (state, acc)`, pmapped; `state` and `acc` are donated."""
+    def put_stacked(self, batches):
+        """(K, b_local, ...) -> (n_devices, K, b_local / n_local, ...) arrays."""
+        n = self.num_devices // self.process_count
+        sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        out = {}
+        for key, v in batches.items():
+            v = np.asarray(v)
+            k, b = v.shape[:2]
+            v = v.reshape((k, n, b // n) + v.shape[2:]).swapaxes(0, 1)  # (n, K, B/n, ...)
+            out[key] = jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(v))
+        return out
+
+    def stacked_batch_spec(self, example, batch_size, k):
+        n = self.num_devices
+        sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        return {
+            key: jax.ShapeDtypeStruct(
+                (n, k, batch_size // n) + np.shape(v)[1:], np.asarray(v).dtype, sharding=sharding
+            )
+            for key, v in example.items()
+        }
+
+    def compile_train(self, loss_fn, state_shardings=None, steps_per_dispatch=1, **step_options):
+        """`(state, acc, batch) -> (state, acc)`, pmapped; `state` and `acc` are donated.
+
+        With `steps_per_dispatch` K > 1 each device gets (K, B/n, ...) and scans K steps."""
         if state_shardings is not None and any(
             s != self.replicated for s in jax.tree.leaves(state_shardings)
         ):
@@ -335,6 +415,10 @@ class PmapStrategy(Strategy):
 
         def train_and_accumulate(state, acc, batch):
             self._count("train")
+            if steps_per_dispatch > 1:
+                return dispatch.scan_steps(
+                    state, acc, batch, loss_fn=loss_fn, axis_name=DATA_AXIS, **step_options
+                )
             state, metrics = steps.train_step(
                 state, batch, loss_fn=loss_fn, axis_name=DATA_AXIS, **step_options
             )

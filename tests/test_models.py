@@ -163,3 +163,37 @@ def test_registry_and_register():
         assert cfg.model.options == {"width": 5}
     finally:
         del models.REGISTRY["tiny_test_model"]
+
+
+def test_cnn_patches_conv_matches_xla_conv():
+    """conv_impl="patches" is the same function as "xla": params, outputs, gradients."""
+    import optax
+
+    images = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    labels = jnp.arange(4) % 10
+    xla = models.build("cnn", features=(8, 16), dense_size=32, dropout_rate=0.0)
+    patches = xla.clone(conv_impl="patches")
+    variables = xla.init(jax.random.key(0), images, train=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        patches.init(jax.random.key(0), images, train=False)
+    )
+
+    def loss(params, module):
+        logits = module.apply({"params": params}, images, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    out_x = xla.apply(variables, images, train=False)
+    out_p = patches.apply(variables, images, train=False)
+    np.testing.assert_allclose(out_p, out_x, rtol=1e-4, atol=1e-5)
+    g_x = jax.grad(loss)(variables["params"], xla)
+    g_p = jax.grad(loss)(variables["params"], patches)
+    for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_p), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
+    assert float(jnp.abs(jax.tree.leaves(g_x)[0]).max()) > 0  # gradients are not all zero
+
+
+def test_cnn_rejects_an_unknown_conv_impl():
+    module = models.build("cnn", conv_impl="fft")
+    expected = r"model.conv_impl: expected one of xla \| patches, got 'fft'"
+    with pytest.raises(ValueError, match=expected):
+        module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)

@@ -1,0 +1,90 @@
+"""train.steps_per_dispatch: K steps per compiled call equal K single steps."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+import dlkit
+
+
+def _fit(strategy="jit", num_devices=1, workdir=None, **overrides):
+    cfg = tiny_digits_config(**overrides)
+    cfg.parallel.strategy = strategy
+    cfg.parallel.num_devices = num_devices
+    return dlkit.fit(cfg, workdir)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _fit()
+
+
+def _assert_same_run(ref, got):
+    # Float tolerance, not bitwise: the K steps run inside a scan body, which XLA may fuse
+    # and order differently from the standalone step (on XLA:CPU they usually match bitwise).
+    assert int(got.state.step) == int(ref.state.step) == 12
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(ref.state.params)),
+        jax.tree.leaves(jax.device_get(got.state.params)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in got.history] == [r["step"] for r in ref.history] == [4, 6, 8, 12]
+    for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss"):
+        np.testing.assert_allclose(
+            ref.history.series(key)[1], got.history.series(key)[1], rtol=1e-5, err_msg=key
+        )
+
+
+@pytest.mark.parametrize("strategy,num_devices", [("jit", 1), ("pmap", 8)])
+def test_k_steps_per_dispatch_equal_k_single_steps(single, strategy, num_devices):
+    # K=2 divides every cadence of the tiny config (log 4, eval 6, checkpoint 6, steps 12).
+    got = _fit(strategy, num_devices, **{"train.steps_per_dispatch": 2})
+    ref = single if strategy == "jit" else _fit(strategy, num_devices)
+    _assert_same_run(ref, got)
+    assert got.trace_counts == {"train": 1, "eval": 1}  # one K-step program, compiled once
+    assert got.compute_report["steps_per_dispatch"] == 2
+
+
+class _StopAt(dlkit.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_row(self, run, row):
+        if row["step"] == self.step:
+            run.request_stop("test")
+
+
+def test_resume_with_k_continues_at_the_exact_data_position(single, tmp_path):
+    # Stop after step 4 (checkpointed on stop), resume to 12 with K=2: the same as one K=1 run.
+    cfg = tiny_digits_config(**{"train.steps_per_dispatch": 2})
+    cfg.parallel.num_devices = 1
+    first = dlkit.fit(cfg, tmp_path, callbacks=[_StopAt(4)])
+    assert first.stopped == "test" and int(first.state.step) == 4
+    got = dlkit.fit(cfg, tmp_path)
+    _assert_same_run(single, got)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("train.log_every", 3),
+        ("train.eval_every", 5),
+        ("checkpoint.every_steps", 9),
+        ("train.steps", 13),
+    ],
+)
+def test_cadences_must_be_multiples_of_k(key, value):
+    strategy = dlkit.parallel.make_strategy("jit", num_devices=1)
+    cfg = tiny_digits_config(**{"train.steps_per_dispatch": 2, key: value})
+    expected = rf"{key}: expected a multiple of .*=2.*got {value}"
+    with pytest.raises(dlkit.ConfigError, match=expected):
+        dlkit.fit(cfg, strategy=strategy)
+    assert dict(strategy.trace_counts) == {}, "the step was compiled before the error"
+
+
+def test_k_must_be_positive():
+    expected = r"train.steps_per_dispatch: expected an int >= 1, got 0"
+    with pytest.raises(dlkit.ConfigError, match=expected):
+        dlkit.fit(tiny_digits_config(**{"train.steps_per_dispatch": 0}))
