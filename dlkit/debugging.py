@@ -78,37 +78,6 @@ def prepare(
     return cfg, workdir, tmp
 
 
-class _Subset:
-    """The first `n` examples of a random-access source (other attributes pass through)."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):
-        i = int(i)
-        if not -self.n <= i < self.n:
-            raise IndexError(f"index: expected in [0, {self.n}), got {i}")
-        return self.source[i % self.n]
-
-    def get_batch(self, indices):
-        return sources.get_batch(self.source, np.asarray(indices))
-
-    def __getattr__(self, name):
-        if name in ("arrays", "source", "n"):  # never expose the whole source's arrays
-            raise AttributeError(name)
-        return getattr(self.source, name)
-
-
-def first_examples(source, n: int):
-    """The first `n` examples of `source` as a source (an `ArraySource` of views if it is one)."""
-    if isinstance(source, sources.ArraySource):
-        return sources.ArraySource(**{k: v[:n] for k, v in source.arrays.items()})
-    return _Subset(source, n)
-
-
 def overfit_sources(train_source, num_batches: int, batch_size: int):
     """(train, eval): both the first `num_batches * batch_size` training examples.
 
@@ -122,7 +91,7 @@ def overfit_sources(train_source, num_batches: int, batch_size: int):
             f"batches of train.batch_size={batch_size} ({len(train_source)} training examples), "
             f"got {num_batches}"
         )
-    subset = first_examples(train_source, n)
+    subset = sources.Subset(train_source, n, what="train.overfit_batches")
     return subset, subset
 
 

@@ -148,6 +148,20 @@ class Components:
         """One training example with its mask (shapes and dtypes for tracing)."""
         return example_batch(self.train_source)
 
+    def train_loader(self, position: int = 0) -> data_lib.Loader:
+        """The training loader the config asks for (this process's slice), at `position`."""
+        cfg = self.config
+        return data_lib.Loader(
+            self.train_source,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            shuffle=cfg.data.shuffle,
+            last_batch=cfg.data.last_batch,
+            process_index=self.strategy.process_index,
+            process_count=self.strategy.process_count,
+            position=position,
+        )
+
     def abstract_metrics(self, state) -> Any:
         """The train metrics' structure as replicated `ShapeDtypeStruct`s (an accumulator)."""
         shape = _metrics_shape(
@@ -677,16 +691,7 @@ def fit(
                 (workdir / "compute.json").write_text(json.dumps(report, indent=2) + "\n")
         eval_fn = strategy.compile_eval(c.loss_fn, strategy.state_shardings(state))
         eval_shape = c.abstract_eval_metrics(state)
-        loader = data_lib.Loader(
-            c.train_source,
-            cfg.train.batch_size,
-            seed=cfg.train.seed,
-            shuffle=cfg.data.shuffle,
-            last_batch=cfg.data.last_batch,
-            process_index=strategy.process_index,
-            process_count=strategy.process_count,
-            position=position,
-        )
+        loader = c.train_loader(position)
         # The prefetcher runs ahead of the loop, so the position saved is counted here.
         if k > 1:
             stacked = dispatch.stack(iter(loader), k)

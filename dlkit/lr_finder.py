@@ -186,15 +186,7 @@ def lr_find(
         strategy.state_shardings(state),
         grad_accum_steps=cfg.train.grad_accum_steps,
     )
-    loader = data_lib.Loader(
-        c.train_source,
-        cfg.train.batch_size,
-        seed=cfg.train.seed,
-        shuffle=cfg.data.shuffle,
-        last_batch=cfg.data.last_batch,
-        process_index=strategy.process_index,
-        process_count=strategy.process_count,
-    )
+    loader = c.train_loader()
     batches = data_lib.prefetch(iter(loader), strategy.put_batch, cfg.data.prefetch)
     lrs, losses, smoothed = [], [], []
     avg, best, diverged = 0.0, np.inf, False
