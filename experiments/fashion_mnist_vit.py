@@ -4,7 +4,7 @@ Command:   dlkit train fashion_mnist_vit
 Hardware:  runs on CPU (2 cores); faster on one GPU.
 Runtime:   53 min 56 s wall for the 4690 steps, on 2 CPU cores shared with other jobs (this run
            at nice 5; 19.5 GFLOP per step; ~3.0 steps/s whenever the machine was quiet, so about
-           26 min on an idle machine), with
+           26 min on an idle machine: an estimate, not measured), with
              /usr/bin/time -v dlkit train fashion_mnist_vit --workdir /tmp/vit/run1 --no-progress
 Result:    87.75% test accuracy (eval loss 0.3365) at step 4690, seed 0; 84.97% at step 2345.
            Training accuracy over the last 200 steps 89.2%. Below fashion_mnist_cnn's 92.38%
