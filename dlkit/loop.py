@@ -523,7 +523,7 @@ def run_eval(
         process_count=strategy.process_count,
     )
     acc = strategy.zeros(abstract_metrics)
-    batches = data_lib.prefetch(loader.iter_epoch(0), strategy.put_batch, c.config.data.prefetch)
+    batches = data_lib.prefetch(loader.iter_epoch(0), strategy.host_feed(), c.config.data.prefetch)
     try:
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -695,9 +695,11 @@ def fit(
         # The prefetcher runs ahead of the loop, so the position saved is counted here.
         if k > 1:
             stacked = dispatch.stack(iter(loader), k)
-            batches = data_lib.prefetch(stacked, strategy.put_stacked, cfg.data.prefetch)
+            batches = data_lib.prefetch(
+                stacked, strategy.host_feed(stacked=True), cfg.data.prefetch
+            )
         else:
-            batches = data_lib.prefetch(iter(loader), strategy.put_batch, cfg.data.prefetch)
+            batches = data_lib.prefetch(iter(loader), strategy.host_feed(), cfg.data.prefetch)
         acc = strategy.zeros(train_shape)
         interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
         last_eval: dict[str, float] = {}
