@@ -3,7 +3,10 @@
 Times one jitted fwd+bwd+Adam step of the zoo CNN (features (32, 64), dense 128, batch 128,
 28x28x1) for each way of writing the convolution, alternating repeats, median steps/s:
 - xla:     `nn.Conv` (lax.conv_general_dilated, NHWC), dlkit's default;
-- patches: `conv_impl="patches"` (conv_general_dilated_patches + one matmul);
+- patches: `conv_impl="patches"` (shifted views concatenated on channels + one matmul);
+- matmul_grad: `conv_impl="matmul_grad"` (XLA forward; custom VJP: kernel gradient as one
+  matmul, input gradient as a forward conv of the flipped kernel).
+See dlkit/models/conv.py.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import numpy as np
 import optax
 
 from dlkit import models
+from dlkit.models.conv import CONV_IMPLS
 
 
 def make_step(impl):
@@ -24,7 +28,7 @@ def make_step(impl):
         features=(32, 64),
         dense_size=128,
         dropout_rate=0.0,
-        conv_impl="patches" if impl == "patches" else "xla",
+        conv_impl=impl,
     )
     x = jnp.asarray(np.random.default_rng(0).normal(size=(128, 28, 28, 1)), jnp.float32)
     y = jnp.arange(128) % 10
@@ -50,7 +54,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    impls = ("xla", "patches")
+    impls = CONV_IMPLS
     runs = {i: list(make_step(i)) for i in impls}
     for r in runs.values():
         r[1], r[2] = r[0](r[1], r[2])

@@ -165,35 +165,74 @@ def test_registry_and_register():
         del models.REGISTRY["tiny_test_model"]
 
 
-def test_cnn_patches_conv_matches_xla_conv():
-    """conv_impl="patches" is the same function as "xla": params, outputs, gradients."""
+@pytest.mark.parametrize("impl", ["patches", "matmul_grad"])
+def test_cnn_conv_impl_matches_xla_conv(impl):
+    """conv_impl="patches" / "matmul_grad" is the same function as "xla": params, outputs,
+    parameter gradients and input gradients, with 1 and 3 input channels."""
     import optax
 
-    images = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
-    labels = jnp.arange(4) % 10
-    xla = models.build("cnn", features=(8, 16), dense_size=32, dropout_rate=0.0)
-    patches = xla.clone(conv_impl="patches")
-    variables = xla.init(jax.random.key(0), images, train=False)
-    assert jax.tree.structure(variables) == jax.tree.structure(
-        patches.init(jax.random.key(0), images, train=False)
+    for channels in (1, 3):
+        images = jax.random.normal(jax.random.key(1), (4, 28, 28, channels))
+        labels = jnp.arange(4) % 10
+        xla = models.build("cnn", features=(8, 16), dense_size=32, dropout_rate=0.0)
+        other = xla.clone(conv_impl=impl)
+        variables = xla.init(jax.random.key(0), images, train=False)
+        assert jax.tree.structure(variables) == jax.tree.structure(
+            other.init(jax.random.key(0), images, train=False)
+        )
+
+        def loss(params, x, module, labels=labels):
+            logits = module.apply({"params": params}, x, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        out_x = xla.apply(variables, images, train=False)
+        out_o = other.apply(variables, images, train=False)
+        np.testing.assert_allclose(out_o, out_x, rtol=1e-4, atol=1e-5)
+        g_x = jax.grad(loss, (0, 1))(variables["params"], images, xla)
+        g_o = jax.grad(loss, (0, 1))(variables["params"], images, other)
+        for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_o), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
+        assert float(jnp.abs(jax.tree.leaves(g_x)[0]).max()) > 0  # gradients are not all zero
+
+
+@pytest.mark.parametrize("impl", ["patches", "matmul_grad"])
+def test_cnn_conv_impl_is_really_used(impl):
+    """nn.Conv passes padding="SAME" as a string: the variant must handle it rather than fall
+    back to the plain convolution (which made "patches" measure the same as "xla" once)."""
+    module = models.build("cnn", features=(8,), dense_size=0, dropout_rate=0.0, conv_impl=impl)
+    images = jnp.ones((2, 8, 8, 1))
+    variables = module.init(jax.random.key(0), images, train=False)
+    jaxpr = str(jax.make_jaxpr(lambda v: module.apply(v, images, train=False))(variables))
+    if impl == "patches":
+        assert "conv_general_dilated" not in jaxpr
+    else:
+        assert "custom_vjp_call" in jaxpr
+
+
+def test_matmul_grad_conv_with_asymmetric_padding_and_kernel():
+    from dlkit.models import conv
+
+    lhs = jax.random.normal(jax.random.key(0), (2, 9, 7, 3))
+    rhs = jax.random.normal(jax.random.key(1), (3, 2, 3, 5))
+    dims = ("NHWC", "HWIO", "NHWC")
+    for padding in (((2, 0), (0, 1)), "VALID", "SAME"):
+
+        def f(a, b, fn, padding=padding):
+            return jnp.sum(jnp.sin(fn(a, b, (1, 1), padding, dimension_numbers=dims)))
+
+        want = jax.value_and_grad(f, (0, 1))(lhs, rhs, jax.lax.conv_general_dilated)
+        got = jax.value_and_grad(f, (0, 1))(lhs, rhs, conv.matmul_grad_conv)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    # Strided convolutions are not handled: they go to the plain function, same values.
+    strided = conv.matmul_grad_conv(lhs, rhs, (2, 2), "SAME", dimension_numbers=dims)
+    np.testing.assert_array_equal(
+        strided, jax.lax.conv_general_dilated(lhs, rhs, (2, 2), "SAME", dimension_numbers=dims)
     )
-
-    def loss(params, module):
-        logits = module.apply({"params": params}, images, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    out_x = xla.apply(variables, images, train=False)
-    out_p = patches.apply(variables, images, train=False)
-    np.testing.assert_allclose(out_p, out_x, rtol=1e-4, atol=1e-5)
-    g_x = jax.grad(loss)(variables["params"], xla)
-    g_p = jax.grad(loss)(variables["params"], patches)
-    for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_p), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5)
-    assert float(jnp.abs(jax.tree.leaves(g_x)[0]).max()) > 0  # gradients are not all zero
 
 
 def test_cnn_rejects_an_unknown_conv_impl():
     module = models.build("cnn", conv_impl="fft")
-    expected = r"model.conv_impl: expected one of xla \| patches, got 'fft'"
+    expected = r"model.conv_impl: expected one of xla \| patches \| matmul_grad, got 'fft'"
     with pytest.raises(ValueError, match=expected):
         module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)

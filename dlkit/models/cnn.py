@@ -10,42 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("xla", "patches")
-
-
-def patches_conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **options):
-    """`lax.conv_general_dilated` for NHWC inputs and HWIO kernels, as patches + one matmul.
-
-    The kh*kw shifted views of the padded input are sliced and concatenated on the channel
-    axis into (B, H', W', kh*kw*C) and contracted with the kernel reshaped to (kh*kw*C, O).
-    Strided, dilated or grouped convolutions, and string paddings, use the plain function.
-
-    Args:
-      lhs: (B, H, W, C) inputs. rhs: (kh, kw, C, O) kernel. padding: ((lo, hi), (lo, hi)),
-        as `nn.Conv` passes it. Others as the lax function's.
-    Returns:
-      (B, H', W', O), the same values as `lax.conv_general_dilated` to float rounding.
-    """
-    plain = (
-        all(s == 1 for s in window_strides)
-        and all(d == 1 for d in (options.get("lhs_dilation") or (1,)))
-        and all(d == 1 for d in (options.get("rhs_dilation") or (1,)))
-        and options.get("feature_group_count", 1) == 1
-        and lhs.ndim == 4
-        and not isinstance(padding, str)
-    )
-    if not plain:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, **options
-        )
-    kh, kw, c, o = rhs.shape
-    x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    b, hp, wp, _ = x.shape
-    h, w = hp - kh + 1, wp - kw + 1
-    views = [x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(views, axis=-1)  # (B, H', W', kh*kw*C), ordered (kh, kw, C)
-    kernel = rhs.reshape(kh * kw * c, o)  # (kh*kw*C, O), the same (kh, kw, C) order
-    return jnp.einsum("bhwk,ko->bhwo", patches, kernel, precision=options.get("precision"))
+from dlkit.models import conv as conv_lib
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -86,18 +51,16 @@ class CNN(nn.Module):
     #                           float32. Set by train.precision.
     remat: bool = False  # recompute each conv block's activations in the backward pass
     conv_impl: str = "xla"  # xla (lax.conv_general_dilated) | patches (patch extraction +
-    #                         one matmul; measured no faster on XLA:CPU: docs/performance.md)
+    #                         one matmul) | matmul_grad (XLA forward, gradients as a matmul
+    #                         and a forward conv: 2-3x faster training on XLA:CPU; see
+    #                         dlkit/models/conv.py and docs/performance.md)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"CNN input: expected (B, H, W, C), got shape {x.shape}")
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(
-                f"model.conv_impl: expected one of {' | '.join(CONV_IMPLS)}, got {self.conv_impl!r}"
-            )
+        conv_fn = conv_lib.conv_function(self.conv_impl)
         x = x.astype(self.dtype)
-        conv_fn = patches_conv if self.conv_impl == "patches" else None
         # nn.remat of a function keeps the param paths (Conv_0, ...) of the plain model.
         block = nn.remat(_conv_block) if self.remat else _conv_block
         for channels in self.features:
