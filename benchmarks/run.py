@@ -28,12 +28,21 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 K = {"mlp": 50, "cnn": 10}  # steps per dispatch for the *_k / *_scan contenders
-CONTENDERS = ("jax_jit", "jax_jit_scan", "dlkit", "dlkit_k", "torch", "keras_jax")
+CONTENDERS = (
+    "jax_jit",
+    "jax_jit_scan",
+    "dlkit",
+    "dlkit_k",
+    "dlkit_matmul_grad",
+    "torch",
+    "keras_jax",
+)
 LABELS = {
     "jax_jit": "hand-written jax.jit loop",
     "jax_jit_scan": "hand-written jax.jit, lax.scan K steps/call",
     "dlkit": "dlkit.fit",
     "dlkit_k": "dlkit.fit, train.steps_per_dispatch=K",
+    "dlkit_matmul_grad": "dlkit.fit, model.conv_impl=matmul_grad",
     "torch": "PyTorch eager CPU (2 threads)",
     "keras_jax": "Keras 3 fit (JAX backend)",
 }
@@ -207,9 +216,12 @@ def main(argv=None) -> None:
             # Convolutions inside lax.scan run ~20x slower on XLA:CPU (measured 0.5 vs 10
             # steps/s): K steps per call only on request (--contenders) for the CNN.
             names = [n for n in names if n not in ("jax_jit_scan", "dlkit_k")]
+        if model == "mlp":  # no convolutions: the same program as "dlkit"
+            names = [n for n in names if n != "dlkit_matmul_grad"]
         res = bench_model(model, names, repeats, args.quick, args.conv_impl, log_dir)
         for n in wanted:
-            res["results"].setdefault(n, [])
+            if not (model == "mlp" and n == "dlkit_matmul_grad"):
+                res["results"].setdefault(n, [])
         text = table(model, res)
         print("\n" + text + "\n", flush=True)
         sections.append((model, res, text))

@@ -311,6 +311,7 @@ CONTENDERS = {
     "dlkit_k": lambda m, x, y: dlkit_worker(
         m, x, y, int(os.environ["BENCH_K"]), os.environ.get("BENCH_CONV", "")
     ),
+    "dlkit_matmul_grad": lambda m, x, y: dlkit_worker(m, x, y, conv_impl="matmul_grad"),
     "torch": torch_worker,
     "keras_jax": keras_worker,
 }

@@ -6,7 +6,8 @@
     ckpt.close()                                                         # waits for writes
 
 One checkpoint is one Orbax step directory with three items: "state" (the TrainState's arrays,
-via `StandardSave`), "data" ({"position": int}) and "config" (the run's config as JSON).
+via Orbax's PyTree handler, uncompressed: see `_state_handler`), "data" ({"position": int})
+and "config" (the run's config as JSON).
 Restoring takes an abstract state whose leaves carry the *target* shardings, so a state saved
 on 8 devices restores onto 1, or onto the CPU in a notebook: the layout is chosen at restore.
 
@@ -73,6 +74,18 @@ if hasattr(threading, "_register_atexit"):
     threading._register_atexit(_wait_for_open_checkpointers)
 else:  # pragma: no cover - other Python implementations
     atexit.register(_wait_for_open_checkpointers)
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The handler of the "state" item: Orbax's PyTree handler (OCDBT) without compression.
+
+    `StandardCheckpointHandler` is this handler with zstd compression on. Weights barely
+    compress (a 100 MiB float32 state took 92.4 MiB), and decompressing halved the restore
+    speed (156 vs 79 ms for 100 MiB, measured on 2 CPU cores) while compressing competes with
+    training for the CPU during async saves. The on-disk format is the same, so checkpoints
+    written compressed (by earlier versions) restore unchanged.
+    """
+    return ocp.PyTreeCheckpointHandler(use_compression=False)
 
 
 class CheckpointError(RuntimeError):
@@ -213,7 +226,7 @@ class Checkpointer:
             self.directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": _state_handler(),
                 "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
@@ -360,7 +373,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=ocp.args.JsonSave({"position": int(data_position)}),
                 config=ocp.args.JsonSave(config or {}),
             ),
@@ -423,7 +436,10 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.PyTreeRestore(
+                    abstract_state,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                ),
                 data=ocp.args.JsonRestore(),
             ),
         )

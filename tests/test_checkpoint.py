@@ -146,3 +146,54 @@ def test_restore_of_missing_step_names_the_saved_steps(tmp_path):
     dlkit.fit(tiny_digits_config(), tmp_path)
     with pytest.raises(FileNotFoundError, match=r"expected one of the saved steps \[6, 12\]"):
         dlkit.load_checkpoint(tmp_path, step=7)
+
+
+def test_a_checkpoint_written_compressed_by_orbax_standard_handler_restores(tmp_path):
+    """dlkit writes the state uncompressed; checkpoints of earlier versions (Orbax's
+    StandardCheckpointHandler, zstd) must still restore, bit for bit."""
+    import orbax.checkpoint as ocp
+
+    from dlkit import checkpoint as checkpoint_lib
+
+    cfg = tiny_digits_config()
+    c = dlkit.build(cfg)
+    state = c.init_state()
+    directory = tmp_path / "checkpoints"
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
+    )
+    manager.save(
+        3,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"position": 3}),
+            config=ocp.args.JsonSave(cfg.to_dict()),
+        ),
+    )
+    manager.close()
+    metadata = json.loads((directory / "3" / "state" / "_METADATA").read_text())
+    assert "zstd" in json.dumps(metadata) or any(
+        "zstd" in p.read_text(errors="ignore")
+        for p in (directory / "3" / "state").rglob("*")
+        if p.is_file() and p.stat().st_size < 100_000
+    )  # the old format really is compressed
+    checkpoint_lib.write_manifest(directory / "3", 3)
+    with dlkit.Checkpointer(directory) as ckpt:
+        restored, position = ckpt.restore(c.abstract_state())
+    assert position == 3
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_state_is_written_uncompressed(tmp_path):
+    """No zstd on the state: weights barely compress and decompressing halves restore speed."""
+    dlkit.fit(tiny_digits_config(), tmp_path)
+    state_dir = tmp_path / "checkpoints" / "12" / "state"
+    small = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size < 100_000]
+    assert small and not any("zstd" in p.read_text(errors="ignore") for p in small)
