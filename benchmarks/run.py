@@ -127,6 +127,7 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     versions = {}
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # as the Keras worker runs it
     for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "keras"):
         try:
             versions[mod] = __import__(mod).__version__
@@ -201,7 +202,9 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="mlp,cnn", help="comma list of mlp, cnn, checkpoint")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--repeats", type=int, default=0, help="default 3 (--quick) or 5")
-    p.add_argument("--conv-impl", default="xla", help="dlkit CNN's conv_impl: xla | patches")
+    p.add_argument(
+        "--conv-impl", default="xla", help="dlkit CNN's conv_impl: xla | patches | matmul_grad"
+    )
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="'' = do not write")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -243,7 +246,7 @@ def write_markdown(args, sections, ckpt_text, skipped, repeats, elapsed) -> None
     out = [
         "# Benchmarks",
         "",
-        f"Written by `{cmd.strip()}` on {datetime.datetime.now():%Y-%m-%d %H:%M} "
+        f"Written by `{cmd.strip()}` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC "
         f"({elapsed:.0f} s). See benchmarks/README.md for what is measured and how.",
         "",
         f"- CPU: {m['cpu']}; {m['os']}; Python {m['python']}",
