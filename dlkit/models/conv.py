@@ -31,7 +31,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _is_plain(lhs, window_strides, padding, dimension_numbers, options) -> bool:
-    """Stride 1, no dilation, no groups, explicit padding, 4-D: what the variants handle."""
+    """Stride 1, no dilation, no groups, NHWC/HWIO, 4-D: what the variants handle."""
     if dimension_numbers is not None and not _is_nhwc(dimension_numbers):
         return False
     return (
@@ -86,11 +86,18 @@ def patches_conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **op
     h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     patches = _patches(x, kh, kw, h, w)  # (B, H', W', kh*kw*C)
     kernel = rhs.reshape(kh * kw * c, o)  # (kh*kw*C, O), the same (kh, kw, C) order
-    return jnp.einsum("bhwk,ko->bhwo", patches, kernel, precision=options.get("precision"))
+    return jnp.einsum(
+        "bhwk,ko->bhwo",
+        patches,
+        kernel,
+        precision=options.get("precision"),
+        preferred_element_type=options.get("preferred_element_type"),
+    )
 
 
 def matmul_grad_conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **options):
-    """`lax.conv_general_dilated` with gradients computed as a matmul and a forward conv.
+    """`lax.conv_general_dilated` as `patches_conv`, with the kernel gradient as one matmul
+    of the patch matrix and the input gradient from XLA's convolution (a custom VJP).
 
     Args and returns as `patches_conv`. Falls back to the lax function for strided, dilated or
     grouped convolutions, and for non-NHWC layouts.
@@ -116,23 +123,30 @@ def _conv(lhs, rhs, padding, precision, preferred_element_type):
     )
 
 
-def _patches_matmul(lhs, rhs, padding, precision):
+def _patches_matmul(lhs, rhs, padding, precision, preferred_element_type):
     """The forward of "patches": (B, H, W, C) -> (B, H', W', O), and the patch matrix."""
     kh, kw, c, o = rhs.shape
     x = _pad(lhs, padding)
     h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     patches = _patches(x, kh, kw, h, w)  # (B, H', W', kh*kw*C)
     kernel = rhs.reshape(kh * kw * c, o)  # (kh*kw*C, O), the same (kh, kw, C) order
-    return jnp.einsum("bhwk,ko->bhwo", patches, kernel, precision=precision), patches
+    out = jnp.einsum(
+        "bhwk,ko->bhwo",
+        patches,
+        kernel,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return out, patches
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_custom_vjp(lhs, rhs, padding, precision, preferred_element_type):
-    return _patches_matmul(lhs, rhs, padding, precision)[0]
+    return _patches_matmul(lhs, rhs, padding, precision, preferred_element_type)[0]
 
 
 def _conv_fwd(lhs, rhs, padding, precision, preferred_element_type):
-    out, patches = _patches_matmul(lhs, rhs, padding, precision)
+    out, patches = _patches_matmul(lhs, rhs, padding, precision, preferred_element_type)
     return out, (lhs, rhs, patches)
 
 
