@@ -236,3 +236,28 @@ def test_cnn_rejects_an_unknown_conv_impl():
     expected = r"model.conv_impl: expected one of xla \| patches \| matmul_grad, got 'fft'"
     with pytest.raises(ValueError, match=expected):
         module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+
+
+def test_max_pool_2x2_derivatives_share_ties_like_jax():
+    """The custom JVP gives exactly JAX's derivatives of a max over each window, ties
+    included (each of k tied maxima gets 1/k), in reverse and in forward mode."""
+    x = jax.nn.relu(jax.random.normal(jax.random.key(4), (3, 9, 8, 5)))  # ReLU zeros tie
+    x = x.at[0, 0:2, 0:2, 0].set(0.7)  # four equal maxima
+    x = x.at[1, 0, 0, 0].set(0.9).at[1, 0, 1, 0].set(0.9).at[1, 1, 0, 0].set(0.9)  # three
+    w = jax.random.normal(jax.random.key(5), (3, 4, 4, 5))
+
+    def reference(x):
+        b, h, w_, c = x.shape
+        x = x[:, : h - h % 2, : w_ - w_ % 2, :].reshape(b, h // 2, 2, w_ // 2, 2, c)
+        return jnp.max(x, axis=(2, 4))
+
+    got = jax.grad(lambda x: jnp.sum(w * models.cnn.max_pool_2x2(x)))(x)
+    want = jax.grad(lambda x: jnp.sum(w * reference(x)))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(got[0, 0:2, 0:2, 0], w[0, 0, 0, 0] / 4, rtol=1e-6)
+    np.testing.assert_allclose(got[1, 0, 0:2, 0], w[1, 0, 0, 0] / 3, rtol=1e-6)
+    assert float(jnp.sum(got[:, 8, :, :] != 0)) == 0  # the dropped odd row
+    tangent = jax.random.normal(jax.random.key(6), x.shape)
+    _, jvp_got = jax.jvp(models.cnn.max_pool_2x2, (x,), (tangent,))
+    _, jvp_want = jax.jvp(reference, (x,), (tangent,))
+    np.testing.assert_allclose(np.asarray(jvp_got), np.asarray(jvp_want), rtol=1e-6, atol=1e-7)

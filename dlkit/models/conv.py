@@ -156,7 +156,9 @@ def _conv_bwd(padding, precision, preferred_element_type, residuals, g):
     g = g.astype(lhs.dtype)  # (B, H', W', O)
     # d rhs[u, v, c, o] = sum_{b,i,j} xpad[b, i+u, j+v, c] g[b, i, j, o]: one matmul whose
     # contraction runs over every output position.
-    d_rhs = jnp.einsum("bhwk,bhwo->ko", patches, g, precision=precision)  # (kh*kw*C, O)
+    # Written as g^T @ patches: XLA then transposes g (B*H'*W' x O) rather than the patch
+    # matrix, which is kh*kw*C/O times larger (7.6 ms of a 55 ms CNN step, profiled).
+    d_rhs = jnp.einsum("bhwo,bhwk->ok", g, patches, precision=precision).T  # (kh*kw*C, O)
     d_rhs = d_rhs.reshape(kh, kw, c, o).astype(rhs.dtype)
     # d lhs: XLA's own transpose of the convolution (16 ms on the layer above, against 28 ms
     # for the transpose of the patch slicing, and 17-24 ms for a forward conv with the
