@@ -2,14 +2,18 @@
 
 Command:   dlkit train fashion_mnist_cnn
 Hardware:  2 CPU cores, no accelerator.
-Runtime:   4 min 31 s wall (270.8 s) for 3750 steps at HEAD of this change, compilation, the
-           compute report and 3 evaluations included, ~14-15 steps/s; measured on an otherwise
-           idle machine with `/usr/bin/time dlkit train fashion_mnist_cnn --no-progress`. Before
-           the scale/reliability merges the same command took 231.7 s (~17 steps/s); an
-           alternating A/B over 400 steps gave 16.4-16.8 (before) vs 14.3-15.3 steps/s (after).
-           The cause is not found yet (the NaN guard's select alone is not it).
+Runtime:   4 min 51 s wall (291 s) for 3750 steps, compilation, the compute report and 3
+           evaluations included, ~13.5 steps/s; 3 min 47 s (227 s) with
+           `--set model.conv_impl=matmul_grad`. Both measured on 2026-12-01 on an otherwise idle
+           2-core Intel Xeon with `/usr/bin/time -v dlkit train fashion_mnist_cnn --no-progress`.
+           (An earlier session recorded 4 min 31 s on a 2-core AMD EPYC; machines differ.) An
+           alternating A/B over 400 steps on the Xeon, against the commit before the CPU host
+           feed and the strided-view max-pool: 12.5-13.0 (before) vs 14.0-14.6 steps/s (after).
 Result:    92.38% test accuracy (eval loss 0.216), seed 0; the same at steps 1250/2500/3750
-           (90.57%/91.91%/92.38%) in three separate runs.
+           (90.57%/91.91%/92.38%) in three separate runs and again on 2026-12-01 after the
+           max-pool change (its derivatives are JAX's, ties included). With
+           model.conv_impl=matmul_grad (the same function, other float rounding): 90.30%/92.17%/
+           92.48%.
 Data:      the standard IDX files (Debian: `apt-get install dataset-fashion-mnist`, installed under
            /usr/share/datasets/fashion-mnist; or set DLKIT_DATA_DIR / --set data.data_dir=DIR).
            60,000 train / 10,000 official test images, 28x28 grey.
