@@ -77,7 +77,7 @@ class CNN(nn.Module):
     remat: bool = False  # recompute each conv block's activations in the backward pass
     conv_impl: str = "xla"  # xla (lax.conv_general_dilated) | patches (patch extraction +
     #                         one matmul) | matmul_grad (patches, kernel gradient as one
-    #                         matmul: 1.27x the training step of xla on XLA:CPU); the same
+    #                         matmul: 1.28x the training step of xla on XLA:CPU); the same
     #                         function each way: dlkit/models/conv.py, docs/performance.md
 
     @nn.compact
