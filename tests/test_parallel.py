@@ -100,3 +100,21 @@ def test_sync_every_step_auto_is_on_for_multi_device_cpu_only():
     assert dlkit.make_strategy("pmap", sync_every_step="false").sync_every_step is False
     with pytest.raises(ValueError, match="parallel.sync_every_step"):
         dlkit.make_strategy("jit", sync_every_step="sometimes")
+
+
+def test_host_feed_on_cpu_hands_numpy_to_the_jit_step_and_devices_arrays_to_pmap():
+    """On CPU with one process the jit step takes the host batch as it is (its own argument
+    handling splits it over the mesh); pmap keeps its per-device reshaping put."""
+    batch = {"x": np.arange(16, dtype=np.float32), "mask": np.ones(16, np.float32)}
+    jit = dlkit.make_strategy("jit")
+    fed = jit.host_feed()(batch)
+    assert all(type(v) is np.ndarray for v in fed.values())
+    stacked = jit.host_feed(stacked=True)({k: np.stack([v, v]) for k, v in batch.items()})
+    assert all(type(v) is np.ndarray for v in stacked.values())
+    # The compiled step places it exactly as put_batch would: 2 rows on each of 8 devices.
+    split = jax.jit(lambda b: b["x"] * 1.0, in_shardings=(jit.batch_sharding,))(fed)
+    assert {tuple(np.asarray(s.data)) for s in split.addressable_shards} == {
+        (float(2 * i), float(2 * i + 1)) for i in range(8)
+    }
+    pmap = dlkit.make_strategy("pmap")
+    assert pmap.host_feed()(batch)["x"].shape == (8, 2)
