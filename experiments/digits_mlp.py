@@ -2,10 +2,11 @@
 
 Command:   dlkit train digits_mlp            (or just `dlkit train`)
 Hardware:  2 CPU cores, no accelerator.
-Runtime:   8.7 s and 10.2 s wall for 2000 steps (two runs), compilation, the compute report's
-           one-off CPU peak measurement and 4 evaluations included (~800 steps/s once compiled);
-           measured with `/usr/bin/time dlkit train digits_mlp --no-progress`. Before the
-           compute report was added it took 7.1-7.2 s.
+Runtime:   7.8 s wall for 2000 steps on 2026-12-01 (2-core Intel Xeon; 7.6 s on a second run),
+           compilation, the compute report's one-off CPU peak measurement and 4 evaluations
+           included (~840 steps/s once compiled); measured with
+           `/usr/bin/time dlkit train digits_mlp --no-progress`. Earlier sessions measured
+           8.7-10.2 s on a 2-core AMD EPYC, before the CPU host feed.
 Result:    98.06% test accuracy (353/360), eval loss 0.065, seed 0; bitwise the same on a rerun.
 Data:      sklearn.datasets.load_digits, 1437 train / 360 held-out test (stratified, seed 0).
 """
