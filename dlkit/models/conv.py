@@ -81,18 +81,11 @@ def patches_conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **op
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, **options
         )
-    kh, kw, c, o = rhs.shape
-    x = _pad(lhs, _explicit(padding, lhs, rhs, window_strides))
-    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    patches = _patches(x, kh, kw, h, w)  # (B, H', W', kh*kw*C)
-    kernel = rhs.reshape(kh * kw * c, o)  # (kh*kw*C, O), the same (kh, kw, C) order
-    return jnp.einsum(
-        "bhwk,ko->bhwo",
-        patches,
-        kernel,
-        precision=options.get("precision"),
-        preferred_element_type=options.get("preferred_element_type"),
+    padding = _explicit(padding, lhs, rhs, window_strides)
+    out, _ = _patches_matmul(
+        lhs, rhs, padding, options.get("precision"), options.get("preferred_element_type")
     )
+    return out
 
 
 def matmul_grad_conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **options):
