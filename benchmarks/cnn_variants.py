@@ -4,8 +4,8 @@ Times one jitted fwd+bwd+Adam step of the zoo CNN (features (32, 64), dense 128,
 28x28x1) for each way of writing the convolution, alternating repeats, median steps/s:
 - xla:     `nn.Conv` (lax.conv_general_dilated, NHWC), dlkit's default;
 - patches: `conv_impl="patches"` (shifted views concatenated on channels + one matmul);
-- matmul_grad: `conv_impl="matmul_grad"` (XLA forward; custom VJP: kernel gradient as one
-  matmul, input gradient as a forward conv of the flipped kernel).
+- matmul_grad: `conv_impl="matmul_grad"` (the patches forward; custom VJP: kernel gradient as
+  one matmul of the patch matrix, input gradient XLA's own).
 See dlkit/models/conv.py.
 """
 

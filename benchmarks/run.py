@@ -219,11 +219,12 @@ def main(argv=None) -> None:
             # Convolutions inside lax.scan run ~20x slower on XLA:CPU (measured 0.5 vs 10
             # steps/s): K steps per call only on request (--contenders) for the CNN.
             names = [n for n in names if n not in ("jax_jit_scan", "dlkit_k")]
-        if model == "mlp":  # no convolutions: the same program as "dlkit"
-            names = [n for n in names if n != "dlkit_matmul_grad"]
+        # No convolutions in the MLP: conv_impl would run the same program as "dlkit".
+        not_for_model = {"dlkit_matmul_grad"} if model == "mlp" else set()
+        names = [n for n in names if n not in not_for_model]
         res = bench_model(model, names, repeats, args.quick, args.conv_impl, log_dir)
         for n in wanted:
-            if not (model == "mlp" and n == "dlkit_matmul_grad"):
+            if n not in not_for_model:
                 res["results"].setdefault(n, [])
         text = table(model, res)
         print("\n" + text + "\n", flush=True)

@@ -201,10 +201,6 @@ class Strategy:
             self._zeros_fns[key] = make
         return make()
 
-    # Whether the compiled steps take host batches shaped as the loader makes them (jit: the
-    # global batch as it is; pmap reshapes per device, so it keeps its `put_batch`).
-    feeds_numpy = False
-
     def _count(self, name: str):
         self.trace_counts[name] += 1
 
@@ -212,18 +208,9 @@ class Strategy:
         raise NotImplementedError
 
     def host_feed(self, stacked: bool = False):
-        """The function the loop's prefetch thread applies to each host batch.
-
-        On accelerators that is `put_batch` (or `put_stacked` for K stacked batches): the
-        host-to-device copy then overlaps the running step. With one process on CPU devices
-        the batch stays a dict of numpy arrays and the compiled step's own argument handling
-        places it by its input sharding. On CPU "device" memory is host memory, so there is
-        no copy to overlap, and `jax.device_put` in Python costs ~120-140 us per batch against
-        ~0-15 us inside the call (measured on the digits MLP, 2 CPU cores): 10-15% of a
-        small model's step.
-        """
-        if self.platform == "cpu" and self.process_count == 1 and self.feeds_numpy:
-            return _as_numpy
+        """The function the loop's prefetch thread applies to each host batch: `put_batch`
+        (or `put_stacked` for K stacked batches), so the host-to-device copy overlaps the
+        running step. `JitStrategy` skips it on CPU."""
         return self.put_stacked if stacked else self.put_batch
 
     def batch_spec(self, example: dict[str, np.ndarray], batch_size: int) -> dict:
@@ -256,10 +243,22 @@ class JitStrategy(Strategy):
     """`jax.jit` on a Mesh: global arrays, batch split along "data", params replicated."""
 
     name = "jit"
-    feeds_numpy = True
 
     def _available_devices(self) -> list:
         return list(jax.devices())
+
+    def host_feed(self, stacked: bool = False):
+        """With one process on CPU devices the batch stays a dict of numpy arrays, and the
+        compiled step's own argument handling places it by its input sharding.
+
+        On CPU "device" memory is host memory, so there is no copy to overlap, and
+        `jax.device_put` in Python costs ~120-140 us per batch against ~0-15 us inside the
+        call (measured on the digits MLP, 2 CPU cores): 10-15% of a small model's step.
+        (pmap keeps its `put_batch`: it reshapes the batch per device.)
+        """
+        if self.platform == "cpu" and self.process_count == 1:
+            return _as_numpy
+        return super().host_feed(stacked)
 
     @property
     def batch_sharding(self) -> NamedSharding:

@@ -68,40 +68,45 @@ def _pad(lhs, padding):
     return jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
 
 
-def patches_conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **options):
+def _stride1_variant(body):
+    """A `conv_general_dilated` that runs `body(lhs, rhs, pads, precision, preferred_type)` for
+    the convolutions `_is_plain` accepts (padding made explicit) and the lax function for the
+    rest."""
+
+    @functools.wraps(body)
+    def conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **options):
+        if not _is_plain(lhs, window_strides, padding, dimension_numbers, options):
+            return jax.lax.conv_general_dilated(
+                lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, **options
+            )
+        padding = _explicit(padding, lhs, rhs, window_strides)
+        return body(
+            lhs, rhs, padding, options.get("precision"), options.get("preferred_element_type")
+        )
+
+    return conv
+
+
+@_stride1_variant
+def patches_conv(lhs, rhs, padding, precision, preferred_element_type):
     """`lax.conv_general_dilated` for NHWC inputs and HWIO kernels, as patches + one matmul.
 
-    Args:
-      lhs: (B, H, W, C) inputs. rhs: (kh, kw, C, O) kernel. padding: ((lo, hi), (lo, hi)) or
-        "SAME" / "VALID". Others as the lax function's.
-    Returns:
-      (B, H', W', O), the same values as `lax.conv_general_dilated` to float rounding.
+    Called as the lax function: (lhs, rhs, window_strides, padding, dimension_numbers,
+    **options), with lhs (B, H, W, C), rhs (kh, kw, C, O) and padding ((lo, hi), (lo, hi)) or
+    "SAME" / "VALID". Returns (B, H', W', O), the same values as the lax function to float
+    rounding.
     """
-    if not _is_plain(lhs, window_strides, padding, dimension_numbers, options):
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, **options
-        )
-    padding = _explicit(padding, lhs, rhs, window_strides)
-    out, _ = _patches_matmul(
-        lhs, rhs, padding, options.get("precision"), options.get("preferred_element_type")
-    )
-    return out
+    return _patches_matmul(lhs, rhs, padding, precision, preferred_element_type)[0]
 
 
-def matmul_grad_conv(lhs, rhs, window_strides, padding, dimension_numbers=None, **options):
+@_stride1_variant
+def matmul_grad_conv(lhs, rhs, padding, precision, preferred_element_type):
     """`lax.conv_general_dilated` as `patches_conv`, with the kernel gradient as one matmul
     of the patch matrix and the input gradient from XLA's convolution (a custom VJP).
 
-    Args and returns as `patches_conv`. Falls back to the lax function for strided, dilated or
-    grouped convolutions, and for non-NHWC layouts.
+    Called and returns as `patches_conv`.
     """
-    if not _is_plain(lhs, window_strides, padding, dimension_numbers, options):
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, dimension_numbers=dimension_numbers, **options
-        )
-    padding = _explicit(padding, lhs, rhs, window_strides)
-    precision = options.get("precision")
-    return _conv_custom_vjp(lhs, rhs, padding, precision, options.get("preferred_element_type"))
+    return _conv_custom_vjp(lhs, rhs, padding, precision, preferred_element_type)
 
 
 def _conv(lhs, rhs, padding, precision, preferred_element_type):
