@@ -17,8 +17,8 @@ byte restores silently; an empty step directory breaks the manager; best-N reten
 the newest step). dlkit therefore keeps its own rules on top of Orbax:
 
 - A step counts only when Orbax's commit marker (`commit_success.txt`) AND dlkit's manifest
-  (`dlkit_manifest.json`: size and CRC-32 of every file) are both present. With async saves the
-  manifest is written inside Orbax's temporary directory just before Orbax renames it into
+  (`dlkit_manifest.json`: the size of every file and a CRC-32 of each 8 MiB of it) are both
+  present. With async saves the manifest is written inside Orbax's temporary directory just before Orbax renames it into
   place, so the two appear together; with sync saves it is written (atomically) right after.
 - Restoring verifies every checksum first. A step that fails is reported (which step, which
   file, what is wrong), moved to `.quarantine/` (kept for inspection, never deleted), and the
@@ -33,6 +33,7 @@ Every exit path waits for pending saves: `close()` (called by `fit` in a `finall
 """
 
 import atexit
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -55,7 +56,8 @@ STEP_METADATA = "_CHECKPOINT_METADATA"
 TRASH = ".trash"
 QUARANTINE = ".quarantine"
 _ORBAX_TMP = ".orbax-checkpoint-tmp"
-_CHUNK = 1 << 22
+_CHUNK = 1 << 22  # read size of a version-1 (whole-file) CRC
+CHUNK_BYTES = 1 << 23  # a version-2 manifest has one CRC-32 per 8 MiB of each file
 
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
@@ -93,11 +95,59 @@ class CheckpointError(RuntimeError):
 
 
 def _crc32(path: pathlib.Path) -> int:
+    """CRC-32 of a whole file (manifest version 1)."""
     crc = 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for checksums: `os.pread` and `zlib.crc32` release the GIL, so the chunks of a
+    file are checksummed on all cores at once (36 -> 19 ms for 100 MiB on 2 cores, measured:
+    docs/performance.md)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="dlkit-crc"
+            )
+        return _POOL
+
+
+def _chunk_crc32(path: pathlib.Path, offset: int, length: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        crc, done = 0, 0
+        while done < length:
+            data = os.pread(fd, length - done, offset + done)
+            if not data:
+                break  # the file shrank: the caller's size check reports it
+            crc = zlib.crc32(data, crc)
+            done += len(data)
+        return crc
+    finally:
+        os.close(fd)
+
+
+def _chunk_crcs(
+    paths: dict[str, tuple[pathlib.Path, int]], chunk: int = CHUNK_BYTES
+) -> dict[str, list[int]]:
+    """{name: [CRC-32 of each `chunk`-byte piece]} for {name: (path, size)}, the chunks of all
+    files checksummed in parallel. An empty file has no chunks."""
+    futures = {
+        name: [
+            _pool().submit(_chunk_crc32, path, off, min(chunk, size - off))
+            for off in range(0, size, chunk)
+        ]
+        for name, (path, size) in paths.items()
+    }
+    return {name: [f.result() for f in fs] for name, fs in futures.items()}
 
 
 def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
@@ -110,14 +160,27 @@ def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
 
 
 def write_manifest(step_dir: pathlib.Path, step: int, metrics: dict | None = None) -> None:
-    """Records the size and CRC-32 of every file under `step_dir` in its manifest."""
-    files = {}
+    """Records the size and the chunk CRC-32s of every file under `step_dir` in its manifest.
+
+    Version 2 of the manifest: one CRC-32 per CHUNK_BYTES of each file (so the chunks are
+    checksummed in parallel, and a mismatch names the byte range). Version 1 manifests (one
+    CRC-32 per file, written by dlkit <= 0.1) are still verified.
+    """
+    paths = {}
     for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(step_dir).as_posix()
         if path.name in (MANIFEST, COMMIT_MARKER, STEP_METADATA) or rel.endswith(".tmp"):
             continue
-        files[rel] = {"size": path.stat().st_size, "crc32": _crc32(path)}
-    payload = {"version": 1, "step": step, "files": files, "metrics": metrics or {}}
+        paths[rel] = (path, path.stat().st_size)
+    crcs = _chunk_crcs(paths)
+    files = {rel: {"size": size, "crc32": crcs[rel]} for rel, (_, size) in paths.items()}
+    payload = {
+        "version": 2,
+        "step": step,
+        "chunk_bytes": CHUNK_BYTES,
+        "files": files,
+        "metrics": metrics or {},
+    }
     _write_json_atomic(step_dir / MANIFEST, payload)
 
 
@@ -141,14 +204,26 @@ def verify_step(step_dir: pathlib.Path) -> list[str]:
         problems.append(f"{STEP_METADATA}: missing")
     except (OSError, ValueError):
         problems.append(f"{STEP_METADATA}: not valid JSON")
+    to_check = {}
     for rel, expected in manifest["files"].items():
         path = step_dir / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
         elif path.stat().st_size != expected["size"]:
             problems.append(f"{rel}: size {path.stat().st_size} bytes, expected {expected['size']}")
-        elif _crc32(path) != expected["crc32"]:
-            problems.append(f"{rel}: CRC-32 mismatch (the bytes changed after saving)")
+        elif isinstance(expected["crc32"], int):  # version 1: one CRC of the whole file
+            if _crc32(path) != expected["crc32"]:
+                problems.append(f"{rel}: CRC-32 mismatch (the bytes changed after saving)")
+        else:
+            to_check[rel] = (path, expected["size"])
+    chunk = manifest.get("chunk_bytes", CHUNK_BYTES)
+    for rel, got in _chunk_crcs(to_check, chunk).items():
+        bad = [i for i, (a, b) in enumerate(zip(got, manifest["files"][rel]["crc32"])) if a != b]
+        if bad or len(got) != len(manifest["files"][rel]["crc32"]):
+            where = f" at bytes {bad[0] * chunk}-{min((bad[0] + 1) * chunk, to_check[rel][1])}"
+            problems.append(
+                f"{rel}: CRC-32 mismatch{where if bad else ''} (the bytes changed after saving)"
+            )
     return problems
 
 

@@ -1,6 +1,7 @@
 """Crash safety: commit rules, corruption fallback, retention, NaN policy, stop signals."""
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -153,6 +155,57 @@ def test_async_save_not_waited_for_is_completed_at_exit(tmp_path):
     assert ckpt_lib.verify_step(tmp_path / "7") == []
     with dlkit.Checkpointer(tmp_path) as c:
         assert c.all_steps() == [7]
+
+
+def _committed_step_dir(tmp_path, payload: bytes) -> pathlib.Path:
+    """A step directory holding one data file and Orbax's two marker files."""
+    step_dir = tmp_path / "5"
+    (step_dir / "state").mkdir(parents=True)
+    (step_dir / "state" / "data").write_bytes(payload)
+    (step_dir / ckpt_lib.COMMIT_MARKER).write_text("ok")
+    (step_dir / ckpt_lib.STEP_METADATA).write_text("{}")
+    return step_dir
+
+
+def test_manifest_has_one_crc_per_chunk_and_a_flip_names_the_byte_range(tmp_path):
+    chunk = ckpt_lib.CHUNK_BYTES
+    payload = np.random.default_rng(0).bytes(2 * chunk + 1000)  # three chunks, the last short
+    step_dir = _committed_step_dir(tmp_path, payload)
+    ckpt_lib.write_manifest(step_dir, 5)
+    manifest = json.loads((step_dir / ckpt_lib.MANIFEST).read_text())
+    entry = manifest["files"]["state/data"]
+    assert manifest["version"] == 2 and manifest["chunk_bytes"] == chunk
+    assert entry["size"] == len(payload)
+    assert entry["crc32"] == [
+        zlib.crc32(payload[i : i + chunk]) for i in range(0, len(payload), chunk)
+    ]
+    assert ckpt_lib.verify_step(step_dir) == []
+
+    data = bytearray(payload)
+    data[chunk + 7] ^= 0x01  # one bit in the second chunk
+    (step_dir / "state" / "data").write_bytes(bytes(data))
+    assert ckpt_lib.verify_step(step_dir) == [
+        f"state/data: CRC-32 mismatch at bytes {chunk}-{2 * chunk} "
+        "(the bytes changed after saving)"
+    ]
+
+
+def test_a_version_1_manifest_whole_file_crc_still_verifies(tmp_path):
+    """Checkpoints written before the chunked manifest keep restoring, and keep being checked."""
+    payload = np.random.default_rng(1).bytes(3 << 20)
+    step_dir = _committed_step_dir(tmp_path, payload)
+    v1 = {
+        "version": 1,
+        "step": 5,
+        "files": {"state/data": {"size": len(payload), "crc32": zlib.crc32(payload)}},
+        "metrics": {},
+    }
+    (step_dir / ckpt_lib.MANIFEST).write_text(json.dumps(v1))
+    assert ckpt_lib.verify_step(step_dir) == []
+    (step_dir / "state" / "data").write_bytes(payload[:-1] + bytes([payload[-1] ^ 0x80]))
+    assert ckpt_lib.verify_step(step_dir) == [
+        "state/data: CRC-32 mismatch (the bytes changed after saving)"
+    ]
 
 
 # ---- NaN / Inf ----------------------------------------------------------------------------
