@@ -18,8 +18,9 @@ the newest step). dlkit therefore keeps its own rules on top of Orbax:
 
 - A step counts only when Orbax's commit marker (`commit_success.txt`) AND dlkit's manifest
   (`dlkit_manifest.json`: the size of every file and a CRC-32 of each 8 MiB of it) are both
-  present. With async saves the manifest is written inside Orbax's temporary directory just before Orbax renames it into
-  place, so the two appear together; with sync saves it is written (atomically) right after.
+  present. With async saves the manifest is written inside Orbax's temporary directory just
+  before Orbax renames it into place, so the two appear together; with sync saves it is
+  written (atomically) right after.
 - Restoring verifies every checksum first. A step that fails is reported (which step, which
   file, what is wrong), moved to `.quarantine/` (kept for inspection, never deleted), and the
   next older valid step is tried.
@@ -218,11 +219,14 @@ def verify_step(step_dir: pathlib.Path) -> list[str]:
             to_check[rel] = (path, expected["size"])
     chunk = manifest.get("chunk_bytes", CHUNK_BYTES)
     for rel, got in _chunk_crcs(to_check, chunk).items():
-        bad = [i for i, (a, b) in enumerate(zip(got, manifest["files"][rel]["crc32"])) if a != b]
-        if bad or len(got) != len(manifest["files"][rel]["crc32"]):
-            where = f" at bytes {bad[0] * chunk}-{min((bad[0] + 1) * chunk, to_check[rel][1])}"
+        # The sizes matched, so the chunk counts do.
+        want = manifest["files"][rel]["crc32"]
+        bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+        if bad:
+            end = min((bad[0] + 1) * chunk, to_check[rel][1])
             problems.append(
-                f"{rel}: CRC-32 mismatch{where if bad else ''} (the bytes changed after saving)"
+                f"{rel}: CRC-32 mismatch at bytes {bad[0] * chunk}-{end} "
+                "(the bytes changed after saving)"
             )
     return problems
 
@@ -438,8 +442,7 @@ class Checkpointer:
         """
         if self.read_only:
             raise CheckpointError(f"save: this Checkpointer on {self.directory} is read-only")
-        self._manager.wait_until_finished()  # Orbax would wait here anyway
-        self._apply_retention()
+        self.wait()  # Orbax would wait here anyway
         if (self.directory / str(step)).exists():
             raise CheckpointError(
                 f"step {step}: a checkpoint with this step already exists in {self.directory}"
@@ -557,9 +560,21 @@ class Checkpointer:
         return restored["config"]
 
     def wait(self) -> None:
-        """Blocks until every started save is written and committed, then applies retention."""
-        self._manager.wait_until_finished()
-        self._pending = None
+        """Blocks until every started save is written and committed, then applies retention.
+
+        Raises:
+          CheckpointError: the async save in flight failed (naming its step; the cause is
+            chained). The steps saved before it are untouched.
+        """
+        try:
+            self._manager.wait_until_finished()  # runs `_finalize_pending` for the last save
+        except Exception as e:
+            step = self._pending[0] if self._pending else "?"
+            raise CheckpointError(
+                f"async save of step {step} to {self.directory} failed: {type(e).__name__}: {e}"
+            ) from e
+        finally:
+            self._pending = None
         self._apply_retention()
 
     def close(self) -> None:

@@ -197,3 +197,62 @@ def test_the_state_is_written_uncompressed(tmp_path):
     state_dir = tmp_path / "checkpoints" / "12" / "state"
     small = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size < 100_000]
     assert small and not any("zstd" in p.read_text(errors="ignore") for p in small)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def test_an_async_save_outlives_the_donation_of_the_state_it_was_given(tmp_path):
+    """The train step donates the state right after `save` returns; the write must not read
+    those buffers (here deleted outright, as donation does)."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    state = {"w": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32), "step": jnp.int32(7)}
+    expected = {k: np.asarray(v).copy() for k, v in state.items()}
+    abstract = _abstract(state)
+    with dlkit.Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(7, state, data_position=7)
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()
+        ckpt.wait()
+        restored, position = ckpt.restore(abstract)
+    assert position == 7
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(restored[key]), value)
+
+
+def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
+    tmp_path, monkeypatch
+):
+    import jax.numpy as jnp
+
+    from dlkit import checkpoint as checkpoint_lib
+
+    state = {"w": jnp.arange(12.0)}
+    with dlkit.Checkpointer(tmp_path, async_save=True, log=lambda s: None) as ckpt:
+        ckpt.save(1, state, data_position=1)
+        ckpt.wait()
+
+        def disk_full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(checkpoint_lib, "write_manifest", disk_full)
+        ckpt.save(2, state, data_position=2)  # fails on its thread
+        with pytest.raises(
+            checkpoint_lib.CheckpointError,
+            match=r"async save of step 2 .*"
+            r"failed: OSError: .*No space left on device",
+        ):
+            ckpt.wait()
+        ckpt.wait()  # raised once, not again
+        monkeypatch.undo()
+        assert ckpt.all_steps() == [1]  # step 2 has no manifest: not a step
+        restored, position = ckpt.restore(_abstract(state))
+    assert position == 1
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(12.0))
+    # The next Checkpointer on this directory cleans what the failed save left.
+    with dlkit.Checkpointer(tmp_path, log=lambda s: None) as ckpt:
+        assert ckpt.all_steps() == [1]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["1"]

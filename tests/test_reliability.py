@@ -185,8 +185,7 @@ def test_manifest_has_one_crc_per_chunk_and_a_flip_names_the_byte_range(tmp_path
     data[chunk + 7] ^= 0x01  # one bit in the second chunk
     (step_dir / "state" / "data").write_bytes(bytes(data))
     assert ckpt_lib.verify_step(step_dir) == [
-        f"state/data: CRC-32 mismatch at bytes {chunk}-{2 * chunk} "
-        "(the bytes changed after saving)"
+        f"state/data: CRC-32 mismatch at bytes {chunk}-{2 * chunk} (the bytes changed after saving)"
     ]
 
 
