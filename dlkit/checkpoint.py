@@ -34,7 +34,6 @@ Every exit path waits for pending saves: `close()` (called by `fit` in a `finall
 """
 
 import atexit
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -44,6 +43,9 @@ import time
 import uuid
 import weakref
 import zlib
+
+# Importing the executor registers concurrent.futures' exit hook before ours (see below).
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -104,18 +106,18 @@ def _crc32(path: pathlib.Path) -> int:
     return crc
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
+def _pool() -> ThreadPoolExecutor:
     """Threads for checksums: `os.pread` and `zlib.crc32` release the GIL, so the chunks of a
     file are checksummed on all cores at once (36 -> 19 ms for 100 MiB on 2 cores, measured:
     docs/performance.md)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(
+            _POOL = ThreadPoolExecutor(
                 max_workers=os.cpu_count() or 1, thread_name_prefix="dlkit-crc"
             )
         return _POOL

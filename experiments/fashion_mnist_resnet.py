@@ -24,6 +24,8 @@ def config() -> dlkit.Config:
     cfg.data.name = "fashion_mnist"
     cfg.model.name = "resnet"
     cfg.model.options = {"stage_sizes": (3, 3, 3), "width": 16, "stem": "cifar", "shortcut": "A"}
+    cfg.data.random_crop_padding = 2
+    cfg.data.horizontal_flip = True
     cfg.loss.label_smoothing = 0.1
     cfg.optim.name = "momentum"
     cfg.optim.momentum = 0.9
