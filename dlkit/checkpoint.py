@@ -112,7 +112,7 @@ _POOL_LOCK = threading.Lock()
 
 def _pool() -> ThreadPoolExecutor:
     """Threads for checksums: `os.pread` and `zlib.crc32` release the GIL, so the chunks of a
-    file are checksummed on all cores at once (36 -> 19 ms for 100 MiB on 2 cores, measured:
+    file are checksummed on all cores at once (36 -> 17-18 ms for 100 MiB on 2 cores, measured:
     docs/performance.md)."""
     global _POOL
     with _POOL_LOCK:
@@ -139,17 +139,18 @@ def _chunk_crc32(path: pathlib.Path, offset: int, length: int) -> int:
 
 
 def _chunk_crcs(
-    paths: dict[str, tuple[pathlib.Path, int]], chunk: int = CHUNK_BYTES
+    paths: dict[str, tuple[pathlib.Path, int]], chunk: int = CHUNK_BYTES, parallel: bool = True
 ) -> dict[str, list[int]]:
     """{name: [CRC-32 of each `chunk`-byte piece]} for {name: (path, size)}, the chunks of all
-    files checksummed in parallel. An empty file has no chunks."""
-    futures = {
-        name: [
-            _pool().submit(_chunk_crc32, path, off, min(chunk, size - off))
-            for off in range(0, size, chunk)
-        ]
+    files checksummed in parallel (or one after another in this thread). An empty file has
+    no chunks."""
+    pieces = {
+        name: [(path, off, min(chunk, size - off)) for off in range(0, size, chunk)]
         for name, (path, size) in paths.items()
     }
+    if not parallel:
+        return {name: [_chunk_crc32(*p) for p in ps] for name, ps in pieces.items()}
+    futures = {name: [_pool().submit(_chunk_crc32, *p) for p in ps] for name, ps in pieces.items()}
     return {name: [f.result() for f in fs] for name, fs in futures.items()}
 
 
@@ -162,12 +163,19 @@ def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(step_dir: pathlib.Path, step: int, metrics: dict | None = None) -> None:
+def write_manifest(
+    step_dir: pathlib.Path, step: int, metrics: dict | None = None, *, parallel: bool = True
+) -> None:
     """Records the size and the chunk CRC-32s of every file under `step_dir` in its manifest.
 
     Version 2 of the manifest: one CRC-32 per CHUNK_BYTES of each file (so the chunks are
     checksummed in parallel, and a mismatch names the byte range). Version 1 manifests (one
     CRC-32 per file, written by dlkit <= 0.1) are still verified.
+
+    `parallel=False` checksums in the calling thread: an async save's background thread
+    uses it, because checksum threads on every core slowed the training steps the save
+    overlaps (0.47-0.61x of their rate alone, against 0.57-0.66x with one thread; 4
+    alternating rounds of benchmarks/checkpoint_speed.py, 2 cores).
     """
     paths = {}
     for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
@@ -175,7 +183,7 @@ def write_manifest(step_dir: pathlib.Path, step: int, metrics: dict | None = Non
         if path.name in (MANIFEST, COMMIT_MARKER, STEP_METADATA) or rel.endswith(".tmp"):
             continue
         paths[rel] = (path, path.stat().st_size)
-    crcs = _chunk_crcs(paths)
+    crcs = _chunk_crcs(paths, parallel=parallel)
     files = {rel: {"size": size, "crc32": crcs[rel]} for rel, (_, size) in paths.items()}
     payload = {
         "version": 2,
@@ -396,7 +404,7 @@ class Checkpointer:
         step, metrics = self._pending
         tmp_dirs = [p for p in self.directory.iterdir() if p.name.startswith(f"{step}{_ORBAX_TMP}")]
         for tmp in tmp_dirs:
-            write_manifest(tmp, step, metrics)
+            write_manifest(tmp, step, metrics, parallel=False)
 
     def _steps_to_keep(self, steps: list[int]) -> set[int]:
         keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])

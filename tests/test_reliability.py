@@ -180,6 +180,8 @@ def test_manifest_has_one_crc_per_chunk_and_a_flip_names_the_byte_range(tmp_path
         zlib.crc32(payload[i : i + chunk]) for i in range(0, len(payload), chunk)
     ]
     assert ckpt_lib.verify_step(step_dir) == []
+    ckpt_lib.write_manifest(step_dir, 5, parallel=False)  # as an async save writes it
+    assert json.loads((step_dir / ckpt_lib.MANIFEST).read_text()) == manifest
 
     data = bytearray(payload)
     data[chunk + 7] ^= 0x01  # one bit in the second chunk
