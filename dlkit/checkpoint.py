@@ -228,9 +228,13 @@ def verify_step(step_dir: pathlib.Path) -> list[str]:
         else:
             to_check[rel] = (path, expected["size"])
     chunk = manifest.get("chunk_bytes", CHUNK_BYTES)
+    if to_check and (not isinstance(chunk, int) or chunk < 1):
+        return problems + [f"{MANIFEST}: chunk_bytes is {chunk!r}, not a positive int"]
     for rel, got in _chunk_crcs(to_check, chunk).items():
-        # The sizes matched, so the chunk counts do.
         want = manifest["files"][rel]["crc32"]
+        if len(want) != len(got):  # the sizes matched: the manifest itself is damaged
+            problems.append(f"{rel}: {len(want)} chunk CRCs in {MANIFEST}, expected {len(got)}")
+            continue
         bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
         if bad:
             end = min((bad[0] + 1) * chunk, to_check[rel][1])

@@ -191,6 +191,22 @@ def test_manifest_has_one_crc_per_chunk_and_a_flip_names_the_byte_range(tmp_path
     ]
 
 
+def test_a_damaged_manifest_is_reported_not_raised(tmp_path):
+    step_dir = _committed_step_dir(tmp_path, bytes(100))
+    ckpt_lib.write_manifest(step_dir, 5)
+    manifest = json.loads((step_dir / ckpt_lib.MANIFEST).read_text())
+    manifest["files"]["state/data"]["crc32"].append(0)
+    (step_dir / ckpt_lib.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt_lib.verify_step(step_dir) == [
+        f"state/data: 2 chunk CRCs in {ckpt_lib.MANIFEST}, expected 1"
+    ]
+    manifest["chunk_bytes"] = 0
+    (step_dir / ckpt_lib.MANIFEST).write_text(json.dumps(manifest))
+    assert ckpt_lib.verify_step(step_dir) == [
+        f"{ckpt_lib.MANIFEST}: chunk_bytes is 0, not a positive int"
+    ]
+
+
 def test_a_version_1_manifest_whole_file_crc_still_verifies(tmp_path):
     """Checkpoints written before the chunked manifest keep restoring, and keep being checked."""
     payload = np.random.default_rng(1).bytes(3 << 20)
