@@ -59,7 +59,7 @@ STEP_METADATA = "_CHECKPOINT_METADATA"
 TRASH = ".trash"
 QUARANTINE = ".quarantine"
 _ORBAX_TMP = ".orbax-checkpoint-tmp"
-_CHUNK = 1 << 22  # read size of a version-1 (whole-file) CRC
+_READ_BYTES = 1 << 22  # checksums read files 4 MiB at a time
 CHUNK_BYTES = 1 << 23  # a version-2 manifest has one CRC-32 per 8 MiB of each file
 
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -99,11 +99,7 @@ class CheckpointError(RuntimeError):
 
 def _crc32(path: pathlib.Path) -> int:
     """CRC-32 of a whole file (manifest version 1)."""
-    crc = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+    return _chunk_crc32(path, 0, path.stat().st_size)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -124,11 +120,12 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _chunk_crc32(path: pathlib.Path, offset: int, length: int) -> int:
+    """CRC-32 of `length` bytes of `path` from `offset`, read _READ_BYTES at a time."""
     fd = os.open(path, os.O_RDONLY)
     try:
         crc, done = 0, 0
         while done < length:
-            data = os.pread(fd, length - done, offset + done)
+            data = os.pread(fd, min(length - done, _READ_BYTES), offset + done)
             if not data:
                 break  # the file shrank: the caller's size check reports it
             crc = zlib.crc32(data, crc)
