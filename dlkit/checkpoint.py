@@ -25,7 +25,10 @@ the newest step). dlkit therefore keeps its own rules on top of Orbax:
   file, what is wrong), moved to `.quarantine/` (kept for inspection, never deleted), and the
   next older valid step is tried.
 - Deletion is a rename into `.trash/` followed by removal: a step is either listed whole or not
-  at all. Leftovers of interrupted saves and deletions are cleaned when a Checkpointer opens.
+  at all. The rename happens in the caller; the removal runs on a background thread, because
+  unlinking a large step's files is slow (about 23 ms for a 100 MiB state on 2 CPU cores,
+  measured) and retention runs inside `save`, i.e. in the training loop. `close()` waits for
+  it. Leftovers of interrupted saves and deletions are cleaned when a Checkpointer opens.
 - Retention is dlkit's, not Orbax's: keep the newest `max_to_keep` steps, plus the best
   `keep_best` by a metric, and never the newest step.
 
@@ -321,6 +324,10 @@ class Checkpointer:
                 "config": ocp.JsonCheckpointHandler(),
             },
         )
+        # Steps deleted by retention that Orbax's in-memory list still holds (see `_delete`).
+        self._deleted_unlisted: set[int] = set()
+        self._deleter: ThreadPoolExecutor | None = None  # removes renamed steps (`_delete`)
+        self._trash_lock = threading.Lock()
         self._closed = False
         _OPEN.add(self)
 
@@ -387,16 +394,34 @@ class Checkpointer:
         return dst
 
     def _delete(self, step: int) -> None:
-        """Removes a step crash-safely: one atomic rename out of the listing, then rmtree."""
-        trash = self.directory / TRASH
-        trash.mkdir(exist_ok=True)
-        dst = trash / f"{step}-{uuid.uuid4().hex}"
-        os.replace(self.directory / str(step), dst)
-        shutil.rmtree(dst, ignore_errors=True)
-        try:
-            trash.rmdir()  # leave no trace once empty
-        except OSError:
-            pass
+        """Removes a step crash-safely: one atomic rename out of the listing, then the files.
+
+        Only the rename happens here: from then on the step is neither listed nor restorable.
+        Removing the files is queued on a background thread (see the module docstring); a kill
+        before it finishes leaves `.trash/`, which the next Checkpointer removes on opening.
+        """
+        with self._trash_lock:
+            trash = self.directory / TRASH
+            trash.mkdir(exist_ok=True)
+            dst = trash / f"{step}-{uuid.uuid4().hex}"
+            os.replace(self.directory / str(step), dst)
+        if self._deleter is None:
+            self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlkit-delete")
+        self._deleter.submit(self._remove_trashed, dst)
+
+    def _remove_trashed(self, path: pathlib.Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        with self._trash_lock:  # `_delete` may be about to rename into it
+            try:
+                path.parent.rmdir()  # leave no trace once empty
+            except OSError:
+                pass
+
+    def _wait_for_deletions(self) -> None:
+        """Blocks until every step `_delete` queued is removed from disk."""
+        if self._deleter is not None:
+            self._deleter.shutdown(wait=True)
+            self._deleter = None
 
     def _finalize_pending(self) -> None:
         """Writes the manifest of the save in flight (Orbax calls this before committing)."""
@@ -428,8 +453,11 @@ class Checkpointer:
         doomed = sorted(set(steps) - self._steps_to_keep(steps))
         for step in doomed:
             self._delete(step)
-        if doomed:  # Orbax re-lists the directory (~6 ms, measured): only when it changed
-            self._manager.reload()
+        # Orbax's own list of steps still holds the deleted ones. Re-listing the directory
+        # (`reload`, ~6 ms, measured) after every save would cost the loop for nothing: with
+        # retention ours, Orbax reads that list only to refuse saving a step it holds, so
+        # `save` re-lists just before reusing a deleted step's number.
+        self._deleted_unlisted.update(doomed)
 
     # ---- save / restore ----------------------------------------------------------------------
 
@@ -458,6 +486,9 @@ class Checkpointer:
             raise CheckpointError(
                 f"step {step}: a checkpoint with this step already exists in {self.directory}"
             )
+        if step in self._deleted_unlisted:  # Orbax would refuse a step it still lists
+            self._manager.reload()
+            self._deleted_unlisted.clear()
         self._pending = (step, dict(metrics or {}))
         self._manager.save(
             step,
@@ -558,6 +589,7 @@ class Checkpointer:
             if self._primary:
                 self._quarantine(candidate, reason + "; falling back to an older step")
                 self._manager.reload()
+                self._deleted_unlisted.clear()
             else:
                 self._log(f"checkpoint: skipping step {candidate}: {reason}")
         raise FileNotFoundError(f"no valid checkpoint in {self.directory}")
@@ -596,6 +628,7 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            self._wait_for_deletions()
             self._manager.close()
             _OPEN.discard(self)
 

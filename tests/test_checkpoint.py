@@ -223,6 +223,60 @@ def test_an_async_save_outlives_the_donation_of_the_state_it_was_given(tmp_path)
         np.testing.assert_array_equal(np.asarray(restored[key]), value)
 
 
+@pytest.mark.parametrize("async_save", [True, False])
+def test_retention_removes_old_steps_off_the_loop_and_close_leaves_no_trash(
+    tmp_path, monkeypatch, async_save
+):
+    """An old step leaves the listing inside `save`; its files are removed on a background
+    thread (here held back), which `close` waits for."""
+    import threading
+
+    import jax.numpy as jnp
+
+    from dlkit import checkpoint as checkpoint_lib
+
+    gate = threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def held_rmtree(path, *args, **kwargs):
+        assert gate.wait(60), "the test never opened the gate"
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_lib.shutil, "rmtree", held_rmtree)
+    state = {"w": jnp.arange(1024.0)}
+    ckpt = dlkit.Checkpointer(tmp_path, max_to_keep=1, async_save=async_save)
+    for step in (1, 2, 3):
+        ckpt.save(step, state, data_position=step)  # returns while the removal is held
+        ckpt.wait()
+    assert ckpt.all_steps() == [3]
+    trashed = list((tmp_path / ".trash").iterdir())
+    assert sorted(p.name.split("-")[0] for p in trashed) == ["1", "2"]  # renamed, not removed
+    assert all((p / "dlkit_manifest.json").exists() for p in trashed)
+    gate.set()
+    ckpt.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]
+
+
+def test_a_step_number_deleted_by_retention_can_be_saved_again(tmp_path):
+    """Orbax keeps its own list of steps; it must not refuse a number retention freed."""
+    import jax.numpy as jnp
+
+    state = {"w": jnp.arange(16.0)}
+    with dlkit.Checkpointer(
+        tmp_path, max_to_keep=1, keep_best=1, best_metric="loss", async_save=True
+    ) as ckpt:
+        for step, loss in ((1, 5.0), (2, 4.0), (3, 3.0)):
+            ckpt.save(step, state, data_position=step, metrics={"loss": loss})
+        ckpt.wait()
+        assert ckpt.all_steps() == [3]
+        ckpt.save(1, {"w": state["w"] * 2}, data_position=1, metrics={"loss": 0.5})
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 3]  # step 1 is now the best
+        restored, position = ckpt.restore(_abstract(state), step=1)
+    assert position == 1
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16.0) * 2)
+
+
 def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
     tmp_path, monkeypatch
 ):
