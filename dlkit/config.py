@@ -100,6 +100,9 @@ class TrainConfig:
     #   compute dtype; params and optimizer state stay float32
     grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
     compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
+    xla_cpu_ynn_fusions: str = "individual_dot,reduce"  # CPU: what XLA may hand to YNNPACK:
+    #   a comma list of dot | eltwise | individual_convolution | individual_dot | reduce,
+    #   none, or xla (XLA's default); convolutions stay XLA's (dlkit.parallel, performance.md)
     fast_dev_run: bool = False  # 1 train step, 1 eval batch, 1 checkpoint saved and restored,
     #   then stop (dlkit.debugging); into a temporary directory when there is no workdir
     overfit_batches: int = 0  # train (and evaluate) on the first N batches only, unshuffled;

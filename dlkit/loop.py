@@ -267,12 +267,17 @@ def build(
     policy = precision.get_policy(cfg.train.precision)
     if cfg.train.compilation_cache_dir:
         compute.enable_compilation_cache(cfg.train.compilation_cache_dir)
+    try:
+        compiler_options = parallel.cpu_compiler_options(cfg.train.xla_cpu_ynn_fusions)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
     strategy = strategy or parallel.make_strategy(
         cfg.parallel.strategy,
         cfg.parallel.num_devices,
         cfg.parallel.sync_every_step,
         param_sharding=cfg.parallel.param_sharding,
         fsdp_min_size=cfg.parallel.fsdp_min_size,
+        compiler_options=compiler_options,
     )
     strategy.check_batch_size(cfg.train.batch_size)
     _check_grad_accum(cfg, strategy)
@@ -874,7 +879,9 @@ def evaluate(
         if split is not None:
             cfg.data.eval_split = split
         strategy = strategy or parallel.make_strategy(
-            "jit", sync_every_step=cfg.parallel.sync_every_step
+            "jit",
+            sync_every_step=cfg.parallel.sync_every_step,
+            compiler_options=parallel.cpu_compiler_options(cfg.train.xla_cpu_ynn_fusions),
         )
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)

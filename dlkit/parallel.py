@@ -23,6 +23,16 @@ split along its largest dimension divisible by the device count, over the same "
 reduce-scatters its gradient, so the numbers equal plain data parallelism to float rounding
 while params + optimizer state take about 1/n of the bytes per device. `fsdp_spec` is the rule.
 
+XLA:CPU library fusions (`cpu_compiler_options`, config `train.xla_cpu_ynn_fusions`): XLA:CPU
+hands some operations to the YNNPACK library. On jaxlib 0.10.2 its default is individual
+convolutions, individual dots and reductions. YNNPACK's convolutions made the CNNs several
+times slower than XLA's own convolution emitter (fashion_mnist_cnn: 25-28 vs 41 steps/s,
+fashion_mnist_resnet 4.5 vs 5.1 on 2 AMD EPYC cores; docs/performance.md), while its dots
+speed up the MLP, so dlkit's default keeps the dots and reductions and leaves convolutions to
+XLA. The option goes to `jax.jit` (train and eval steps of the `jit` strategy, CPU devices
+only); `jax.pmap` takes no compiler options, so the `pmap` strategy compiles with XLA's
+defaults.
+
 CPU caveat: with several (simulated) CPU devices, queuing many programs that contain
 collectives can deadlock XLA:CPU (seen within 20-100 dispatches on 2-core machines with JAX
 0.10.2; XLA aborts later with a rendezvous timeout). `sync_every_step` waits for each step
@@ -44,6 +54,37 @@ from dlkit import metrics as metrics_lib
 STRATEGIES = ("jit", "pmap")
 PARAM_SHARDINGS = ("replicated", "fsdp")
 DATA_AXIS = "data"
+# XLA's LibraryFusionType values (DebugOptions.xla_cpu_experimental_ynn_fusion_type).
+YNN_FUSION_TYPES = ("dot", "eltwise", "individual_convolution", "individual_dot", "reduce")
+DEFAULT_YNN_FUSIONS = "individual_dot,reduce"
+
+
+def cpu_compiler_options(ynn_fusions: str = DEFAULT_YNN_FUSIONS) -> dict[str, str]:
+    """XLA compiler options for CPU programs from `train.xla_cpu_ynn_fusions`.
+
+    Args:
+      ynn_fusions: which operations XLA:CPU may hand to YNNPACK: a comma list of
+        `YNN_FUSION_TYPES`, "none" (no YNNPACK fusions), or "xla" (no option passed: XLA's own
+        default, or whatever XLA_FLAGS sets).
+    Returns:
+      The options for `jax.jit(..., compiler_options=...)` ({} for "xla").
+    Raises:
+      ValueError: an unknown name, naming the setting, what it accepts and what it got.
+    """
+    spec = ynn_fusions.strip()
+    if spec == "xla":
+        return {}
+    if spec == "none":
+        return {"xla_cpu_experimental_ynn_fusion_type": ""}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in YNN_FUSION_TYPES]
+    if not names or unknown:
+        raise ValueError(
+            "train.xla_cpu_ynn_fusions: expected xla | none | a comma list of "
+            f"{', '.join(YNN_FUSION_TYPES)}, got {ynn_fusions!r}"
+        )
+    value = ",".join(f"LIBRARY_FUSION_TYPE_{n.upper()}" for n in names)
+    return {"xla_cpu_experimental_ynn_fusion_type": value}
 
 
 def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
@@ -116,6 +157,7 @@ class Strategy:
         sync_every_step: str = "auto",
         param_sharding: str = "replicated",
         fsdp_min_size: int = 1024,
+        compiler_options: dict[str, str] | None = None,
     ):
         if param_sharding not in PARAM_SHARDINGS:
             raise ValueError(
@@ -136,6 +178,8 @@ class Strategy:
         self.replicated = NamedSharding(self.mesh, P())
         self.platform = self.devices[0].platform
         self.sync_every_step = _resolve_sync(sync_every_step, self.platform, len(self.devices))
+        # XLA:CPU options (`cpu_compiler_options`); other platforms compile with their defaults.
+        self.compiler_options = dict(compiler_options or {}) if self.platform == "cpu" else {}
         local = [d for d in self.devices if d.process_index == jax.process_index()]
         if self.platform == "cpu" and jax.process_count() > 1 and len(local) > 1:
             if not self.sync_every_step:
@@ -329,6 +373,7 @@ class JitStrategy(Strategy):
             in_shardings=(state_sh, self.replicated, batch_sh),
             out_shardings=(state_sh, self.replicated),
             donate_argnums=(0, 1),
+            compiler_options=self.compiler_options or None,
         )
 
     def compile_eval(self, loss_fn, state_shardings=None):
@@ -344,6 +389,7 @@ class JitStrategy(Strategy):
             in_shardings=(state_sh, self.replicated, self.batch_sharding),
             out_shardings=self.replicated,
             donate_argnums=(1,),
+            compiler_options=self.compiler_options or None,
         )
 
 
@@ -464,13 +510,19 @@ def make_strategy(
     sync_every_step="auto",
     param_sharding: str = "replicated",
     fsdp_min_size: int = 1024,
+    compiler_options: dict[str, str] | None = None,
 ) -> Strategy:
     """Builds the strategy `name` ("jit" or "pmap") over `num_devices` devices (0 = all).
 
     `param_sharding` ("replicated" or "fsdp", jit only) and `fsdp_min_size` choose how the
-    state is placed; see `fsdp_spec`.
+    state is placed; see `fsdp_spec`. `compiler_options` go to the `jit` strategy's train and
+    eval steps on CPU devices (see `cpu_compiler_options`).
     """
-    kwargs = {"param_sharding": param_sharding, "fsdp_min_size": fsdp_min_size}
+    kwargs = {
+        "param_sharding": param_sharding,
+        "fsdp_min_size": fsdp_min_size,
+        "compiler_options": compiler_options,
+    }
     if name == "jit":
         return JitStrategy(num_devices, sync_every_step, **kwargs)
     if name == "pmap":

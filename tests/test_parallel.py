@@ -118,3 +118,103 @@ def test_host_feed_on_cpu_hands_numpy_to_the_jit_step_and_devices_arrays_to_pmap
     }
     pmap = dlkit.make_strategy("pmap")
     assert pmap.host_feed()(batch)["x"].shape == (8, 2)
+
+
+# ---- XLA:CPU library fusions (train.xla_cpu_ynn_fusions) ------------------------------------
+
+
+def test_cpu_compiler_options_map_the_setting_to_xla_names():
+    from dlkit import parallel
+
+    key = "xla_cpu_experimental_ynn_fusion_type"
+    assert parallel.cpu_compiler_options() == {
+        key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    }
+    assert parallel.cpu_compiler_options("xla") == {}
+    assert parallel.cpu_compiler_options("none") == {key: ""}
+    assert parallel.cpu_compiler_options(" dot, eltwise ") == {
+        key: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
+    }
+
+
+@pytest.mark.parametrize("bad", ["conv", "", "dot,,foo"])
+def test_unknown_ynn_fusion_names_are_a_config_error_before_compiling(bad):
+    cfg = tiny_digits_config(**{"train.xla_cpu_ynn_fusions": bad})
+    with pytest.raises(
+        dlkit.ConfigError,
+        match=r"train\.xla_cpu_ynn_fusions: expected xla \| none \| a comma list of dot, "
+        r"eltwise, individual_convolution, individual_dot, reduce, got",
+    ):
+        dlkit.fit(cfg)
+
+
+def _tiny_cnn(spec: str, steps: int = 3):
+    cfg = tiny_digits_config(
+        **{
+            "train.xla_cpu_ynn_fusions": spec,
+            "train.steps": steps,
+            "checkpoint.every_steps": 0,
+            "parallel.num_devices": 1,
+        }
+    )
+    cfg.model.name = "cnn"
+    cfg.model.options = {"features": (4, 8), "dense_size": 16, "dropout_rate": 0.0}
+    rng = np.random.default_rng(0)
+    source = dlkit.data.ArraySource(
+        inputs=rng.normal(size=(128, 28, 28, 1)).astype(np.float32),
+        labels=(np.arange(128) % 10).astype(np.int32),
+    )
+    return cfg, source
+
+
+def _compiled_train_text(spec: str) -> str:
+    from dlkit import loop
+
+    cfg, source = _tiny_cnn(spec)
+    c = loop.build(cfg, train_source=source, eval_source=source)
+    state = c.init_state()
+    compiled, _ = loop._compile_train(c, state, c.abstract_metrics(state))
+    return compiled.as_text()
+
+
+def _ynn_fusions(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if '"__ynn_fusion"' in line and " = " in line]
+
+
+def test_by_default_convolutions_are_not_handed_to_ynnpack():
+    """The measured slowdown (docs/performance.md) came from YNNPACK's convolutions."""
+    fusions = _ynn_fusions(_compiled_train_text("individual_dot,reduce"))
+    assert not [f for f in fusions if "conv_general_dilated" in f]
+    assert not _ynn_fusions(_compiled_train_text("none"))
+
+
+def test_xla_setting_compiles_what_xla_compiles_without_options():
+    import re
+
+    from dlkit import loop
+
+    def normalized(text):  # the program, without source locations
+        text = text.split("\nFileNames")[0]
+        return re.sub(r"metadata=\{[^}]*\}|stack_frame_id=\d+", "", text)
+
+    cfg, source = _tiny_cnn("xla")
+    c = loop.build(cfg, train_source=source, eval_source=source)
+    assert c.strategy.compiler_options == {}
+    state = c.init_state()
+    plain = dlkit.make_strategy("jit", num_devices=1).compile_train(
+        c.loss_fn, c.strategy.state_shardings(state)
+    )
+    spec = c.strategy.batch_spec(c.example_batch(), cfg.train.batch_size)
+    expected = plain.lower(state, c.abstract_metrics(state), spec).compile().as_text()
+    assert normalized(_compiled_train_text("xla")) == normalized(expected)
+
+
+def test_the_fusion_setting_changes_speed_not_results():
+    runs = {}
+    for spec in ("individual_dot,reduce", "xla", "none"):
+        cfg, source = _tiny_cnn(spec)
+        result = dlkit.fit(cfg, train_source=source, eval_source=source)
+        runs[spec] = jax.tree.leaves(jax.device_get(result.state.params))
+    for spec in ("xla", "none"):
+        for a, b in zip(runs["individual_dot,reduce"], runs[spec], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
