@@ -6,7 +6,9 @@ Times one jitted fwd+bwd+Adam step of the zoo CNN (features (32, 64), dense 128,
 - patches: `conv_impl="patches"` (shifted views concatenated on channels + one matmul);
 - matmul_grad: `conv_impl="matmul_grad"` (the patches forward; custom VJP: kernel gradient as
   one matmul of the patch matrix, input gradient XLA's own).
-See dlkit/models/conv.py.
+See dlkit/models/conv.py. Compiled with dlkit's XLA:CPU options (`train.xla_cpu_ynn_fusions`,
+default: YNNPACK for dots and reductions, not convolutions); `--ynn xla` compiles with XLA's
+own defaults instead.
 """
 
 import argparse
@@ -18,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dlkit import models
+from dlkit import models, parallel
 from dlkit.models.conv import CONV_IMPLS
 
 
-def make_step(impl):
+def make_step(impl, ynn=parallel.DEFAULT_YNN_FUSIONS):
     module = models.build(
         "cnn",
         features=(32, 64),
@@ -40,22 +42,27 @@ def make_step(impl):
         logits = module.apply({"params": p}, x, train=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    @jax.jit
     def step(p, o):
         g = jax.grad(loss)(p)
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o
 
-    return step, params, opt
+    options = parallel.cpu_compiler_options(ynn) or None
+    return jax.jit(step, compiler_options=options), params, opt
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--ynn",
+        default=parallel.DEFAULT_YNN_FUSIONS,
+        help="train.xla_cpu_ynn_fusions for the step (xla = XLA's defaults)",
+    )
     args = ap.parse_args()
     impls = CONV_IMPLS
-    runs = {i: list(make_step(i)) for i in impls}
+    runs = {i: list(make_step(i, args.ynn)) for i in impls}
     for r in runs.values():
         r[1], r[2] = r[0](r[1], r[2])
         jax.block_until_ready(r[1])
