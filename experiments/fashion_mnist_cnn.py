@@ -2,18 +2,19 @@
 
 Command:   dlkit train fashion_mnist_cnn
 Hardware:  2 CPU cores, no accelerator.
-Runtime:   4 min 51 s wall (291 s) for 3750 steps, compilation, the compute report and 3
-           evaluations included, ~13.5 steps/s; 3 min 47 s (227 s) with
-           `--set model.conv_impl=matmul_grad`. Both measured on 2026-12-01 on an otherwise idle
-           2-core Intel Xeon with `/usr/bin/time -v dlkit train fashion_mnist_cnn --no-progress`.
-           (An earlier session recorded 4 min 31 s on a 2-core AMD EPYC; machines differ.) An
-           alternating A/B over 400 steps on the Xeon, against the commit before the CPU host
-           feed and the strided-view max-pool: 12.5-13.0 (before) vs 14.0-14.6 steps/s (after).
-Result:    92.38% test accuracy (eval loss 0.216), seed 0; the same at steps 1250/2500/3750
-           (90.57%/91.91%/92.38%) in three separate runs and again on 2026-12-01 after the
-           max-pool change (its derivatives are JAX's, ties included). With
-           model.conv_impl=matmul_grad (the same function, other float rounding): 90.30%/92.17%/
-           92.48%.
+Runtime:   1 min 46 s wall (105.5 s) for 3750 steps, compilation, the compute report and 3
+           evaluations included, ~36-41 steps/s; measured on 2026-12-01 on a 2-core AMD EPYC
+           (AVX-512) with `/usr/bin/time -v dlkit train fashion_mnist_cnn --no-progress`, after
+           dlkit stopped handing convolutions to XLA:CPU's YNNPACK library
+           (`train.xla_cpu_ynn_fusions`, docs/performance.md): on the same machine that change
+           took the logged rate from 25-28 to ~41 steps/s. Earlier sessions: 4 min 51 s (~13.5
+           steps/s) on a 2-core Intel Xeon, 3 min 47 s there with
+           `--set model.conv_impl=matmul_grad`; 4 min 31 s on a 2-core AMD EPYC.
+Result:    92.57% test accuracy (eval loss 0.2133), seed 0; 90.50%/92.09%/92.57% at steps
+           1250/2500/3750 (the 2026-12-01 run above). With XLA's YNNPACK convolutions (other
+           float rounding) the recorded result was 92.38% (eval loss 0.216; 90.57%/91.91%/
+           92.38%), the same in three separate runs; with model.conv_impl=matmul_grad 90.30%/
+           92.17%/92.48%.
 Data:      the standard IDX files (Debian: `apt-get install dataset-fashion-mnist`, installed under
            /usr/share/datasets/fashion-mnist; or set DLKIT_DATA_DIR / --set data.data_dir=DIR).
            60,000 train / 10,000 official test images, 28x28 grey.
