@@ -325,3 +325,36 @@ def test_cli_explain_writes_the_grid(digits_run, tmp_path, capsys):
     assert result["completeness_max_relative_gap"] < 0.05
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["explain", str(workdir), "--method", "lime"]) == 2
+
+
+def _explainer_conv_fusions(spec: str | None = None):
+    """YNNPACK convolution fusions in the compiled gradient of a CNN's Explainer."""
+    import re
+
+    from dlkit import models
+
+    m = models.build("cnn", features=(32, 64), dense_size=16, dropout_rate=0.0)
+    x = np.zeros((8, 28, 28, 1), np.float32)
+    variables = m.init(jax.random.key(0), x, train=False)
+    kwargs = {} if spec is None else {"xla_cpu_ynn_fusions": spec}
+    ex = explain.Explainer(m.apply, variables, **kwargs)
+    text = ex._jitted["gradients"].lower(variables, x, np.zeros(8, np.int32)).compile()
+    fusions = re.findall(r'^.*"__ynn_fusion".*$', text.as_text(), re.M)
+    return [f for f in fusions if "conv_general_dilated" in f]
+
+
+def test_explainer_compiles_without_ynnpack_convolutions_by_default():
+    """As in training (`train.xla_cpu_ynn_fusions`); a bad name names the setting."""
+    assert not _explainer_conv_fusions()
+    assert not _explainer_conv_fusions("none")
+    with pytest.raises(ValueError, match=r"train\.xla_cpu_ynn_fusions: expected .* got 'conv'"):
+        _explainer_conv_fusions("conv")
+
+
+def test_explainer_xla_setting_keeps_xla_s_ynnpack_convolutions():
+    """The default differs from XLA's own choice exactly where XLA picks YNNPACK."""
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("XLA:CPU only")
+    if not _explainer_conv_fusions("xla"):
+        pytest.skip("XLA does not hand these convolutions to YNNPACK on this CPU/jaxlib")
+    assert not _explainer_conv_fusions()

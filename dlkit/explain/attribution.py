@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlkit import parallel
 from dlkit.explain import attention
 
 DEFAULT_IG_STEPS = 128  # midpoint rule; 64 left gaps up to 1.2% on a small trained CNN
@@ -69,9 +70,18 @@ class Explainer:
     Attributes:
       trace_counts: {method: number of times it was traced}; one per new input shape/setting.
       max_batch: most model inputs evaluated at once by the multi-point methods.
+      xla_cpu_ynn_fusions: on CPU, which operations XLA may hand to YNNPACK, as
+        `train.xla_cpu_ynn_fusions` (default: not convolutions; "xla" = XLA's default).
     """
 
-    def __init__(self, apply_fn: Callable, variables: Any, *, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(
+        self,
+        apply_fn: Callable,
+        variables: Any,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        xla_cpu_ynn_fusions: str = parallel.DEFAULT_YNN_FUSIONS,
+    ):
         if not callable(apply_fn):
             raise TypeError(f"Explainer.apply_fn: expected a callable, got {type(apply_fn)}")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -79,17 +89,22 @@ class Explainer:
         self.apply_fn = apply_fn
         self.variables = variables
         self.max_batch = max_batch
+        self.xla_cpu_ynn_fusions = xla_cpu_ynn_fusions
         self.trace_counts: dict[str, int] = {}
         self._dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64
+        # On CPU, the same XLA:CPU library choice as training (`train.xla_cpu_ynn_fusions`):
+        # the attribution methods are mostly gradients of the model, convolutions included.
+        options = None
+        if jax.default_backend() == "cpu":
+            options = parallel.cpu_compiler_options(xla_cpu_ynn_fusions) or None
+        jit = functools.partial(jax.jit, compiler_options=options)
         self._jitted = {
-            "logits": jax.jit(self._logits_impl),
-            "gradients": jax.jit(self._gradients_impl),
-            "smoothgrad": jax.jit(
-                self._smoothgrad_impl, static_argnames=("num_samples", "absolute")
-            ),
-            "integrated_gradients": jax.jit(self._ig_impl, static_argnames=("steps",)),
-            "occlusion": jax.jit(self._occlusion_impl, static_argnames=("patch", "stride")),
-            "attention": jax.jit(functools.partial(attention.attention_maps, apply_fn)),
+            "logits": jit(self._logits_impl),
+            "gradients": jit(self._gradients_impl),
+            "smoothgrad": jit(self._smoothgrad_impl, static_argnames=("num_samples", "absolute")),
+            "integrated_gradients": jit(self._ig_impl, static_argnames=("steps",)),
+            "occlusion": jit(self._occlusion_impl, static_argnames=("patch", "stride")),
+            "attention": jit(functools.partial(attention.attention_maps, apply_fn)),
         }
 
     @classmethod
