@@ -25,11 +25,10 @@ while params + optimizer state take about 1/n of the bytes per device. `fsdp_spe
 
 XLA:CPU library fusions (`cpu_compiler_options`, config `train.xla_cpu_ynn_fusions`): XLA:CPU
 hands some operations to the YNNPACK library. On jaxlib 0.10.2 its default is individual
-convolutions, individual dots and reductions. YNNPACK's convolutions made the CNNs several
-times slower than XLA's own convolution emitter (fashion_mnist_cnn: 25-28 vs 41 steps/s,
-fashion_mnist_resnet 4.5 vs 5.1 on 2 AMD EPYC cores; docs/performance.md), while its dots
-speed up the MLP, so dlkit's default keeps the dots and reductions and leaves convolutions to
-XLA. The option goes to `jax.jit` (train and eval steps of the `jit` strategy, CPU devices
+convolutions, individual dots and reductions. YNNPACK's convolutions were slower than XLA's
+own convolution emitter (fashion_mnist_cnn 25-28 vs 41 steps/s, fashion_mnist_resnet 4.5 vs
+5.1, on 2 AMD EPYC cores; docs/performance.md), while its dots speed up the MLP, so dlkit's
+default keeps the dots and reductions and leaves convolutions to XLA. The option goes to `jax.jit` (train and eval steps of the `jit` strategy, CPU devices
 only); `jax.pmap` takes no compiler options, so the `pmap` strategy compiles with XLA's
 defaults.
 
@@ -145,6 +144,8 @@ class Strategy:
       devices: the devices used, in mesh order.
       mesh: `Mesh(devices, ("data",))`.
       sync_every_step: whether the loop waits for each step (see the module docstring).
+      compiler_options: XLA options for the `jit` strategy's train and eval steps ({} unless
+        the devices are CPUs; see `cpu_compiler_options`).
       trace_counts: how many times each compiled function was traced ("train", "eval"); a
         count above 1 means a recompilation.
     """
