@@ -28,9 +28,9 @@ hands some operations to the YNNPACK library. On jaxlib 0.10.2 its default is in
 convolutions, individual dots and reductions. YNNPACK's convolutions were slower than XLA's
 own convolution emitter (fashion_mnist_cnn 25-28 vs 41 steps/s, fashion_mnist_resnet 4.5 vs
 5.1, on 2 AMD EPYC cores; docs/performance.md), while its dots speed up the MLP, so dlkit's
-default keeps the dots and reductions and leaves convolutions to XLA. The option goes to `jax.jit` (train and eval steps of the `jit` strategy, CPU devices
-only); `jax.pmap` takes no compiler options, so the `pmap` strategy compiles with XLA's
-defaults.
+default keeps the dots and reductions and leaves convolutions to XLA. The option goes to
+`jax.jit` (train and eval steps of the `jit` strategy, CPU devices only); `jax.pmap` takes no
+compiler options, so the `pmap` strategy compiles with XLA's defaults.
 
 CPU caveat: with several (simulated) CPU devices, queuing many programs that contain
 collectives can deadlock XLA:CPU (seen within 20-100 dispatches on 2-core machines with JAX
