@@ -425,6 +425,8 @@ def _compile_train(c: Components, state, acc_spec) -> tuple[Any, dict[str, Any]]
     report["precision"] = c.policy.name
     report["grad_accum_steps"] = c.config.train.grad_accum_steps
     report["steps_per_dispatch"] = k
+    # What the step was compiled with (a run's speed on CPU depends on it; see dlkit.parallel).
+    report["compiler_options"] = dict(strategy.compiler_options)
     report["state_bytes_per_device"] = {
         "params": parallel.bytes_per_device(state.params)["max"],
         "opt_state": parallel.bytes_per_device(state.opt_state)["max"],

@@ -1,5 +1,7 @@
 """The strategies: jit on 1 device, jit on an 8-device mesh and pmap on 8 devices agree."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -207,6 +209,15 @@ def test_xla_setting_compiles_what_xla_compiles_without_options():
     spec = c.strategy.batch_spec(c.example_batch(), cfg.train.batch_size)
     expected = plain.lower(state, c.abstract_metrics(state), spec).compile().as_text()
     assert normalized(_compiled_train_text("xla")) == normalized(expected)
+
+
+def test_the_compile_options_are_recorded_in_the_compute_report(tmp_path):
+    cfg = tiny_digits_config(**{"train.xla_cpu_ynn_fusions": "none", "train.steps": 2})
+    result = dlkit.fit(cfg, tmp_path)
+    expected = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert result.compute_report["compiler_options"] == expected
+    saved = json.loads((tmp_path / "compute.json").read_text())
+    assert saved["compiler_options"] == expected
 
 
 def test_the_fusion_setting_changes_speed_not_results():
