@@ -41,6 +41,7 @@ it costs little because CPU steps do not overlap with the host anyway.
 
 import collections
 import functools
+import warnings
 
 import jax
 import numpy as np
@@ -84,6 +85,34 @@ def cpu_compiler_options(ynn_fusions: str = DEFAULT_YNN_FUSIONS) -> dict[str, st
         )
     value = ",".join(f"LIBRARY_FUSION_TYPE_{n.upper()}" for n in names)
     return {"xla_cpu_experimental_ynn_fusion_type": value}
+
+
+@functools.cache
+def _rejected_options(options: tuple[tuple[str, str], ...]) -> str | None:
+    """Why this jaxlib's XLA:CPU rejects `options` (a tiny probe compile), or None if it
+    accepts them. The YNNPACK option is experimental: a later jaxlib may rename or drop it."""
+    try:
+        x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(x).compile()
+    except Exception as e:  # noqa: BLE001 - XLA reports an unknown option as a runtime error
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def usable_compiler_options(options: dict[str, str] | None) -> dict[str, str]:
+    """`options` if this jaxlib's CPU compiler accepts them; else {} and a warning, so that a
+    jaxlib without an experimental option compiles with its defaults instead of failing."""
+    if not options:
+        return {}
+    why = _rejected_options(tuple(sorted(options.items())))
+    if why is None:
+        return dict(options)
+    warnings.warn(
+        f"train.xla_cpu_ynn_fusions: this jaxlib ({jax.__version__}) does not accept the XLA "
+        f"options {options} ({why.splitlines()[0]}); compiling with XLA's defaults",
+        stacklevel=2,
+    )
+    return {}
 
 
 def fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
@@ -180,7 +209,9 @@ class Strategy:
         self.platform = self.devices[0].platform
         self.sync_every_step = _resolve_sync(sync_every_step, self.platform, len(self.devices))
         # XLA:CPU options (`cpu_compiler_options`); other platforms compile with their defaults.
-        self.compiler_options = dict(compiler_options or {}) if self.platform == "cpu" else {}
+        self.compiler_options = (
+            usable_compiler_options(compiler_options) if self.platform == "cpu" else {}
+        )
         local = [d for d in self.devices if d.process_index == jax.process_index()]
         if self.platform == "cpu" and jax.process_count() > 1 and len(local) > 1:
             if not self.sync_every_step:

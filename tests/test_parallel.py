@@ -211,6 +211,16 @@ def test_xla_setting_compiles_what_xla_compiles_without_options():
     assert normalized(_compiled_train_text("xla")) == normalized(expected)
 
 
+def test_compile_options_this_jaxlib_rejects_fall_back_to_xla_defaults_with_a_warning():
+    """The YNNPACK option is experimental: a jaxlib without it must still train."""
+    with pytest.warns(UserWarning, match=r"does not accept the XLA options .*xla_cpu_no_such"):
+        strategy = dlkit.make_strategy("jit", compiler_options={"xla_cpu_no_such": "1"})
+    assert strategy.compiler_options == {}
+    result = dlkit.fit(tiny_digits_config(**{"train.steps": 4}), strategy=strategy)
+    assert result.compute_report["compiler_options"] == {}
+    assert np.isfinite(result.history.last("train/loss"))
+
+
 def test_the_compile_options_are_recorded_in_the_compute_report(tmp_path):
     cfg = tiny_digits_config(**{"train.xla_cpu_ynn_fusions": "none", "train.steps": 2})
     result = dlkit.fit(cfg, tmp_path)

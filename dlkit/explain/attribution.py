@@ -96,7 +96,8 @@ class Explainer:
         # the attribution methods are mostly gradients of the model, convolutions included.
         options = None
         if jax.default_backend() == "cpu":
-            options = parallel.cpu_compiler_options(xla_cpu_ynn_fusions) or None
+            options = parallel.cpu_compiler_options(xla_cpu_ynn_fusions)
+            options = parallel.usable_compiler_options(options) or None
         jit = functools.partial(jax.jit, compiler_options=options)
         self._jitted = {
             "logits": jit(self._logits_impl),
