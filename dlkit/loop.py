@@ -246,6 +246,14 @@ def _check_config(cfg: config_lib.Config) -> None:
     dispatch.check_config(cfg)
 
 
+def _compiler_options(cfg: config_lib.Config) -> dict[str, str]:
+    """The XLA:CPU options of `train.xla_cpu_ynn_fusions`; a ConfigError if it is malformed."""
+    try:
+        return parallel.cpu_compiler_options(cfg.train.xla_cpu_ynn_fusions)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
 def build(
     cfg: config_lib.Config,
     *,
@@ -267,10 +275,7 @@ def build(
     policy = precision.get_policy(cfg.train.precision)
     if cfg.train.compilation_cache_dir:
         compute.enable_compilation_cache(cfg.train.compilation_cache_dir)
-    try:
-        compiler_options = parallel.cpu_compiler_options(cfg.train.xla_cpu_ynn_fusions)
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
+    compiler_options = _compiler_options(cfg)  # checked even when a strategy is given
     strategy = strategy or parallel.make_strategy(
         cfg.parallel.strategy,
         cfg.parallel.num_devices,
@@ -883,7 +888,7 @@ def evaluate(
         strategy = strategy or parallel.make_strategy(
             "jit",
             sync_every_step=cfg.parallel.sync_every_step,
-            compiler_options=parallel.cpu_compiler_options(cfg.train.xla_cpu_ynn_fusions),
+            compiler_options=_compiler_options(cfg),
         )
         c = build(cfg, strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)

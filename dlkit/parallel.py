@@ -99,10 +99,11 @@ def _rejected_options(options: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-def usable_compiler_options(options: dict[str, str] | None) -> dict[str, str]:
-    """`options` if this jaxlib's CPU compiler accepts them; else {} and a warning, so that a
-    jaxlib without an experimental option compiles with its defaults instead of failing."""
-    if not options:
+def usable_compiler_options(options: dict[str, str] | None, platform: str) -> dict[str, str]:
+    """`options` for programs on `platform`: {} unless it is "cpu" (they are XLA:CPU options);
+    on CPU, `options` if this jaxlib accepts them, else {} and a warning, so that a jaxlib
+    without an experimental option compiles with its defaults instead of failing."""
+    if not options or platform != "cpu":
         return {}
     why = _rejected_options(tuple(sorted(options.items())))
     if why is None:
@@ -173,8 +174,8 @@ class Strategy:
       devices: the devices used, in mesh order.
       mesh: `Mesh(devices, ("data",))`.
       sync_every_step: whether the loop waits for each step (see the module docstring).
-      compiler_options: XLA options for the `jit` strategy's train and eval steps ({} unless
-        the devices are CPUs; see `cpu_compiler_options`).
+      compiler_options: XLA options of the train and eval steps: {} unless this is the `jit`
+        strategy on CPU devices (see `cpu_compiler_options`).
       trace_counts: how many times each compiled function was traced ("train", "eval"); a
         count above 1 means a recompilation.
     """
@@ -208,9 +209,10 @@ class Strategy:
         self.replicated = NamedSharding(self.mesh, P())
         self.platform = self.devices[0].platform
         self.sync_every_step = _resolve_sync(sync_every_step, self.platform, len(self.devices))
-        # XLA:CPU options (`cpu_compiler_options`); other platforms compile with their defaults.
+        # XLA:CPU options (`cpu_compiler_options`); other platforms compile with their defaults,
+        # and so does pmap, which takes no compiler options.
         self.compiler_options = (
-            usable_compiler_options(compiler_options) if self.platform == "cpu" else {}
+            usable_compiler_options(compiler_options, self.platform) if self.name == "jit" else {}
         )
         local = [d for d in self.devices if d.process_index == jax.process_index()]
         if self.platform == "cpu" and jax.process_count() > 1 and len(local) > 1:

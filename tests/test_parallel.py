@@ -211,6 +211,16 @@ def test_xla_setting_compiles_what_xla_compiles_without_options():
     assert normalized(_compiled_train_text("xla")) == normalized(expected)
 
 
+def test_only_the_jit_strategy_on_cpu_takes_compile_options():
+    """pmap compiles with XLA's defaults (it takes no options), so it must not claim any."""
+    from dlkit import parallel
+
+    options = parallel.cpu_compiler_options()
+    assert dlkit.make_strategy("jit", compiler_options=options).compiler_options == options
+    assert dlkit.make_strategy("pmap", compiler_options=options).compiler_options == {}
+    assert parallel.usable_compiler_options(options, "gpu") == {}
+
+
 def test_compile_options_this_jaxlib_rejects_fall_back_to_xla_defaults_with_a_warning():
     """The YNNPACK option is experimental: a jaxlib without it must still train."""
     with pytest.warns(UserWarning, match=r"does not accept the XLA options .*xla_cpu_no_such"):

@@ -94,11 +94,10 @@ class Explainer:
         self._dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64
         # On CPU, the same XLA:CPU library choice as training (`train.xla_cpu_ynn_fusions`):
         # the attribution methods are mostly gradients of the model, convolutions included.
-        options = None
-        if jax.default_backend() == "cpu":
-            options = parallel.cpu_compiler_options(xla_cpu_ynn_fusions)
-            options = parallel.usable_compiler_options(options) or None
-        jit = functools.partial(jax.jit, compiler_options=options)
+        options = parallel.usable_compiler_options(
+            parallel.cpu_compiler_options(xla_cpu_ynn_fusions), jax.default_backend()
+        )
+        jit = functools.partial(jax.jit, compiler_options=options or None)
         self._jitted = {
             "logits": jit(self._logits_impl),
             "gradients": jit(self._gradients_impl),
