@@ -25,6 +25,11 @@ def _eight_devices():
     assert jax.device_count() == 8, f"expected 8 simulated CPU devices, got {jax.devices()}"
 
 
+def ynn_fusions(hlo: str) -> list[str]:
+    """The YNNPACK fusion instructions of a compiled program's text (`Compiled.as_text()`)."""
+    return [line for line in hlo.splitlines() if '"__ynn_fusion"' in line and " = " in line]
+
+
 def tiny_digits_config(**overrides) -> dlkit.Config:
     """digits_mlp shrunk for tests: a small MLP, a few steps, no progress bar."""
     cfg = dlkit.load_config("digits_mlp")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import tiny_digits_config, ynn_fusions
 
 import dlkit
 from dlkit import explain
@@ -329,8 +329,6 @@ def test_cli_explain_writes_the_grid(digits_run, tmp_path, capsys):
 
 def _explainer_conv_fusions(spec: str | None = None):
     """YNNPACK convolution fusions in the compiled gradient of a CNN's Explainer."""
-    import re
-
     from dlkit import models
 
     m = models.build("cnn", features=(32, 64), dense_size=16, dropout_rate=0.0)
@@ -339,8 +337,7 @@ def _explainer_conv_fusions(spec: str | None = None):
     kwargs = {} if spec is None else {"xla_cpu_ynn_fusions": spec}
     ex = explain.Explainer(m.apply, variables, **kwargs)
     text = ex._jitted["gradients"].lower(variables, x, np.zeros(8, np.int32)).compile()
-    fusions = re.findall(r'^.*"__ynn_fusion".*$', text.as_text(), re.M)
-    return [f for f in fusions if "conv_general_dilated" in f]
+    return [f for f in ynn_fusions(text.as_text()) if "conv_general_dilated" in f]
 
 
 def test_explainer_compiles_without_ynnpack_convolutions_by_default():

@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import tiny_digits_config, ynn_fusions
 
 import dlkit
 
@@ -169,46 +169,45 @@ def _tiny_cnn(spec: str, steps: int = 3):
     return cfg, source
 
 
-def _compiled_train_text(spec: str) -> str:
+def _built_cnn(spec: str):
+    """(Components, initial state) of the tiny CNN run with `train.xla_cpu_ynn_fusions=spec`."""
     from dlkit import loop
 
     cfg, source = _tiny_cnn(spec)
     c = loop.build(cfg, train_source=source, eval_source=source)
-    state = c.init_state()
+    return c, c.init_state()
+
+
+def _compiled_train_text(c, state) -> str:
+    """The train step `fit` would run, compiled, as text."""
+    from dlkit import loop
+
     compiled, _ = loop._compile_train(c, state, c.abstract_metrics(state))
     return compiled.as_text()
 
 
-def _ynn_fusions(hlo: str) -> list[str]:
-    return [line for line in hlo.splitlines() if '"__ynn_fusion"' in line and " = " in line]
-
-
 def test_by_default_convolutions_are_not_handed_to_ynnpack():
     """The measured slowdown (docs/performance.md) came from YNNPACK's convolutions."""
-    fusions = _ynn_fusions(_compiled_train_text("individual_dot,reduce"))
+    fusions = ynn_fusions(_compiled_train_text(*_built_cnn("individual_dot,reduce")))
     assert not [f for f in fusions if "conv_general_dilated" in f]
-    assert not _ynn_fusions(_compiled_train_text("none"))
+    assert not ynn_fusions(_compiled_train_text(*_built_cnn("none")))
 
 
 def test_xla_setting_compiles_what_xla_compiles_without_options():
     import re
 
-    from dlkit import loop
-
     def normalized(text):  # the program, without source locations
         text = text.split("\nFileNames")[0]
         return re.sub(r"metadata=\{[^}]*\}|stack_frame_id=\d+", "", text)
 
-    cfg, source = _tiny_cnn("xla")
-    c = loop.build(cfg, train_source=source, eval_source=source)
+    c, state = _built_cnn("xla")
     assert c.strategy.compiler_options == {}
-    state = c.init_state()
     plain = dlkit.make_strategy("jit", num_devices=1).compile_train(
         c.loss_fn, c.strategy.state_shardings(state)
     )
-    spec = c.strategy.batch_spec(c.example_batch(), cfg.train.batch_size)
+    spec = c.strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
     expected = plain.lower(state, c.abstract_metrics(state), spec).compile().as_text()
-    assert normalized(_compiled_train_text("xla")) == normalized(expected)
+    assert normalized(_compiled_train_text(c, state)) == normalized(expected)
 
 
 def test_only_the_jit_strategy_on_cpu_takes_compile_options():
