@@ -6,7 +6,9 @@
     ckpt.close()                                                         # waits for writes
 
 One checkpoint is one Orbax step directory with three items: "state" (the TrainState's arrays,
-via Orbax's PyTree handler, uncompressed: see `_state_handler`), "data" ({"position": int})
+raw bytes written by dlkit's own Orbax handler, `arraystore.StateHandler`: faster than Orbax's
+PyTree handler, and an async save is paced so that the training it overlaps keeps its speed;
+the handler's docstring has the measurements), "data" ({"position": int})
 and "config" (the run's config as JSON).
 Restoring takes an abstract state whose leaves carry the *target* shardings, so a state saved
 on 8 devices restores onto 1, or onto the CPU in a notebook: the layout is chosen at restore.
@@ -54,6 +56,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from dlkit import arraystore
+
 MANIFEST = "dlkit_manifest.json"
 COMMIT_MARKER = "commit_success.txt"
 # Orbax rewrites this file while committing (timestamps), after the manifest is written, so it
@@ -82,18 +86,6 @@ if hasattr(threading, "_register_atexit"):
     threading._register_atexit(_wait_for_open_checkpointers)
 else:  # pragma: no cover - other Python implementations
     atexit.register(_wait_for_open_checkpointers)
-
-
-def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """The handler of the "state" item: Orbax's PyTree handler (OCDBT) without compression.
-
-    `StandardCheckpointHandler` is this handler with zstd compression on. Weights barely
-    compress (a 100 MiB float32 state took 92.4 MiB), and decompressing halved the restore
-    speed (156 vs 79 ms for 100 MiB, measured on 2 CPU cores) while compressing competes with
-    training for the CPU during async saves. The on-disk format is the same, so checkpoints
-    written compressed (by earlier versions) restore unchanged.
-    """
-    return ocp.PyTreeCheckpointHandler(use_compression=False)
 
 
 class CheckpointError(RuntimeError):
@@ -164,7 +156,12 @@ def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
 
 
 def write_manifest(
-    step_dir: pathlib.Path, step: int, metrics: dict | None = None, *, parallel: bool = True
+    step_dir: pathlib.Path,
+    step: int,
+    metrics: dict | None = None,
+    *,
+    parallel: bool = True,
+    known: dict[str, tuple[int, list[int]]] | None = None,
 ) -> None:
     """Records the size and the chunk CRC-32s of every file under `step_dir` in its manifest.
 
@@ -176,14 +173,21 @@ def write_manifest(
     uses it, because checksum threads on every core slowed the training steps the save
     overlaps (0.47-0.61x of their rate alone, against 0.57-0.66x with one thread; 4
     alternating rounds of benchmarks/checkpoint_speed.py, 2 cores).
+
+    `known` holds {relative path: (size, chunk CRC-32s)} computed from memory while the file
+    was written (the "state" item's data file: `arraystore`); a file of that size is not read
+    back.
     """
+    known = known or {}
     paths = {}
     for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(step_dir).as_posix()
         if path.name in (MANIFEST, COMMIT_MARKER, STEP_METADATA) or rel.endswith(".tmp"):
             continue
         paths[rel] = (path, path.stat().st_size)
-    crcs = _chunk_crcs(paths, parallel=parallel)
+    reuse = {rel for rel, (_, size) in paths.items() if rel in known and known[rel][0] == size}
+    crcs = _chunk_crcs({k: v for k, v in paths.items() if k not in reuse}, parallel=parallel)
+    crcs.update({rel: list(known[rel][1]) for rel in reuse})
     files = {rel: {"size": size, "crc32": crcs[rel]} for rel, (_, size) in paths.items()}
     payload = {
         "version": 2,
@@ -262,6 +266,12 @@ class Checkpointer:
       best_metric: the metric (passed to `save`) that ranks steps, e.g. "eval/loss".
       best_mode: "min" or "max".
       async_save: write in a background thread (`save` returns early).
+      async_write_share: an async save's writer spends this share of wall time writing and
+        sleeps the rest, so the training steps it overlaps keep their speed on a machine whose
+        cores they use (0.05: 0.93-0.94x of their rate alone, against 0.46-0.66x flat out;
+        measured on 2 cores, docs/performance.md). A save then takes ~1/share times as long
+        in the background; `wait()`, the next `save` and `close()` lift the pacing. 1.0 =
+        flat out.
       read_only: only read (e.g. `dlkit eval` while a run is training in the same workdir):
         no cleaning, no retention, corrupt steps are skipped but not moved.
       log: where messages about cleaned or rejected steps go (default: print).
@@ -276,6 +286,7 @@ class Checkpointer:
         best_metric: str = "eval/loss",
         best_mode: str = "min",
         async_save: bool = True,
+        async_write_share: float = 0.05,
         read_only: bool = False,
         log=None,
     ):
@@ -285,6 +296,13 @@ class Checkpointer:
             raise ValueError(f"checkpoint.keep_best: expected an int >= 0, got {keep_best}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode: expected min | max, got {best_mode!r}")
+        if isinstance(async_write_share, bool) or not (
+            isinstance(async_write_share, int | float) and 0 < async_write_share <= 1
+        ):
+            raise ValueError(
+                "checkpoint.async_write_share: expected a number in (0, 1], "
+                f"got {async_write_share!r}"
+            )
         self.directory = pathlib.Path(directory).absolute()
         self.max_to_keep = max_to_keep
         self.keep_best = keep_best
@@ -313,13 +331,16 @@ class Checkpointer:
             async_options=async_options,
             create=not read_only,
         )
+        self._state_handler = arraystore.StateHandler(
+            background=async_save, write_share=async_write_share, chunk_bytes=CHUNK_BYTES
+        )
         # Handlers are named up front so that metadata (saved shapes) is readable before any
         # save or restore has registered them.
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
             item_handlers={
-                "state": _state_handler(),
+                "state": self._state_handler,
                 "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
@@ -430,7 +451,11 @@ class Checkpointer:
         step, metrics = self._pending
         tmp_dirs = [p for p in self.directory.iterdir() if p.name.startswith(f"{step}{_ORBAX_TMP}")]
         for tmp in tmp_dirs:
-            write_manifest(tmp, step, metrics, parallel=False)
+            write_manifest(tmp, step, metrics, parallel=False, known=self._written())
+
+    def _written(self) -> dict[str, tuple[int, list[int]]]:
+        """The sizes and chunk CRC-32s of the state files this process just wrote."""
+        return {f"state/{name}": v for name, v in self._state_handler.written.items()}
 
     def _steps_to_keep(self, steps: list[int]) -> set[int]:
         keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
@@ -493,14 +518,16 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state),
+                state=arraystore.StateSave(state),
                 data=ocp.args.JsonSave({"position": int(data_position)}),
                 config=ocp.args.JsonSave(config or {}),
             ),
             force=True,
         )
         if not self.async_save and self._primary:
-            write_manifest(self.directory / str(step), step, self._pending[1])
+            write_manifest(
+                self.directory / str(step), step, self._pending[1], known=self._written()
+            )
             self._pending = None
             self._apply_retention()
 
@@ -556,10 +583,7 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    abstract_state,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-                ),
+                state=arraystore.StateRestore(abstract_state),
                 data=ocp.args.JsonRestore(),
             ),
         )
@@ -609,6 +633,7 @@ class Checkpointer:
           CheckpointError: the async save in flight failed (naming its step; the cause is
             chained). The steps saved before it are untouched.
         """
+        self._state_handler.hurry()  # whoever waits wants it written now: no more pacing
         try:
             self._manager.wait_until_finished()  # runs `_finalize_pending` for the last save
         except Exception as e:

@@ -46,8 +46,8 @@ def _copy(reference, tmp_path) -> pathlib.Path:
 
 
 def _data_file(step_dir: pathlib.Path) -> pathlib.Path:
-    files = sorted(step_dir.glob("state/ocdbt.process_0/d/*")) or sorted(step_dir.glob("state/d/*"))
-    return max(files, key=lambda p: p.stat().st_size)
+    (path,) = step_dir.glob("state/data.p*.bin")  # arraystore: one data file per process
+    return path
 
 
 def _truncate(path):
@@ -69,7 +69,10 @@ CORRUPTIONS = {
     "zero_data": (lambda d: _zero(_data_file(d)), "CRC-32 mismatch"),
     "bitflip_data": (lambda d: _flip(_data_file(d)), "CRC-32 mismatch"),
     "delete_data": (lambda d: _data_file(d).unlink(), "missing"),
-    "delete_metadata": (lambda d: (d / "state" / "_METADATA").unlink(), "_METADATA: missing"),
+    "delete_index": (
+        lambda d: (d / "state" / "index.p0.json").unlink(),
+        "state/index.p0.json: missing",
+    ),
     "delete_step_metadata": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(), "missing"),
     "delete_manifest": (lambda d: (d / ckpt_lib.MANIFEST).unlink(), "not committed"),
 }
