@@ -3,10 +3,11 @@
 Against the disk's own limit (`np.save` of the same bytes + fsync; `np.load` back), measures
 dlkit's `Checkpointer` (Orbax underneath, integrity manifest included): a synchronous save,
 an async save (how long `save` blocks the loop in the steady state, where its retention also
-deletes an old step, and how long until the step is durable),
-a restore, and how much an async save slows jitted training-like steps that run while it
-writes. Medians of alternating repeats, after one untimed save of each kind (the first save
-in a process pays one-time costs; it is reported on its own row). Reads hit the page cache
+deletes an old step, and how long until the step is durable), a restore, and how much an
+async save slows jitted training-like steps that run while it writes: at the default pace
+(`checkpoint.async_write_share`, 0.05) and flat out (1.0). Medians of alternating repeats,
+after one untimed save of each kind (the first save in a process pays one-time costs; it is
+reported on its own row). Reads hit the page cache
 (nothing drops it), so restore figures are an upper bound of what a cold disk gives. Also
 `--only checkpoint` of `python -m benchmarks.run`.
 """
@@ -62,7 +63,29 @@ def _steps_per_s(step, x, seconds: float, busy=None) -> float:
     return n / (time.perf_counter() - t)
 
 
-def measure(mib: int = 100, repeats: int = 3) -> dict:
+def _async_save(directory, state, share, step, x) -> tuple[float, float, float]:
+    """(seconds `save` blocked, seconds until durable, step rate while it wrote)."""
+    with checkpoint_lib.Checkpointer(
+        directory, max_to_keep=1, async_save=True, async_write_share=share, log=lambda s: None
+    ) as ck:
+
+        def busy():
+            return ck._manager.is_saving_in_progress()  # noqa: SLF001
+
+        # The steady state of a run: two steps exist, and the timed save's retention deletes
+        # the older one (max_to_keep=1) while the loop waits.
+        for old in (1, 2):
+            ck.save(old, state, data_position=0)
+            ck.wait()
+        t = time.perf_counter()
+        ck.save(3, state, data_position=0)
+        block = time.perf_counter() - t
+        during = _steps_per_s(step, x, 0, busy)
+        ck.wait()
+        return block, time.perf_counter() - t, during
+
+
+def measure(mib: int = 100, repeats: int = 5) -> dict:
     state = _state(mib)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
@@ -81,6 +104,9 @@ def measure(mib: int = 100, repeats: int = 3) -> dict:
             "restore",
             "steps_alone",
             "steps_during_async",
+            "async_block_flat",
+            "async_durable_flat",
+            "steps_during_async_flat",
         )
     }
     # The first save in a process pays one-time costs (Orbax's thread pools and tensorstore
@@ -112,31 +138,17 @@ def measure(mib: int = 100, repeats: int = 3) -> dict:
                 jax.block_until_ready(restored)
                 r["restore"].append(time.perf_counter() - t)
             r["steps_alone"].append(_steps_per_s(step, x, 1.0))
-            with checkpoint_lib.Checkpointer(
-                tmp / "async", max_to_keep=1, async_save=True, log=lambda s: None
-            ) as ck:
-
-                def busy():
-                    return ck._manager.is_saving_in_progress()  # noqa: SLF001
-
-                # The steady state of a run: two steps exist, and the timed save's retention
-                # deletes the older one (max_to_keep=1) while the loop waits.
-                for old in (1, 2):
-                    ck.save(old, state, data_position=0)
-                    while busy():
-                        time.sleep(0.005)
-                t = time.perf_counter()
-                ck.save(3, state, data_position=0)
-                r["async_block"].append(time.perf_counter() - t)
-                r["steps_during_async"].append(_steps_per_s(step, x, 0, busy))
-                ck.wait()
-                r["async_durable"].append(time.perf_counter() - t)
+            for share, suffix in ((checkpoint_lib.DEFAULT_WRITE_SHARE, ""), (1.0, "_flat")):
+                block, durable, during = _async_save(tmp / f"async{suffix}", state, share, step, x)
+                r["async_block" + suffix].append(block)
+                r["async_durable" + suffix].append(durable)
+                r["steps_during_async" + suffix].append(during)
     medians = {k: statistics.median(v) for k, v in r.items()}
     return medians | {"mib": mib, "repeats": repeats, "first_sync_save": first_sync}
 
 
 def report(quick: bool = False, mib: int = 100) -> str:
-    m = measure(mib, 2 if quick else 3)
+    m = measure(mib, 2 if quick else 5)
     gib = mib / 1024
     rate = lambda s: f"{gib / s * 1024:.0f} MiB/s"  # noqa: E731
     lines = [
@@ -153,15 +165,23 @@ def report(quick: bool = False, mib: int = 100) -> str:
         f"| dlkit async save: blocks the loop (incl. deleting an old step) | "
         f"{m['async_block']:.3f} | | "
         f"{m['async_block'] / m['sync_save']:.0%} of a sync save |",
-        f"| dlkit async save: until durable | {m['async_durable']:.3f} | "
+        f"| dlkit async save: until durable (paced: async_write_share="
+        f"{checkpoint_lib.DEFAULT_WRITE_SHARE}) | {m['async_durable']:.3f} | "
         f"{rate(m['async_durable'])} | {m['np_save'] / m['async_durable']:.2f}x |",
+        f"| dlkit async save flat out (async_write_share=1): blocks the loop | "
+        f"{m['async_block_flat']:.3f} | | {m['async_block_flat'] / m['sync_save']:.0%} of a "
+        "sync save |",
+        f"| dlkit async save flat out: until durable | {m['async_durable_flat']:.3f} | "
+        f"{rate(m['async_durable_flat'])} | {m['np_save'] / m['async_durable_flat']:.2f}x |",
         f"| np.load | {m['np_load']:.3f} | {rate(m['np_load'])} | 1.00x |",
         f"| dlkit restore (verify + read) | {m['restore']:.3f} | {rate(m['restore'])} | "
         f"{m['np_load'] / m['restore']:.2f}x |",
         "",
         f"Steps overlapped by an async save ran at {m['steps_during_async']:.1f}/s against "
         f"{m['steps_alone']:.1f}/s alone "
-        f"({m['steps_during_async'] / m['steps_alone']:.2f}x).",
+        f"({m['steps_during_async'] / m['steps_alone']:.2f}x); flat out, at "
+        f"{m['steps_during_async_flat']:.1f}/s "
+        f"({m['steps_during_async_flat'] / m['steps_alone']:.2f}x).",
     ]
     return "\n".join(lines)
 

@@ -68,6 +68,7 @@ QUARANTINE = ".quarantine"
 _ORBAX_TMP = ".orbax-checkpoint-tmp"
 _READ_BYTES = 1 << 22  # checksums read files 4 MiB at a time
 CHUNK_BYTES = 1 << 23  # a version-2 manifest has one CRC-32 per 8 MiB of each file
+DEFAULT_WRITE_SHARE = 0.05  # `async_write_share`: see Checkpointer
 
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
@@ -286,7 +287,7 @@ class Checkpointer:
         best_metric: str = "eval/loss",
         best_mode: str = "min",
         async_save: bool = True,
-        async_write_share: float = 0.05,
+        async_write_share: float = DEFAULT_WRITE_SHARE,
         read_only: bool = False,
         log=None,
     ):
