@@ -240,7 +240,7 @@ class StateHandler(ocp.AsyncCheckpointHandler):
 
     # ---- save --------------------------------------------------------------------------------
 
-    def _write(self, directory, leaves, pieces, share: float) -> None:
+    def _write(self, directory, leaves, pieces, share: float, extras=None) -> None:
         pid = jax.process_index()
         directory = epath.Path(directory)
         data_path = os.fspath(directory / DATA.format(pid))
@@ -274,6 +274,12 @@ class StateHandler(ocp.AsyncCheckpointHandler):
             os.fsync(fd)
         finally:
             os.close(fd)
+        if pid == 0:
+            for name, payload in (extras or {}).items():
+                with open(directory / f"{name}.json", "w") as f:
+                    json.dump(payload, f)
+                    f.flush()
+                    os.fsync(f.fileno())
         index = {"version": VERSION, "process": pid, "leaves": leaves, "pieces": entries}
         index_path = directory / INDEX.format(pid)
         with open(index_path, "w") as f:
@@ -292,8 +298,8 @@ class StateHandler(ocp.AsyncCheckpointHandler):
 
         return pace
 
-    async def _write_async(self, directory, leaves, pieces, share) -> None:
-        self._write(directory, leaves, pieces, share)
+    async def _write_async(self, directory, leaves, pieces, share, extras) -> None:
+        self._write(directory, leaves, pieces, share, extras)
 
     async def async_save(self, directory: epath.Path, args: "StateSave"):
         leaves, pieces = collect(args.item, copy=self.background)
@@ -301,16 +307,22 @@ class StateHandler(ocp.AsyncCheckpointHandler):
         self.written = {}
         return [
             ocp_future.CommitFutureAwaitingContractedSignals(
-                self._write_async(directory, leaves, pieces, self.write_share),
+                self._write_async(directory, leaves, pieces, self.write_share, args.extras),
                 name="dlkit_state_save",
             )
         ]
 
     def save(self, directory: epath.Path, args: "StateSave") -> None:
         leaves, pieces = collect(args.item, copy=False)
-        self._write(directory, leaves, pieces, 1.0)
+        self._write(directory, leaves, pieces, 1.0, args.extras)
 
     # ---- restore -----------------------------------------------------------------------------
+
+    @staticmethod
+    def read_extra(directory, name: str):
+        """The JSON document `name` saved with the state, or None (not saved with it)."""
+        path = epath.Path(directory) / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     @staticmethod
     def is_legacy(directory) -> bool:
@@ -398,9 +410,12 @@ class StateHandler(ocp.AsyncCheckpointHandler):
 @ocp.args.register_with_handler(StateHandler, for_save=True)
 @dataclasses.dataclass
 class StateSave(ocp.args.CheckpointArgs):
-    """Save args of `StateHandler`: the state pytree."""
+    """Save args of `StateHandler`: the state pytree, and small JSON documents written beside
+    it by process 0 as `<name>.json` (dlkit's data position and config: see
+    `Checkpointer.save`)."""
 
     item: Any
+    extras: dict[str, Any] | None = None
 
 
 @ocp.args.register_with_handler(StateHandler, for_restore=True)

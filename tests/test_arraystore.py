@@ -49,7 +49,9 @@ def test_round_trip_is_bitwise_and_the_manifest_crcs_match_the_files(tmp_path, a
     _assert_same(tree, restored)
     step_dir = tmp_path / "c" / "1"
     names = sorted(p.name for p in (step_dir / "state").iterdir())
-    assert names == ["commit_success.txt", "data.p0.bin", "index.p0.json"]  # Orbax's marker
+    # Orbax's marker, the arrays, their index, and the position and config beside them.
+    expected = ["commit_success.txt", "config.json", "data.json", "data.p0.bin", "index.p0.json"]
+    assert names == expected
     # The data file is the arrays' bytes, nothing else: its size is the sum of theirs.
     nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
     assert (step_dir / "state" / "data.p0.bin").stat().st_size == nbytes

@@ -125,7 +125,11 @@ def test_checkpoint_holds_state_data_position_and_config(tmp_path):
     cfg = tiny_digits_config()
     dlkit.fit(cfg, tmp_path)
     step_dir = tmp_path / "checkpoints" / "12"
-    assert {"state", "data", "config"} <= {p.name for p in step_dir.iterdir()}
+    # One Orbax item: the position and the config are JSON files beside the arrays.
+    assert "state" in {p.name for p in step_dir.iterdir()}
+    assert not (step_dir / "data").exists() and not (step_dir / "config").exists()
+    assert json.loads((step_dir / "state" / "data.json").read_text()) == {"position": 12}
+    assert json.loads((step_dir / "state" / "config.json").read_text()) == cfg.to_dict()
     with dlkit.Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.restore_config(12) == cfg.to_dict()
         c = dlkit.build(cfg)
@@ -187,7 +191,8 @@ def test_a_checkpoint_written_compressed_by_orbax_standard_handler_restores(tmp_
     checkpoint_lib.write_manifest(directory / "3", 3)
     with dlkit.Checkpointer(directory) as ckpt:
         restored, position = ckpt.restore(c.abstract_state())
-    assert position == 3
+        assert ckpt.restore_config(3) == cfg.to_dict()  # from the old "config" item
+    assert position == 3  # from the old "data" item
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
