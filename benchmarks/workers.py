@@ -74,14 +74,15 @@ def _flax_model(model):
     return MLP() if model == "mlp" else CNN()
 
 
-def jax_worker(model, x, y, scan_k=0):
+def hand_step(model, x, scan_k=0):
+    """The hand-written loop's compiled step and its initial carry: `run(carry, batch) ->
+    (carry, loss)` on (x, y) numpy batches, or on K stacked batches with `lax.scan`."""
     import jax
     import optax
 
     module = _flax_model(model)
     params = module.init(jax.random.key(0), x[:1])
     tx = optax.adam(LR)
-    opt_state = tx.init(params)
 
     def step(carry, batch):
         params, opt_state = carry
@@ -99,6 +100,13 @@ def jax_worker(model, x, y, scan_k=0):
         run = jax.jit(lambda c, b: jax.lax.scan(step, c, b), donate_argnums=0)
     else:
         run = jax.jit(step, donate_argnums=0)
+    return run, (params, tx.init(params))
+
+
+def jax_worker(model, x, y, scan_k=0):
+    import jax
+
+    run, carry = hand_step(model, x, scan_k)
     batches = _batches(x, y)
 
     def next_input():
@@ -107,7 +115,6 @@ def jax_worker(model, x, y, scan_k=0):
         group = [next(batches) for _ in range(scan_k)]
         return np.stack([g[0] for g in group]), np.stack([g[1] for g in group])
 
-    carry = (params, opt_state)
     carry, loss = run(carry, next_input())
     jax.block_until_ready(loss)
     per_call = scan_k or 1

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.checkpoint_speed import _steps_per_s as _rate
+
 _WRITER = r"""
 import numpy as np, os, sys, time
 a = np.random.default_rng(0).standard_normal(int(sys.argv[2]) * (1 << 18), dtype=np.float32)
@@ -33,15 +35,6 @@ for _ in sys.stdin:
         np.save(f, a); f.flush(); os.fsync(f.fileno())
     sys.stdout.write(f"{time.perf_counter() - t}\n"); sys.stdout.flush()
 """
-
-
-def _rate(step, x, seconds=None, busy=None) -> float:
-    n, t = 0, time.perf_counter()
-    while (busy() if busy else time.perf_counter() - t < seconds) or n < 3:
-        x = step(x)
-        x.block_until_ready()
-        n += 1
-    return n / (time.perf_counter() - t)
 
 
 def _paced_write(path: str, data: memoryview, share: float) -> float:
@@ -67,7 +60,7 @@ def _overlap(step, x, write) -> tuple[float, float]:
     done, took = threading.Event(), []
     thread = threading.Thread(target=lambda: (took.append(write()), done.set()))
     thread.start()
-    during = _rate(step, x, busy=lambda: not done.is_set())
+    during = _rate(step, x, 0, busy=lambda: not done.is_set())
     thread.join()
     return during / alone, took[0]
 
