@@ -271,12 +271,12 @@ class Checkpointer:
       best_metric: the metric (passed to `save`) that ranks steps, e.g. "eval/loss".
       best_mode: "min" or "max".
       async_save: write in a background thread (`save` returns early).
-      async_write_share: an async save's writer spends this share of wall time writing and
-        sleeps the rest, so the training steps it overlaps keep their speed on a machine whose
-        cores they use (0.05: 0.93-0.94x of their rate alone, against 0.46-0.66x flat out;
-        measured on 2 cores, docs/performance.md). A save then takes ~1/share times as long
-        in the background; `wait()`, the next `save` and `close()` lift the pacing. 1.0 =
-        flat out.
+      async_write_share: an async save writes 1 MiB at a time and after each piece sleeps
+        (1/share - 1) times the CPU time it took, so that the training steps it overlaps keep
+        their speed on a machine whose cores they use (0.05: ~0.9x of their rate alone,
+        against ~0.5x flat out; 2 cores, docs/performance.md). A save then takes ~1/share
+        times as long in the background; `wait()`, the next `save` and `close()` lift the
+        pacing. 1.0 = flat out.
       read_only: only read (e.g. `dlkit eval` while a run is training in the same workdir):
         no cleaning, no retention, corrupt steps are skipped but not moved.
       log: where messages about cleaned or rejected steps go (default: print).
@@ -582,9 +582,14 @@ class Checkpointer:
         """
         step = self.valid_step(step)
         self._check_fits(step, abstract_state)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=arraystore.StateRestore(abstract_state))
-        )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=arraystore.StateRestore(abstract_state))
+            )
+        except ValueError as e:  # arraystore: a leaf missing, of another shape, or truncated
+            raise CheckpointError(
+                f"restore: checkpoint step {step} in {self.directory} does not fit: {e}"
+            ) from e
         return restored["state"], int(self._extra(step, "data")["position"])
 
     def _extra(self, step: int, name: str) -> dict[str, Any]:
