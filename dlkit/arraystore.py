@@ -265,11 +265,12 @@ class StateHandler(ocp.AsyncCheckpointHandler):
         try:
             _preallocate(fd, size)
             if share >= 1:
-                # Flat out: the chunks are written and checksummed on a thread per core
-                # (`os.pwrite` and `zlib.crc32` release the GIL).
+                # Flat out: the chunks are written and checksummed on a thread per core, up
+                # to 8 (`os.pwrite` and `zlib.crc32` release the GIL; writes to one file
+                # share its lock, so more threads would only add checksums in parallel).
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(
-                        os.cpu_count() or 1, thread_name_prefix="dlkit-state-write"
+                        min(os.cpu_count() or 1, 8), thread_name_prefix="dlkit-state-write"
                     )
                 crcs = list(self._pool.map(lambda t: _write_task(fd, t, self.chunk_bytes), tasks))
             else:

@@ -293,11 +293,14 @@ def test_a_step_number_deleted_by_retention_can_be_saved_again(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16.0) * 2)
 
 
+@pytest.mark.parametrize("where", ["write_manifest", "arraystore._write_task"])
 def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, where
 ):
+    """The disk fills up while step 2 is written: in the arrays' writer, or in the manifest."""
     import jax.numpy as jnp
 
+    from dlkit import arraystore
     from dlkit import checkpoint as checkpoint_lib
 
     state = {"w": jnp.arange(12.0)}
@@ -308,7 +311,10 @@ def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
         def disk_full(*args, **kwargs):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(checkpoint_lib, "write_manifest", disk_full)
+        if where == "write_manifest":
+            monkeypatch.setattr(checkpoint_lib, "write_manifest", disk_full)
+        else:
+            monkeypatch.setattr(arraystore, "_write_task", disk_full)
         ckpt.save(2, state, data_position=2)  # fails on its thread
         with pytest.raises(
             checkpoint_lib.CheckpointError,
