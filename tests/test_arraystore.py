@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_digits_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import dlkit
 from dlkit import arraystore
 from dlkit import checkpoint as checkpoint_lib
 
@@ -176,3 +178,11 @@ def test_the_index_records_each_leaf_and_metadata_reads_it(tmp_path):
     assert meta["half"].dtype == jnp.bfloat16
     assert meta["nested"]["1"]["k"].shape == (2, 3)
     assert not arraystore.StateHandler.is_legacy(item)
+
+
+def test_fit_refuses_a_bad_write_share_before_it_trains(tmp_path):
+    cfg = tiny_digits_config(**{"checkpoint.async_write_share": 0.0})
+    with pytest.raises(ValueError, match=r"checkpoint\.async_write_share: .* got 0\.0"):
+        dlkit.fit(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
