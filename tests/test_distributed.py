@@ -199,3 +199,35 @@ def test_no_cluster_means_no_distributed_start():
     assert dlkit.distributed.detected_cluster() is None
     assert dlkit.distributed.initialize() is False
     assert jax.process_count() == 1
+
+
+def test_two_processes_write_their_own_shards_and_resume_from_them(tmp_path):
+    """FSDP over 2 processes: each process writes the shards it owns into its own data file,
+    and a second 2-process run restores from both files and goes on as one run would."""
+    fsdp = {"parallel.param_sharding": "fsdp", "parallel.fsdp_min_size": 16}
+    first = _run_two_processes(tmp_path, devices_per_process=1, extra=fsdp)
+    for i, r in enumerate(first):
+        assert r.returncode == 0, f"process {i} failed:\n{r.stderr[-3000:]}"
+    state_dir = tmp_path / "checkpoints" / "12" / "state"
+    sizes = [(state_dir / f"data.p{k}.bin").stat().st_size for k in (0, 1)]
+    assert all(size > 0 for size in sizes), sizes  # both processes own shards
+    index1 = json.loads((state_dir / "index.p1.json").read_text())
+    assert any(p["key"][0] == "params" for p in index1["pieces"])
+    resumed = _run_two_processes(tmp_path, devices_per_process=1, extra={**fsdp, "train.steps": 18})
+    for i, r in enumerate(resumed):
+        assert r.returncode == 0, f"process {i} failed:\n{r.stderr[-3000:]}"
+    assert "resuming from step 12" in resumed[0].stdout
+    # The same two runs (12 steps, then resumed to 18: the schedule depends on train.steps)
+    # in one process with 2 devices.
+    one = {**SETS, **fsdp, "parallel.num_devices": 2}
+    ref_dir = tmp_path.parent / f"{tmp_path.name}-one-process"
+    dlkit.fit(tiny_digits_config(**one), ref_dir)
+    ref = dlkit.fit(tiny_digits_config(**{**one, "train.steps": 18}), ref_dir)
+    state, _ = dlkit.load_checkpoint(tmp_path)
+    assert int(state.step) == 18
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(ref.state.params)),
+        jax.tree.leaves(jax.device_get(state.params)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
