@@ -194,12 +194,15 @@ def _check_config(cfg: config_lib.Config) -> None:
         "train.eval_every": cfg.train.eval_every,
         "train.eval_batch_size": cfg.train.eval_batch_size,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "data.prefetch": cfg.data.prefetch,
         "train.overfit_batches": cfg.train.overfit_batches,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise config_lib.ConfigError(f"{key}: expected an int >= 0, got {value}")
+    if cfg.data.prefetch < -1:
+        raise config_lib.ConfigError(
+            f"data.prefetch: expected an int >= 0, or -1 (auto), got {cfg.data.prefetch}"
+        )
     choices = {
         "train.nan_policy": (cfg.train.nan_policy, ("raise", "skip")),
         "checkpoint.best_mode": (cfg.checkpoint.best_mode, ("min", "max")),
@@ -535,7 +538,8 @@ def run_eval(
         process_count=strategy.process_count,
     )
     acc = strategy.zeros(abstract_metrics)
-    batches = data_lib.prefetch(loader.iter_epoch(0), strategy.host_feed(), c.config.data.prefetch)
+    depth = strategy.prefetch_depth(c.config.data.prefetch)
+    batches = data_lib.prefetch(loader.iter_epoch(0), strategy.host_feed(), depth)
     try:
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -708,11 +712,11 @@ def fit(
         # The prefetcher runs ahead of the loop, so the position saved is counted here.
         if k > 1:
             stacked = dispatch.stack(iter(loader), k)
-            batches = data_lib.prefetch(
-                stacked, strategy.host_feed(stacked=True), cfg.data.prefetch
-            )
+            depth = strategy.prefetch_depth(cfg.data.prefetch, stacked=True)
+            batches = data_lib.prefetch(stacked, strategy.host_feed(stacked=True), depth)
         else:
-            batches = data_lib.prefetch(iter(loader), strategy.host_feed(), cfg.data.prefetch)
+            depth = strategy.prefetch_depth(cfg.data.prefetch)
+            batches = data_lib.prefetch(iter(loader), strategy.host_feed(), depth)
         acc = strategy.zeros(train_shape)
         interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
         last_eval: dict[str, float] = {}

@@ -187,7 +187,9 @@ def lr_find(
         grad_accum_steps=cfg.train.grad_accum_steps,
     )
     loader = c.train_loader()
-    batches = data_lib.prefetch(iter(loader), strategy.host_feed(), cfg.data.prefetch)
+    batches = data_lib.prefetch(
+        iter(loader), strategy.host_feed(), strategy.prefetch_depth(cfg.data.prefetch)
+    )
     lrs, losses, smoothed = [], [], []
     avg, best, diverged = 0.0, np.inf, False
     try:

@@ -248,3 +248,29 @@ def test_the_fusion_setting_changes_speed_not_results():
     for spec in ("xla", "none"):
         for a, b in zip(runs["individual_dot,reduce"], runs[spec], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_prefetch_reads_inline_only_where_nothing_is_copied_to_devices():
+    jit1 = dlkit.make_strategy("jit", num_devices=1)
+    assert jit1.prefetch_depth(-1) == 0  # CPU, one process: batches stay numpy
+    assert jit1.prefetch_depth(-1, stacked=True) == 2  # K stacked batches: worth a thread
+    assert jit1.prefetch_depth(3) == 3 and jit1.prefetch_depth(0) == 0  # explicit wins
+    assert dlkit.make_strategy("pmap", num_devices=8).prefetch_depth(-1) == 2  # copies
+
+
+def test_a_run_is_the_same_with_and_without_the_prefetch_thread():
+    inline = dlkit.fit(tiny_digits_config(**{"parallel.num_devices": 1}))
+    threaded = dlkit.fit(tiny_digits_config(**{"parallel.num_devices": 1, "data.prefetch": 2}))
+    assert [r["train/loss"] for r in inline.history if "train/loss" in r] == [
+        r["train/loss"] for r in threaded.history if "train/loss" in r
+    ]
+    for a, b in zip(
+        jax.tree.leaves(inline.state.params), jax.tree.leaves(threaded.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prefetch_below_minus_one_is_refused_before_training(tmp_path):
+    with pytest.raises(dlkit.ConfigError, match=r"data\.prefetch: expected an int >= 0, or -1"):
+        dlkit.fit(tiny_digits_config(**{"data.prefetch": -2}), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
