@@ -199,6 +199,13 @@ def _preallocate(fd: int, size: int) -> None:
     _FALLOCATE(fd, 0, 0, size)  # a failure (e.g. EOPNOTSUPP) just leaves the file to grow
 
 
+def _write_json(path, payload) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -224,7 +231,9 @@ class StateHandler(ocp.AsyncCheckpointHandler):
     def __init__(
         self, *, background: bool = False, write_share: float = 1.0, chunk_bytes: int = 1 << 23
     ):
-        if not 0 < write_share <= 1:
+        if isinstance(write_share, bool) or not (
+            isinstance(write_share, int | float) and 0 < write_share <= 1
+        ):
             raise ValueError(
                 f"checkpoint.async_write_share: expected a number in (0, 1], got {write_share!r}"
             )
@@ -280,16 +289,9 @@ class StateHandler(ocp.AsyncCheckpointHandler):
             os.close(fd)
         if pid == 0:
             for name, payload in (extras or {}).items():
-                with open(directory / f"{name}.json", "w") as f:
-                    json.dump(payload, f)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_json(directory / f"{name}.json", payload)
         index = {"version": VERSION, "process": pid, "leaves": leaves, "pieces": entries}
-        index_path = directory / INDEX.format(pid)
-        with open(index_path, "w") as f:
-            json.dump(index, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_json(directory / INDEX.format(pid), index)
         _fsync_dir(directory)
         self.written = {DATA.format(pid): (size, crcs)}
 
@@ -334,12 +336,18 @@ class StateHandler(ocp.AsyncCheckpointHandler):
         return not any(epath.Path(directory).glob("index.p*.json"))
 
     @staticmethod
-    def _indexes(directory) -> list[tuple[epath.Path, dict]]:
+    def _read_index(path) -> dict:
+        index = json.loads(path.read_text())
+        if index.get("version") != VERSION:
+            raise ValueError(f"{path}: index version {index.get('version')!r}, expected 1")
+        return index
+
+    @classmethod
+    def _indexes(cls, directory) -> list[tuple[epath.Path, dict]]:
+        """(data file, index) of every process that saved the item."""
         out = []
         for path in sorted(epath.Path(directory).glob("index.p*.json")):
-            index = json.loads(path.read_text())
-            if index.get("version") != VERSION:
-                raise ValueError(f"{path}: index version {index.get('version')!r}, expected 1")
+            index = cls._read_index(path)
             out.append((epath.Path(directory) / DATA.format(index["process"]), index))
         return out
 
@@ -348,14 +356,15 @@ class StateHandler(ocp.AsyncCheckpointHandler):
         if self.is_legacy(directory):
             return self._legacy.metadata(directory)
         tree: dict = {}
-        for _, index in self._indexes(directory)[:1]:
-            for leaf in index["leaves"]:
-                node = tree
-                for name in leaf["key"][:-1]:
-                    node = node.setdefault(name, {})
-                node[leaf["key"][-1]] = jax.ShapeDtypeStruct(
-                    tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])
-                )
+        # Every process's index lists all the leaves: one index is enough.
+        first = min(epath.Path(directory).glob("index.p*.json"))
+        for leaf in self._read_index(first)["leaves"]:
+            node = tree
+            for name in leaf["key"][:-1]:
+                node = node.setdefault(name, {})
+            node[leaf["key"][-1]] = jax.ShapeDtypeStruct(
+                tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])
+            )
         return tree
 
     def restore(self, directory: epath.Path, args: "StateRestore"):
@@ -374,7 +383,8 @@ class StateHandler(ocp.AsyncCheckpointHandler):
             for leaf in index["leaves"]:
                 saved.setdefault(tuple(leaf["key"]), leaf)
             for p in index["pieces"]:
-                pieces.setdefault(tuple(p["key"]), []).append((data_path, p))
+                bounds = tuple(tuple(b) for b in p["index"])
+                pieces.setdefault(tuple(p["key"]), []).append((data_path, bounds, p))
         files: dict[str, Any] = {}
         try:
             leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
@@ -448,8 +458,7 @@ class _Reader:
             self.files[name] = open(name, "rb", buffering=0)  # noqa: SIM115 - closed by restore
         return self.files[name]
 
-    def _piece(self, path, entry) -> np.ndarray:
-        bounds = tuple(tuple(b) for b in entry["index"])
+    def _piece(self, path, bounds, entry) -> np.ndarray:
         shape = tuple(b - a for a, b in bounds)
         arr = np.empty(shape, self.dtype)
         buf = memoryview(arr.reshape(-1).view(np.uint8))
@@ -469,19 +478,18 @@ class _Reader:
         want = _bounds(index, self.shape)
         if want in self._cache:
             return self._cache[want]
-        exact = [(p, e) for p, e in self.pieces if tuple(tuple(b) for b in e["index"]) == want]
+        exact = [piece for piece in self.pieces if piece[1] == want]
         if exact:
             out = self._piece(*exact[0])
         else:
             out = np.empty(tuple(b - a for a, b in want), self.dtype)
             covered = 0
-            for path, entry in self.pieces:
-                have = tuple(tuple(b) for b in entry["index"])
+            for path, have, entry in self.pieces:
                 lo = [max(a, c) for (a, _), (c, _) in zip(want, have, strict=True)]
                 hi = [min(b, d) for (_, b), (_, d) in zip(want, have, strict=True)]
                 if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
                     continue
-                piece = self._piece(path, entry)
+                piece = self._piece(path, have, entry)
                 src = _slices(lo, hi, have)
                 dst = _slices(lo, hi, want)
                 out[dst] = piece[src]

@@ -301,13 +301,12 @@ class Checkpointer:
             raise ValueError(f"checkpoint.keep_best: expected an int >= 0, got {keep_best}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode: expected min | max, got {best_mode!r}")
-        if isinstance(async_write_share, bool) or not (
-            isinstance(async_write_share, int | float) and 0 < async_write_share <= 1
-        ):
-            raise ValueError(
-                "checkpoint.async_write_share: expected a number in (0, 1], "
-                f"got {async_write_share!r}"
-            )
+        # Built before anything touches the disk: it checks async_write_share.
+        self._state_handler = arraystore.StateHandler(
+            background=async_save and not read_only,
+            write_share=async_write_share,
+            chunk_bytes=CHUNK_BYTES,
+        )
         self.directory = pathlib.Path(directory).absolute()
         self.max_to_keep = max_to_keep
         self.keep_best = keep_best
@@ -335,9 +334,6 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             async_options=async_options,
             create=not read_only,
-        )
-        self._state_handler = arraystore.StateHandler(
-            background=async_save, write_share=async_write_share, chunk_bytes=CHUNK_BYTES
         )
         # Handlers are named up front so that metadata (saved shapes) is readable before any
         # save or restore has registered them.
