@@ -538,8 +538,7 @@ def run_eval(
         process_count=strategy.process_count,
     )
     acc = strategy.zeros(abstract_metrics)
-    depth = strategy.prefetch_depth(c.config.data.prefetch)
-    batches = data_lib.prefetch(loader.iter_epoch(0), strategy.host_feed(), depth)
+    batches = strategy.batches(loader.iter_epoch(0), c.config.data.prefetch)
     try:
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -712,11 +711,9 @@ def fit(
         # The prefetcher runs ahead of the loop, so the position saved is counted here.
         if k > 1:
             stacked = dispatch.stack(iter(loader), k)
-            depth = strategy.prefetch_depth(cfg.data.prefetch, stacked=True)
-            batches = data_lib.prefetch(stacked, strategy.host_feed(stacked=True), depth)
+            batches = strategy.batches(stacked, cfg.data.prefetch, stacked=True)
         else:
-            depth = strategy.prefetch_depth(cfg.data.prefetch)
-            batches = data_lib.prefetch(iter(loader), strategy.host_feed(), depth)
+            batches = strategy.batches(iter(loader), cfg.data.prefetch)
         acc = strategy.zeros(train_shape)
         interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
         last_eval: dict[str, float] = {}

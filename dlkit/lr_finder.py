@@ -37,7 +37,6 @@ import numpy as np
 import optax
 
 from dlkit import config as config_lib
-from dlkit import data as data_lib
 from dlkit import metrics as metrics_lib
 from dlkit import optim, precision
 
@@ -187,9 +186,7 @@ def lr_find(
         grad_accum_steps=cfg.train.grad_accum_steps,
     )
     loader = c.train_loader()
-    batches = data_lib.prefetch(
-        iter(loader), strategy.host_feed(), strategy.prefetch_depth(cfg.data.prefetch)
-    )
+    batches = strategy.batches(iter(loader), cfg.data.prefetch)
     lrs, losses, smoothed = [], [], []
     avg, best, diverged = 0.0, np.inf, False
     try:

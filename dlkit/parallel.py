@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from dlkit import dispatch, steps
 from dlkit import metrics as metrics_lib
+from dlkit.data import prefetch as prefetch_batches
 
 STRATEGIES = ("jit", "pmap")
 PARAM_SHARDINGS = ("replicated", "fsdp")
@@ -295,6 +296,13 @@ class Strategy:
         """How many batches the prefetch thread keeps ready (`data.prefetch`; 0 = no
         thread). -1 (auto) is 2: the thread's host-to-device copies overlap the step."""
         return 2 if requested == -1 else requested
+
+    def batches(self, iterator, prefetch: int, stacked: bool = False):
+        """`iterator`'s host batches fed to this strategy's steps (`host_feed`), with
+        `prefetch_depth(prefetch)` of them prepared ahead; a `dlkit.data.Prefetcher` (close
+        it)."""
+        depth = self.prefetch_depth(prefetch, stacked)
+        return prefetch_batches(iterator, self.host_feed(stacked), depth)
 
     def batch_spec(self, example: dict[str, np.ndarray], batch_size: int) -> dict:
         """`ShapeDtypeStruct`s of what `put_batch` makes from global batches of `batch_size`
