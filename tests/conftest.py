@@ -15,6 +15,7 @@ os.environ["XLA_FLAGS"] = " ".join([_existing, *(f for f in _FLAGS if f not in _
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import dlkit  # noqa: E402
@@ -44,3 +45,18 @@ def tiny_digits_config(**overrides) -> dlkit.Config:
     cfg.train.plots = False  # curves.png costs ~0.3-0.8 s per run; tests/test_report.py turns it on
     dlkit.apply_overrides(cfg, [f"{k}={v}" for k, v in overrides.items()])
     return cfg
+
+
+def abstract_of(tree):
+    """`tree` as a restore target: `jax.ShapeDtypeStruct` leaves with each leaf's sharding."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def assert_bitwise_equal(a, b):
+    """Same leaves, dtypes, shapes and bytes."""
+    la = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(a))]
+    lb = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(b))]
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x, y), "states differ"

@@ -9,17 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import abstract_of, assert_bitwise_equal, tiny_digits_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import dlkit
 from dlkit import arraystore
 from dlkit import checkpoint as checkpoint_lib
-
-
-def _abstract(tree, sharding=None):
-    one = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), tree)
 
 
 def _tree():
@@ -34,21 +29,15 @@ def _tree():
     }
 
 
-def _assert_same(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 @pytest.mark.parametrize("async_save", [False, True])
 def test_round_trip_is_bitwise_and_the_manifest_crcs_match_the_files(tmp_path, async_save):
     tree = _tree()
     with checkpoint_lib.Checkpointer(tmp_path / "c", async_save=async_save, log=print) as ck:
         ck.save(1, tree, data_position=4)
         ck.wait()
-        restored, position = ck.restore(_abstract(tree))
+        restored, position = ck.restore(abstract_of(tree))
     assert position == 4
-    _assert_same(tree, restored)
+    assert_bitwise_equal(tree, restored)
     step_dir = tmp_path / "c" / "1"
     names = sorted(p.name for p in (step_dir / "state").iterdir())
     # Orbax's marker, the arrays, their index, and the position and config beside them.
@@ -117,7 +106,7 @@ def test_async_save_keeps_the_saved_bytes_while_the_next_steps_donate_the_state(
             state = update(state)
         jax.block_until_ready(state)
         ck.wait()
-        restored, _ = ck.restore(_abstract(state))
+        restored, _ = ck.restore(abstract_of(state))
     assert in_flight  # the steps really overlapped the write
     np.testing.assert_array_equal(np.asarray(state["b"]), 5.0)
     np.testing.assert_array_equal(np.asarray(restored["a"]), 0.0)
@@ -137,7 +126,7 @@ def test_async_save_is_paced_until_someone_waits_for_it(tmp_path):
         ck.wait()
         waited = time.perf_counter() - t
         assert ck.all_steps() == [1]
-        restored, _ = ck.restore(_abstract(state))
+        restored, _ = ck.restore(abstract_of(state))
     assert paced
     # Unpaced it would sleep ~1e4 times its write time (minutes); hurried it is done in well
     # under a second on 2 cores.
@@ -159,7 +148,7 @@ def test_a_leaf_of_another_shape_is_named_at_restore(tmp_path):
             checkpoint_lib.CheckpointError,
             match=r"step 1 .* does not fit: state: opt/mu: this run expects shape \(4, 4\)",
         ):
-            ck.restore(_abstract({"opt": {"mu": jnp.zeros((4, 4))}}))
+            ck.restore(abstract_of({"opt": {"mu": jnp.zeros((4, 4))}}))
 
 
 def test_typed_prng_keys_are_refused_with_the_fix(tmp_path):

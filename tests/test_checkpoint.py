@@ -11,22 +11,10 @@ import flax
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import abstract_of, assert_bitwise_equal, tiny_digits_config
 
 import dlkit
 from dlkit import cli
-
-
-def _leaves(state):
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
-
-
-def _assert_bitwise_equal(a, b):
-    la, lb = _leaves(a), _leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb, strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert np.array_equal(x, y), "states differ"
 
 
 def test_resume_in_process_is_bitwise_identical(tmp_path):
@@ -40,8 +28,8 @@ def test_resume_in_process_is_bitwise_identical(tmp_path):
     # Delete the final step: the workdir now looks like a run killed after step 6's save.
     shutil.rmtree(part_dir / "checkpoints" / "12")
     resumed = dlkit.fit(tiny_digits_config(), part_dir)
-    _assert_bitwise_equal(full.state, first.state)
-    _assert_bitwise_equal(full.state, resumed.state)
+    assert_bitwise_equal(full.state, first.state)
+    assert_bitwise_equal(full.state, resumed.state)
     # History: rows past the restored step were dropped and rewritten, not duplicated.
     steps = [r["step"] for r in resumed.history]
     assert steps == [4, 6, 8, 12]
@@ -99,7 +87,7 @@ def test_sigkill_and_restart_is_bitwise_identical_to_uninterrupted(tmp_path):
     ref_state, _ = dlkit.load_checkpoint(tmp_path / "ref")
     resumed_state, _ = dlkit.load_checkpoint(killed_dir)
     assert int(resumed_state.step) == 1500
-    _assert_bitwise_equal(ref_state, resumed_state)
+    assert_bitwise_equal(ref_state, resumed_state)
 
 
 def test_checkpoint_saved_on_8_devices_restores_on_1(tmp_path):
@@ -111,7 +99,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_1(tmp_path):
     assert loaded_cfg.to_dict() == cfg.to_dict()
     leaf = jax.tree.leaves(state.params)[0]
     assert leaf.sharding.device_set == {jax.devices()[0]}
-    _assert_bitwise_equal(result.state, state)
+    assert_bitwise_equal(result.state, state)
     # The default (a notebook's) also lands on one plain CPU device.
     state_default, _ = dlkit.load_checkpoint(tmp_path)
     assert jax.tree.leaves(state_default.params)[0].sharding.device_set == {jax.devices("cpu")[0]}
@@ -215,10 +203,6 @@ def test_a_run_writes_the_state_as_raw_bytes(tmp_path):
         assert data[piece["offset"] : piece["offset"] + piece["nbytes"]] == want.tobytes()
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
-
-
 def test_an_async_save_outlives_the_donation_of_the_state_it_was_given(tmp_path):
     """The train step donates the state right after `save` returns; the write must not read
     those buffers (here deleted outright, as donation does)."""
@@ -227,7 +211,7 @@ def test_an_async_save_outlives_the_donation_of_the_state_it_was_given(tmp_path)
     rng = np.random.default_rng(0)
     state = {"w": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32), "step": jnp.int32(7)}
     expected = {k: np.asarray(v).copy() for k, v in state.items()}
-    abstract = _abstract(state)
+    abstract = abstract_of(state)
     with dlkit.Checkpointer(tmp_path, async_save=True) as ckpt:
         ckpt.save(7, state, data_position=7)
         for leaf in jax.tree.leaves(state):
@@ -288,7 +272,7 @@ def test_a_step_number_deleted_by_retention_can_be_saved_again(tmp_path):
         ckpt.save(1, {"w": state["w"] * 2}, data_position=1, metrics={"loss": 0.5})
         ckpt.wait()
         assert ckpt.all_steps() == [1, 3]  # step 1 is now the best
-        restored, position = ckpt.restore(_abstract(state), step=1)
+        restored, position = ckpt.restore(abstract_of(state), step=1)
     assert position == 1
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16.0) * 2)
 
@@ -325,7 +309,7 @@ def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
         ckpt.wait()  # raised once, not again
         monkeypatch.undo()
         assert ckpt.all_steps() == [1]  # step 2 has no manifest: not a step
-        restored, position = ckpt.restore(_abstract(state))
+        restored, position = ckpt.restore(abstract_of(state))
     assert position == 1
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(12.0))
     # The next Checkpointer on this directory cleans what the failed save left.
