@@ -3,6 +3,7 @@ async writes that are safe from the donating step that follows."""
 
 import json
 import shutil
+import threading
 import time
 
 import jax
@@ -91,12 +92,22 @@ def test_sharded_state_restores_onto_other_layouts(tmp_path):
             np.testing.assert_array_equal(np.asarray(restored["replicated"]), value[0])
 
 
-def test_async_save_keeps_the_saved_bytes_while_the_next_steps_donate_the_state(tmp_path):
+def test_async_save_keeps_the_saved_bytes_while_the_next_steps_donate_the_state(
+    tmp_path, monkeypatch
+):
     """The writer reads zero-copy views of the state while donating steps run: XLA must not
-    reuse those buffers, or the checkpoint would hold later steps' values."""
-    # Two 8 MiB leaves: the paced writer reaches "b" long after the donating steps ran.
+    reuse those buffers, or the checkpoint would hold later steps' values. The writer thread
+    is held back until the donating steps have run, so the order does not depend on timing."""
     state = {"a": jnp.zeros((2048, 1024), jnp.float32), "b": jnp.zeros((2048, 1024), jnp.float32)}
     update = jax.jit(lambda s: jax.tree.map(lambda a: a + 1, s), donate_argnums=0)
+    donated = threading.Event()
+    as_bytes = arraystore._as_bytes
+
+    def after_donation(data):
+        assert donated.wait(60)
+        return as_bytes(data)
+
+    monkeypatch.setattr(arraystore, "_as_bytes", after_donation)
     with checkpoint_lib.Checkpointer(
         tmp_path / "c", async_save=True, async_write_share=0.01, log=print
     ) as ck:
@@ -105,6 +116,7 @@ def test_async_save_keeps_the_saved_bytes_while_the_next_steps_donate_the_state(
         for _ in range(5):
             state = update(state)
         jax.block_until_ready(state)
+        donated.set()
         ck.wait()
         restored, _ = ck.restore(abstract_of(state))
     assert in_flight  # the steps really overlapped the write
