@@ -54,7 +54,7 @@ import weakref
 import zlib
 
 # Importing the executor registers concurrent.futures' exit hook before ours (see below).
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -153,11 +153,13 @@ def _chunk_crcs(
 
 def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    arraystore.write_bytes(tmp, json.dumps(payload).encode())
     os.replace(tmp, path)
+
+
+def _handler_name(handler) -> str:
+    """How Orbax names a handler in `_CHECKPOINT_METADATA` (module.class)."""
+    return f"{type(handler).__module__}.{type(handler).__qualname__}"
 
 
 def write_manifest(
@@ -317,6 +319,11 @@ class Checkpointer:
         self.read_only = read_only
         # One process (the primary) cleans, deletes and quarantines; a reader never does.
         self._primary = jax.process_index() == 0 and not read_only
+        # One process: dlkit writes the step itself (`_write_step`); several: Orbax's manager
+        # does, with its barriers. See the module docstring.
+        self._direct = jax.process_count() == 1
+        self._saver: ThreadPoolExecutor | None = None  # the thread of direct async saves
+        self._inflight: Future | None = None  # the direct async save being written
         self._pending: tuple[int, dict] | None = None
         self._verified: set[int] = set()  # steps whose checksums passed in this process
         if not read_only:
@@ -324,14 +331,16 @@ class Checkpointer:
         if self._primary:
             self._clean_leftovers()
         async_save = async_save and not read_only
+        # The manager saves only for multi-process runs; it restores and reads metadata always.
+        orbax_async = async_save and not self._direct
         async_options = (
             ocp.AsyncOptions(post_finalization_callback=self._finalize_pending)
-            if async_save
+            if orbax_async
             else None
         )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours: see `_apply_retention`
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=orbax_async,
             async_options=async_options,
             create=not read_only,
         )
@@ -517,6 +526,20 @@ class Checkpointer:
             self._deleted_unlisted.clear()
         self._pending = (step, dict(metrics or {}))
         extras = {"data": {"position": int(data_position)}, "config": config or {}}
+        if self._direct:
+            leaves, pieces = self._state_handler.take(state)
+            job = (step, leaves, pieces, extras, self._pending[1])
+            if self.async_save:
+                if self._saver is None:
+                    self._saver = ThreadPoolExecutor(1, thread_name_prefix="dlkit-save")
+                self._inflight = self._saver.submit(self._write_step, *job)
+            else:
+                try:
+                    self._write_step(*job)
+                finally:
+                    self._pending = None
+                self._apply_retention()
+            return
         self._manager.save(
             step,
             args=ocp.args.Composite(state=arraystore.StateSave(state, extras=extras)),
@@ -528,6 +551,47 @@ class Checkpointer:
             )
             self._pending = None
             self._apply_retention()
+
+    def _write_step(
+        self, step: int, leaves: list, pieces: list, extras: dict, metrics: dict
+    ) -> None:
+        """Writes and commits step `step` of a single-process run, in the layout Orbax's
+        CheckpointManager writes (an Orbax manager lists and restores it; tested): the item
+        and the step's metadata go into `<step>.orbax-checkpoint-tmp`, then the manifest and
+        the commit markers, everything is fsynced, and one rename publishes the step.
+
+        Runs on the save thread for async saves, in the caller for sync ones. A failure
+        leaves only the temporary directory, which the next save of this step or the next
+        Checkpointer removes; committed steps are never touched.
+        """
+        started = time.time_ns()
+        final = self.directory / str(step)
+        tmp = self.directory / f"{step}{_ORBAX_TMP}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        item = tmp / "state"
+        item.mkdir(parents=True)
+        self._state_handler.write(item, leaves, pieces, extras)
+        write_manifest(tmp, step, metrics, parallel=False, known=self._written())
+        meta = {
+            "item_handlers": {"state": _handler_name(self._state_handler)},
+            "metrics": {},
+            "performance_metrics": {},
+            "init_timestamp_nsecs": started,
+            "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {},
+        }
+        arraystore.write_bytes(tmp / STEP_METADATA, json.dumps(meta).encode())
+        arraystore.write_bytes(tmp / COMMIT_MARKER, f"Checkpoint commit was successful to {final}".encode())
+        arraystore.fsync_dir(tmp)
+        os.rename(tmp, final)
+        arraystore.fsync_dir(self.directory)
+
+    def saving(self) -> bool:
+        """True while an async save is being written (not yet committed)."""
+        if self._inflight is not None:
+            return not self._inflight.done()
+        return self._manager.is_saving_in_progress()
 
     def _check_fits(self, step: int, abstract_state) -> None:
         """Raises CheckpointError naming the first params whose saved shape differs."""
@@ -639,7 +703,11 @@ class Checkpointer:
         """
         self._state_handler.hurry()  # whoever waits wants it written now: no more pacing
         try:
-            self._manager.wait_until_finished()  # runs `_finalize_pending` for the last save
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                inflight.result()
+            else:
+                self._manager.wait_until_finished()  # runs `_finalize_pending` for the last save
         except Exception as e:
             step = self._pending[0] if self._pending else "?"
             raise CheckpointError(
@@ -657,6 +725,9 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            if self._saver is not None:
+                self._saver.shutdown(wait=True)
+                self._saver = None
             self._wait_for_deletions()
             self._manager.close()
             _OPEN.discard(self)

@@ -112,7 +112,7 @@ def test_async_save_keeps_the_saved_bytes_while_the_next_steps_donate_the_state(
         tmp_path / "c", async_save=True, async_write_share=0.01, log=print
     ) as ck:
         ck.save(1, state, data_position=0)
-        in_flight = ck._manager.is_saving_in_progress()  # noqa: SLF001
+        in_flight = ck.saving()
         for _ in range(5):
             state = update(state)
         jax.block_until_ready(state)
@@ -133,7 +133,7 @@ def test_async_save_is_paced_until_someone_waits_for_it(tmp_path):
     ) as ck:
         ck.save(1, state, data_position=0)
         time.sleep(0.5)  # flat out, 64 MiB take well under 0.5 s here
-        paced = ck._manager.is_saving_in_progress()  # noqa: SLF001
+        paced = ck.saving()
         t = time.perf_counter()
         ck.wait()
         waited = time.perf_counter() - t
