@@ -582,7 +582,8 @@ class Checkpointer:
             "custom_metadata": {},
         }
         arraystore.write_bytes(tmp / STEP_METADATA, json.dumps(meta).encode())
-        arraystore.write_bytes(tmp / COMMIT_MARKER, f"Checkpoint commit was successful to {final}".encode())
+        marker = f"Checkpoint commit was successful to {final}"
+        arraystore.write_bytes(tmp / COMMIT_MARKER, marker.encode())
         arraystore.fsync_dir(tmp)
         os.rename(tmp, final)
         arraystore.fsync_dir(self.directory)
