@@ -603,7 +603,14 @@ class Checkpointer:
             saved_params = saved["params"]
         except Exception:  # noqa: BLE001 - metadata problems surface in the restore itself
             return
-        want = flax.traverse_util.flatten_dict(dict(abstract_state.params), sep="/")
+        # A TrainState has `.params`; a plain dict state may have a "params" entry.
+        if isinstance(abstract_state, dict):
+            want_params = abstract_state.get("params")
+        else:
+            want_params = getattr(abstract_state, "params", None)
+        if not isinstance(want_params, dict) or not isinstance(saved_params, dict):
+            return  # nothing to compare by name: the restore checks every leaf's shape
+        want = flax.traverse_util.flatten_dict(dict(want_params), sep="/")
         have = flax.traverse_util.flatten_dict(dict(saved_params), sep="/")
         problems = []
         for key in sorted(want.keys() | have.keys()):

@@ -316,3 +316,150 @@ def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
     with dlkit.Checkpointer(tmp_path, log=lambda s: None) as ckpt:
         assert ckpt.all_steps() == [1]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["1"]
+
+
+def _small_state(scale=1):
+    import jax.numpy as jnp
+
+    return {
+        "params": {
+            "dense": {
+                "kernel": jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4) * scale,
+                "bias": jnp.full((4,), 0.5 * scale, jnp.float32),
+            },
+            "embed": jnp.arange(10, dtype=jnp.int32).reshape(5, 2) * scale,
+        },
+        "step": jnp.int32(7 * scale),
+    }
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_step_dlkit_writes_is_listed_and_restored_by_a_plain_orbax_manager(tmp_path, async_save):
+    """Single-process steps are written by dlkit itself, not by Orbax's manager, in the layout
+    that manager writes: users (and dlkit's own restore, which goes through Orbax) rely on a
+    plain `ocp.CheckpointManager` with dlkit's handler listing such a step, reading its
+    metadata and restoring it bit for bit."""
+    import orbax.checkpoint as ocp
+
+    from dlkit import arraystore
+
+    state = _small_state()
+    abstract = abstract_of(state)
+    ckpt_dir = tmp_path / "dlkit"
+    with dlkit.Checkpointer(ckpt_dir, async_save=async_save) as ckpt:
+        ckpt.save(7, state, data_position=7, config={"lr": 0.1})
+    # What Orbax's own manager writes for the same item, to compare the layout with.
+    reference = ocp.CheckpointManager(
+        tmp_path / "orbax",
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_handlers={"state": arraystore.StateHandler()},
+    )
+    reference.save(7, args=ocp.args.Composite(state=arraystore.StateSave(state)))
+    reference.close()
+
+    step_dir = ckpt_dir / "7"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["7"]  # renamed into place, no tmp dir
+    orbax_names = {p.name for p in (tmp_path / "orbax" / "7").iterdir()}
+    assert {p.name for p in step_dir.iterdir()} == orbax_names | {"dlkit_manifest.json"}
+    assert orbax_names == {"_CHECKPOINT_METADATA", "commit_success.txt", "state"}
+    meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    orbax_meta = json.loads((tmp_path / "orbax" / "7" / "_CHECKPOINT_METADATA").read_text())
+    assert meta["item_handlers"] == {"state": "dlkit.arraystore.StateHandler"}
+    assert meta["item_handlers"] == orbax_meta["item_handlers"]
+    assert set(meta) == set(orbax_meta)
+    assert meta["init_timestamp_nsecs"] <= meta["commit_timestamp_nsecs"]
+    assert (step_dir / "commit_success.txt").read_text() == (
+        f"Checkpoint commit was successful to {step_dir}"
+    )
+
+    manager = ocp.CheckpointManager(
+        ckpt_dir,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={"state": arraystore.StateHandler()},
+    )
+    try:
+        assert manager.all_steps() == [7]
+        saved = manager.item_metadata(7)["state"]
+        assert jax.tree.structure(saved) == jax.tree.structure(abstract)
+        for got, want in zip(jax.tree.leaves(saved), jax.tree.leaves(abstract), strict=True):
+            assert (tuple(got.shape), got.dtype) == (want.shape, want.dtype)
+        restored = manager.restore(
+            7, args=ocp.args.Composite(state=arraystore.StateRestore(abstract))
+        )["state"]
+    finally:
+        manager.close()
+    assert_bitwise_equal(state, restored)
+
+
+@pytest.mark.parametrize(
+    "fails_at", ["index.p0.json", "_CHECKPOINT_METADATA", "commit_success.txt"]
+)
+def test_a_save_that_fails_midway_leaves_no_step_and_the_next_save_of_that_step_succeeds(
+    tmp_path, monkeypatch, fails_at
+):
+    """The disk fills up during a sync save, after the arrays' data file is written (at the
+    state's index, the step's metadata, or the commit marker): the step must not be listed,
+    older steps must still restore, and saving the same step again must work even though the
+    failed save left its `<step>.orbax-checkpoint-tmp` directory behind."""
+    import orbax.checkpoint as ocp
+
+    from dlkit import arraystore
+
+    first, second, retry = _small_state(1), _small_state(2), _small_state(3)
+    real_write_bytes = arraystore.write_bytes
+
+    def disk_full_at(path, data):
+        if os.path.basename(path) == fails_at:
+            raise OSError(28, "No space left on device")
+        return real_write_bytes(path, data)
+
+    tmp_dir = tmp_path / "2.orbax-checkpoint-tmp"
+    with dlkit.Checkpointer(tmp_path, async_save=False, log=lambda s: None) as ckpt:
+        ckpt.save(1, first, data_position=1)
+        monkeypatch.setattr(arraystore, "write_bytes", disk_full_at)
+        with pytest.raises(OSError, match="No space left on device"):
+            ckpt.save(2, second, data_position=2)
+        monkeypatch.undo()
+        assert (tmp_dir / "state" / "data.p0.bin").exists()  # it failed after the data file
+        assert not (tmp_path / "2").exists()
+        assert ckpt.all_steps() == [1]
+        manager = ocp.CheckpointManager(
+            tmp_path,
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={"state": arraystore.StateHandler()},
+        )
+        assert manager.all_steps() == [1]  # nor by Orbax
+        manager.close()
+        restored, position = ckpt.restore(abstract_of(first))
+        assert position == 1
+        assert_bitwise_equal(first, restored)
+
+        ckpt.save(2, retry, data_position=2)  # the leftover tmp directory must not block it
+        assert ckpt.all_steps() == [1, 2]
+        assert not tmp_dir.exists()
+        restored, position = ckpt.restore(abstract_of(retry))
+        assert position == 2
+        assert_bitwise_equal(retry, restored)
+        restored, _ = ckpt.restore(abstract_of(first), step=1)
+        assert_bitwise_equal(first, restored)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+def test_a_plain_dict_state_with_params_restores_and_a_misfit_names_the_leaf(tmp_path):
+    """`restore` compares saved and expected params by name before reading; a plain dict
+    state (not a TrainState) with a "params" entry goes through the same check."""
+    import jax
+
+    state = _small_state()
+    with dlkit.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(7, state, data_position=7)
+        ckpt.wait()
+        restored, _ = ckpt.restore(abstract_of(state))
+        assert_bitwise_equal(restored, state)
+        misfit = abstract_of(state)
+        misfit["params"]["dense"]["bias"] = jax.ShapeDtypeStruct((5,), np.float32)
+        with pytest.raises(
+            dlkit.checkpoint.CheckpointError,
+            match=r"params/dense/bias: this model expects shape \(5,\), the checkpoint has \(4,\)",
+        ):
+            ckpt.restore(misfit)
