@@ -120,6 +120,8 @@ class TrainConfig:
     diagnosis: bool = True  # at the end, print and save diagnosis.json (dlkit.diagnosis)
     steps_per_dispatch: int = 1  # K optimizer steps per compiled call (lax.scan over K
     #   batches); steps and every cadence must be multiples of K (see dlkit.dispatch)
+    scan_unroll: int = 0  # K > 1: steps per iteration of the compiled K-step loop; must
+    #   divide K; 0 = auto: the largest divisor of K up to 10 (see dlkit.dispatch)
 
 
 @dataclasses.dataclass

@@ -309,11 +309,13 @@ class Strategy:
         rows shaped like `example` (any leading size): for compiling ahead of time."""
         raise NotImplementedError
 
-    def compile_train(self, loss_fn, state_shardings=None, steps_per_dispatch=1, **step_options):
+    def compile_train(
+        self, loss_fn, state_shardings=None, steps_per_dispatch=1, scan_unroll=1, **step_options
+    ):
         """Options (e.g. loss_spike_factor) are passed to `steps.train_step` as static.
 
         `steps_per_dispatch` K > 1 compiles K steps over stacked batches (leaves (K, B, ...),
-        from `put_stacked`) with `lax.scan` (see `dlkit.dispatch`).
+        from `put_stacked`) with `lax.scan`, `scan_unroll` per iteration (see `dlkit.dispatch`).
         """
         raise NotImplementedError
 
@@ -410,7 +412,9 @@ class JitStrategy(Strategy):
             for key, v in example.items()
         }
 
-    def compile_train(self, loss_fn, state_shardings=None, steps_per_dispatch=1, **step_options):
+    def compile_train(
+        self, loss_fn, state_shardings=None, steps_per_dispatch=1, scan_unroll=1, **step_options
+    ):
         """`(state, acc, batch) -> (state, acc)`: one program with the step and the metric sum.
 
         `state` and `acc` are donated: their buffers are reused for the outputs.
@@ -421,7 +425,9 @@ class JitStrategy(Strategy):
         def train_and_accumulate(state, acc, batch):
             self._count("train")
             if steps_per_dispatch > 1:
-                return dispatch.scan_steps(state, acc, batch, loss_fn=loss_fn, **step_options)
+                return dispatch.scan_steps(
+                    state, acc, batch, loss_fn=loss_fn, unroll=scan_unroll, **step_options
+                )
             state, metrics = steps.train_step(state, batch, loss_fn=loss_fn, **step_options)
             return state, metrics_lib.merge(acc, metrics)
 
@@ -528,7 +534,9 @@ class PmapStrategy(Strategy):
             for key, v in example.items()
         }
 
-    def compile_train(self, loss_fn, state_shardings=None, steps_per_dispatch=1, **step_options):
+    def compile_train(
+        self, loss_fn, state_shardings=None, steps_per_dispatch=1, scan_unroll=1, **step_options
+    ):
         """`(state, acc, batch) -> (state, acc)`, pmapped; `state` and `acc` are donated.
 
         With `steps_per_dispatch` K > 1 each device gets (K, B/n, ...) and scans K steps."""
@@ -541,7 +549,13 @@ class PmapStrategy(Strategy):
             self._count("train")
             if steps_per_dispatch > 1:
                 return dispatch.scan_steps(
-                    state, acc, batch, loss_fn=loss_fn, axis_name=DATA_AXIS, **step_options
+                    state,
+                    acc,
+                    batch,
+                    loss_fn=loss_fn,
+                    axis_name=DATA_AXIS,
+                    unroll=scan_unroll,
+                    **step_options,
                 )
             state, metrics = steps.train_step(
                 state, batch, loss_fn=loss_fn, axis_name=DATA_AXIS, **step_options

@@ -196,6 +196,41 @@ def test_process_slices_concatenate_to_global_batch(last_batch):
 
 
 @pytest.mark.parametrize(
+    "last_batch,process_index,process_count,source",
+    [
+        ("drop", 0, 1, "array"),
+        ("pad", 0, 1, "array"),
+        ("drop", 1, 2, "array"),
+        ("pad", 1, 2, "dicts"),
+    ],
+)
+def test_stacked_batches_equal_k_stacked_single_batches(
+    last_batch, process_index, process_count, source
+):
+    """`next_stacked(k)` (steps_per_dispatch) reads k batches at once; across epoch ends,
+    padded last batches and process slices it must give exactly the single batches."""
+    src = _source(103)
+    if source == "dicts":
+        src = _DictListSource(
+            np.stack([np.arange(103), -np.arange(103)], axis=1).astype(np.float32),
+            np.arange(103).astype(np.int32),
+        )
+    kwargs = dict(last_batch=last_batch, process_index=process_index, process_count=process_count)
+    single = data.Loader(src, 10, seed=3, **kwargs)
+    stacked = data.Loader(src, 10, seed=3, **kwargs)
+    for k in (3, 4, 1, 7, 5, 11, 2, 6):  # 39 batches: crosses 3 epoch ends (10 or 11 each)
+        got = stacked.next_stacked(k)
+        want = [next(single) for _ in range(k)]
+        assert sorted(got) == sorted(want[0])
+        for key in want[0]:
+            np.testing.assert_array_equal(got[key], np.stack([w[key] for w in want]), err_msg=key)
+            assert got[key].dtype == want[0][key].dtype
+        assert stacked.position == single.position
+    with pytest.raises(ValueError, match=r"k: expected a positive int, got 0"):
+        stacked.next_stacked(0)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"batch_size": 0}, "batch_size"),

@@ -88,3 +88,54 @@ def test_k_must_be_positive():
     expected = r"train.steps_per_dispatch: expected an int >= 1, got 0"
     with pytest.raises(dlkit.ConfigError, match=expected):
         dlkit.fit(tiny_digits_config(**{"train.steps_per_dispatch": 0}))
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_any_scan_unroll_gives_the_same_run_and_flops_per_step(single, unroll):
+    """Unrolling the K-step loop changes how XLA schedules the steps, not what they compute;
+    the compute report's FLOPs stay per optimizer step (the loop body holds `unroll`)."""
+    cadences = {"train.log_every": 4, "train.eval_every": 4, "checkpoint.every_steps": 4}
+    ref = _fit(**cadences)
+    got = _fit(
+        **{
+            "train.steps_per_dispatch": 4,
+            "train.scan_unroll": unroll,
+            **cadences,
+        }
+    )
+    assert got.compute_report["scan_unroll"] == unroll
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(ref.state.params)),
+        jax.tree.leaves(jax.device_get(got.state.params)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ref.history.series("train/loss")[1], got.history.series("train/loss")[1], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        got.compute_report["flops_per_step"], ref.compute_report["flops_per_step"], rtol=0.02
+    )
+
+
+@pytest.mark.parametrize(
+    "k,expected", [(1, 1), (2, 2), (7, 7), (10, 10), (12, 6), (50, 10), (13, 1)]
+)
+def test_auto_scan_unroll_is_the_largest_divisor_of_k_up_to_10(k, expected):
+    cfg = tiny_digits_config(**{"train.steps_per_dispatch": k})
+    assert dlkit.dispatch.scan_unroll(cfg) == expected
+
+
+@pytest.mark.parametrize(
+    "unroll,expected",
+    [
+        (-1, r"train.scan_unroll: expected an int >= 0 \(0 = auto\), got -1"),
+        (3, r"train.scan_unroll: expected a divisor of train.steps_per_dispatch=2, got 3"),
+    ],
+)
+def test_a_bad_scan_unroll_is_refused_before_compiling(unroll, expected):
+    strategy = dlkit.parallel.make_strategy("jit", num_devices=1)
+    cfg = tiny_digits_config(**{"train.steps_per_dispatch": 2, "train.scan_unroll": unroll})
+    with pytest.raises(dlkit.ConfigError, match=expected):
+        dlkit.fit(cfg, strategy=strategy)
+    assert dict(strategy.trace_counts) == {}, "the step was compiled before the error"

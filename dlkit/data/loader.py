@@ -236,6 +236,45 @@ class Loader:
         batch["mask"] = mask[lo:hi]
         return batch
 
+    def stacked_at(self, position, k):
+        """Global batches ``position .. position + k - 1`` of this process, stacked; does not
+        move the loader. The same arrays as stacking ``k`` calls of :meth:`batch_at` (tested),
+        for ``train.steps_per_dispatch``. When the k batches are whole and in one epoch they
+        are one contiguous run of the epoch's order, read with one ``get_batch`` call: 290
+        against 456 us per 50 bench-MLP batches of 128 (no per-batch calls, no stacking copy).
+
+        Args:
+            position: non-negative int.
+            k: positive int, the number of batches.
+
+        Returns:
+            dict of the source's keys, each np.ndarray (k, local_batch_size, ...), plus
+            ``"mask"`` float32 (k, local_batch_size).
+        """
+        if not _is_int(position) or position < 0:
+            raise ValueError(f"position: expected a non-negative int, got {position!r}")
+        if not _is_int(k) or k <= 0:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        bpe, size, local = self._batches_per_epoch, self.batch_size, self._local_batch_size
+        epoch, first = divmod(int(position), bpe)
+        # All k whole and in this epoch (a batch past the epoch's end would end past n).
+        if (first + k) * size <= self._n:
+            order = self._order(epoch)
+            rows = order[first * size : (first + k) * size].reshape(k, size)
+            lo = self.process_index * local
+            batch = sources.get_batch(self.source, rows[:, lo : lo + local].reshape(-1))
+            out = {key: np.reshape(v, (k, local) + np.shape(v)[1:]) for key, v in batch.items()}
+            out["mask"] = np.ones((k, local), np.float32)
+            return out
+        batches = [self.batch_at(position + i) for i in range(k)]
+        return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+    def next_stacked(self, k):
+        """Returns :meth:`stacked_at` of the current position and advances it by ``k``."""
+        out = self.stacked_at(self._position, k)
+        self._position += k
+        return out
+
     def __iter__(self):
         return self
 
