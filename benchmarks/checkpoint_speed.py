@@ -70,7 +70,7 @@ def _async_save(directory, state, share, step, x) -> tuple[float, float, float]:
     ) as ck:
 
         def busy():
-            return ck._manager.is_saving_in_progress()  # noqa: SLF001
+            return ck.saving()
 
         # The steady state of a run: two steps exist, and the timed save's retention deletes
         # the older one (max_to_keep=1) while the loop waits.
