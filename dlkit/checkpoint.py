@@ -66,6 +66,7 @@ import time
 import uuid
 import weakref
 import zlib
+from collections.abc import Mapping
 
 # Importing the executor registers concurrent.futures' exit hook before ours (see below).
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -618,11 +619,11 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - metadata problems surface in the restore itself
             return
         # A TrainState has `.params`; a plain dict state may have a "params" entry.
-        if isinstance(abstract_state, dict):
+        if isinstance(abstract_state, Mapping):
             want_params = abstract_state.get("params")
         else:
             want_params = getattr(abstract_state, "params", None)
-        if not isinstance(want_params, dict) or not isinstance(saved_params, dict):
+        if not isinstance(want_params, Mapping) or not isinstance(saved_params, Mapping):
             return  # nothing to compare by name: the restore checks every leaf's shape
         want = flax.traverse_util.flatten_dict(dict(want_params), sep="/")
         have = flax.traverse_util.flatten_dict(dict(saved_params), sep="/")
