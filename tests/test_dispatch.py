@@ -139,3 +139,28 @@ def test_a_bad_scan_unroll_is_refused_before_compiling(unroll, expected):
     with pytest.raises(dlkit.ConfigError, match=expected):
         dlkit.fit(cfg, strategy=strategy)
     assert dict(strategy.trace_counts) == {}, "the step was compiled before the error"
+
+
+@pytest.mark.parametrize("unroll,trips", [(1, "4"), (2, "2"), (4, None)])
+def test_scan_unroll_sets_the_compiled_loops_trip_count(unroll, trips):
+    """K=4 steps per call, `unroll` per iteration: XLA's loop runs K/unroll times (no loop at
+    all when fully unrolled)."""
+    import re
+
+    from dlkit import loop
+
+    cfg = tiny_digits_config(
+        **{
+            "train.steps_per_dispatch": 4,
+            "train.scan_unroll": unroll,
+            "train.log_every": 4,
+            "train.eval_every": 4,
+            "checkpoint.every_steps": 4,
+        }
+    )
+    cfg.parallel.num_devices = 1
+    c = dlkit.build(cfg)
+    state = c.init_state()
+    compiled, _ = loop._compile_train(c, state, c.abstract_metrics(state))  # noqa: SLF001
+    found = re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', compiled.as_text())
+    assert found == ([trips] if trips else [])
