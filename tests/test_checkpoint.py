@@ -448,8 +448,6 @@ def test_a_save_that_fails_midway_leaves_no_step_and_the_next_save_of_that_step_
 def test_a_plain_dict_state_with_params_restores_and_a_misfit_names_the_leaf(tmp_path):
     """`restore` compares saved and expected params by name before reading; a plain dict
     state (not a TrainState) with a "params" entry goes through the same check."""
-    import jax
-
     state = _small_state()
     with dlkit.Checkpointer(tmp_path) as ckpt:
         ckpt.save(7, state, data_position=7)

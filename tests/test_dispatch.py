@@ -90,19 +90,21 @@ def test_k_must_be_positive():
         dlkit.fit(tiny_digits_config(**{"train.steps_per_dispatch": 0}))
 
 
+# Cadences that K=4 divides (the tiny config's eval and checkpoint every 6 do not).
+EVERY_4 = {"train.log_every": 4, "train.eval_every": 4, "checkpoint.every_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def single_every_4():
+    return _fit(**EVERY_4)
+
+
 @pytest.mark.parametrize("unroll", [1, 2, 4])
-def test_any_scan_unroll_gives_the_same_run_and_flops_per_step(single, unroll):
+def test_any_scan_unroll_gives_the_same_run_and_flops_per_step(single_every_4, unroll):
     """Unrolling the K-step loop changes how XLA schedules the steps, not what they compute;
     the compute report's FLOPs stay per optimizer step (the loop body holds `unroll`)."""
-    cadences = {"train.log_every": 4, "train.eval_every": 4, "checkpoint.every_steps": 4}
-    ref = _fit(**cadences)
-    got = _fit(
-        **{
-            "train.steps_per_dispatch": 4,
-            "train.scan_unroll": unroll,
-            **cadences,
-        }
-    )
+    ref = single_every_4
+    got = _fit(**{"train.steps_per_dispatch": 4, "train.scan_unroll": unroll, **EVERY_4})
     assert got.compute_report["scan_unroll"] == unroll
     for a, b in zip(
         jax.tree.leaves(jax.device_get(ref.state.params)),
@@ -150,13 +152,7 @@ def test_scan_unroll_sets_the_compiled_loops_trip_count(unroll, trips):
     from dlkit import loop
 
     cfg = tiny_digits_config(
-        **{
-            "train.steps_per_dispatch": 4,
-            "train.scan_unroll": unroll,
-            "train.log_every": 4,
-            "train.eval_every": 4,
-            "checkpoint.every_steps": 4,
-        }
+        **{"train.steps_per_dispatch": 4, "train.scan_unroll": unroll, **EVERY_4}
     )
     cfg.parallel.num_devices = 1
     c = dlkit.build(cfg)
