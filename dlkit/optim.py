@@ -5,14 +5,16 @@
         warmup_steps=500, weight_decay=0.05, grad_clip_norm=1.0)
     schedule(0), schedule(500)  # 0.0, 1e-3
 
-The chain is: clip by global norm (optional) -> weight decay on matrices only (for the
-non-decoupled optimizers) -> the optimizer's own scaling with the schedule. Everything is
-Optax; nothing here reimplements an update rule.
+The chain is: clip by global norm (optional, `clip_by_global_norm`) -> weight decay on
+matrices only (for the non-decoupled optimizers) -> the optimizer's own scaling with the
+schedule. Everything is Optax; nothing here reimplements an update rule (the clip is
+optax's rule with a faster norm, see `global_norm`).
 """
 
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -20,6 +22,55 @@ SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
 
 # Parameters with these names are never decayed, whatever their rank.
 _NO_DECAY_NAMES = frozenset({"bias", "scale", "embedding_scale"})
+
+# `global_norm` adds a large leaf's squares in rows of this many, pairwise, before reducing.
+_NORM_FOLD_ROWS = 8
+
+
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves of `tree` together, float32: sqrt(sum of all squares).
+
+    Equal to `optax.tree.norm` up to float rounding: only the order of the sum differs. A
+    leaf with a multiple of 8 x 64 elements is squared, viewed as 8 rows, and its rows are
+    added pairwise (8 -> 4 -> 2 -> 1, elementwise) before the one reduction of what is
+    left. XLA fuses the squares and the row additions into one vectorised pass, and XLA:CPU
+    reduces an array to a scalar in a much slower loop (a reduce-window: about 6 us per
+    65,536 floats on 2 AMD EPYC cores), so the reduction left is 8 times smaller. On the
+    bench MLP's 50-step loop the train step ran 3-9% faster than with `optax.tree.norm`
+    (docs/performance.md). Pairwise sums also round less than one long sequential sum.
+    Leaves are cast to float32 first, so bfloat16 gradients are summed in float32.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for leaf in jax.tree.leaves(tree):
+        squares = jnp.square(jnp.asarray(leaf, jnp.float32)).reshape(-1)
+        if squares.size % (_NORM_FOLD_ROWS * 64) == 0:
+            rows = squares.reshape(_NORM_FOLD_ROWS, -1)
+            while rows.shape[0] > 1:
+                rows = rows[0::2] + rows[1::2]
+            squares = rows
+        total = total + jnp.sum(squares)
+    return jnp.sqrt(total)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` with the norm taken by `global_norm`.
+
+    The same rule: when the global norm g exceeds `max_norm`, every leaf is scaled by
+    max_norm / g. The norm is the one `steps.train_step` reports as `grad_norm`, computed
+    the same way on the same gradients, so XLA computes it once for both (with optax's own
+    norm, clipping cost a second pass over the gradients).
+    """
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        clip = norm > max_norm
+        scaled = jax.tree.map(
+            lambda t: jnp.where(clip, (t / norm.astype(t.dtype)) * max_norm, t), updates
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def decay_mask(params) -> object:
@@ -125,7 +176,7 @@ def make_optimizer(
         )
     parts = []
     if grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(grad_clip_norm))
+        parts.append(clip_by_global_norm(grad_clip_norm))
     if name == "adamw":
         parts.append(
             optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)

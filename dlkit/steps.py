@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from dlkit import metrics as metrics_lib
-from dlkit import nonfinite, precision
+from dlkit import nonfinite, optim, precision
 from dlkit.data import augment as augment_lib
 from dlkit.state import TrainState
 
@@ -108,7 +108,7 @@ def train_step(
         grads = loss_scale.unscale(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optim.global_norm(grads)
     metrics["grad_norm"] = metrics_lib.Mean.scalar(grad_norm)
     guarded_grad_norm = grad_norm
     if loss_scale is not None:

@@ -281,3 +281,63 @@ def test_clipping_leaves_small_gradients_alone():
     tx, _ = optim.make_optimizer("sgd", 1.0, total_steps=10, grad_clip_norm=1.0)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(float(optax.tree.norm(updates)), 0.1, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The global norm (the step's grad_norm and the clip's norm).
+
+
+def _large_tree(scale: float = 1.0):
+    # Leaves that are folded (multiples of 8 x 64 elements), and some that are not.
+    rng = np.random.default_rng(0)
+    return {
+        "kernel": jnp.asarray(rng.normal(size=(64, 256)) * scale, jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=(256,)) * scale, jnp.float32),
+        "odd": jnp.asarray(rng.normal(size=(7, 3)) * scale, jnp.float32),
+        "half": jnp.asarray(rng.normal(size=(8, 128)) * scale, jnp.bfloat16),
+    }
+
+
+def test_global_norm_equals_the_exact_norm():
+    tree = _large_tree()
+    exact = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    got = optim.global_norm(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), exact, rtol=1e-6)
+    np.testing.assert_allclose(float(jax.jit(optim.global_norm)(tree)), exact, rtol=1e-6)
+    assert float(optim.global_norm({})) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_global_norm_is_not_finite_when_one_gradient_is_not(bad):
+    tree = _large_tree()
+    tree["kernel"] = tree["kernel"].at[37, 201].set(bad)  # inside a folded leaf
+    assert not np.isfinite(float(optim.global_norm(tree)))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # norms about 0.13 and 1300: unclipped, clipped
+def test_clip_matches_optax_on_large_leaves(scale):
+    grads = {k: v.astype(jnp.float32) for k, v in _large_tree(scale).items()}
+    ours = optim.clip_by_global_norm(1.0)
+    ref = optax.clip_by_global_norm(1.0)
+    got, _ = ours.update(grads, ours.init(grads))
+    want, _ = ref.update(grads, ref.init(grads))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+
+
+def test_clipping_reuses_the_step_norm():
+    # train_step reports global_norm(grads) and the clip takes the same norm of the same
+    # gradients: XLA computes it once, so clipping adds no reduction to the compiled step.
+    grads = {k: v.astype(jnp.float32) for k, v in _large_tree().items()}
+    tx, _ = optim.make_optimizer("sgd", 0.1, total_steps=10, grad_clip_norm=1.0)
+    state = tx.init(grads)
+
+    def reductions(fn) -> int:
+        text = jax.jit(fn).lower(grads).compile().as_text()
+        return text.count(" reduce(") + text.count(" reduce-window(")
+
+    alone = reductions(lambda g: (optim.global_norm(g), jax.tree.map(lambda t: -0.1 * t, g)))
+    clipped = reductions(lambda g: (optim.global_norm(g), tx.update(g, state, g)[0]))
+    assert alone > 0
+    assert clipped == alone
