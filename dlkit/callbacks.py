@@ -22,6 +22,12 @@ Order of calls: `on_train_start` once, after the state is restored/created and t
 compiled; `on_row` for every metric row (in step order); `on_train_end` once, after the last
 checkpoint is written and waited for, and only if the run did not raise. `on_train_end` may
 return a replacement `FitResult` (early stopping returns the best state).
+
+Timing of rows: a row of train metrics alone reaches `on_row` one call late, once the next
+call of the compiled step is queued, so the device computes while the host logs (the loop
+never waits on a log read; see `dlkit.loop`). Its metrics are those of its own step; only
+`run.get_state()` has moved on, and a stop it requests ends the run after the call in flight.
+Rows with eval metrics, and those of checkpoint, stop and last steps, arrive at their step.
 """
 
 from __future__ import annotations
@@ -67,7 +73,10 @@ class Run:
     stop_reason: str | None = None
 
     def request_stop(self, reason: str) -> None:
-        """Asks `fit` to stop after the current step (a checkpoint of it is written)."""
+        """Asks `fit` to stop after the current step (a checkpoint of it is written).
+
+        From a row of train metrics alone (delivered one call late, see the module doc) the
+        current step is the one of the call in flight, K steps past the row's."""
         if self.stop_reason is None:
             self.stop_reason = reason
 

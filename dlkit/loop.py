@@ -11,8 +11,10 @@ The loop, in order: build the pieces from the config (this is the only place the
 read), choose the strategy, create the state shapes-first or restore it from the newest
 checkpoint, then for each step: take the next prefetched batch, run the one compiled program
 (step + metric accumulation), and on the steps `is_time` picks: fetch and log metrics,
-evaluate, checkpoint. The state, the loader position and the config are all a run needs to
-continue bit-for-bit, and all three go into every checkpoint.
+evaluate, checkpoint. A row of train metrics alone is fetched one call late, after the next
+call is queued, so the device does not wait while the host logs (`dlkit.callbacks`). The
+state, the loader position and the config are all a run needs to continue bit-for-bit, and
+all three go into every checkpoint.
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm.auto
 
@@ -604,11 +607,21 @@ def _check_data(c: Components, log) -> None:
 
 def _check_health(state, cfg: config_lib.Config) -> int:
     """Applies train.nan_policy to the state's guard; returns the number of skipped steps."""
-    guard = jax.device_get(state.guard)
+    return _enforce_health(jax.device_get(state.guard), cfg)
+
+
+def _enforce_health(guard, cfg: config_lib.Config) -> int:
+    """Applies train.nan_policy to fetched guard counters; returns the skipped steps."""
     nonfinite.enforce(
         guard, policy=cfg.train.nan_policy, max_consecutive=cfg.train.max_consecutive_nonfinite
     )
     return int(guard.skipped)
+
+
+@jax.jit
+def _copy(tree):
+    """Fresh device copies of `tree`'s arrays, queued behind the step that made them."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def fit(
@@ -755,6 +768,39 @@ def fit(
             stopped = stop.signal_name
             bar.write(f"stopped by {stopped} before training started")
         last = total if stopped is None else start
+
+        def train_row(step: int, acc_now, guard, steps: int) -> dict[str, Any]:
+            """The logged train metrics of the `steps` steps up to `step`, read from the
+            device (this waits for them) with the guard counters they ended on."""
+            nonlocal interval_start, paused
+            acc_host, guard_host = jax.device_get((acc_now, guard))
+            row = metrics_lib.compute(acc_host, prefix="train/")
+            row["train/skipped_steps"] = _enforce_health(guard_host, cfg)
+            elapsed = time.perf_counter() - interval_start - paused
+            row["train/learning_rate"] = float(c.schedule(step - 1))
+            row["perf/steps_per_s"] = steps / max(elapsed, 1e-9)
+            row.update(compute.perf_metrics(report, row["perf/steps_per_s"]))
+            bar.show(loss=row["train/loss"])
+            interval_start, paused = time.perf_counter(), 0.0
+            return row
+
+        def emit(row: dict[str, Any]) -> None:
+            history.append(row)
+            if writer is not None:
+                writer.write(row)
+            # With a bar, train metrics show in it and only evals get a line; without one
+            # (logs, batch jobs), every logged row is a line.
+            if "eval/loss" in row or not bar.enabled:
+                bar.write(_format(row))
+            for cb in cbs:
+                cb.on_row(run, row)
+
+        # A row of train metrics alone is read one call late: its metrics and guard counters
+        # are set aside when it is due and fetched right after the next call is queued, so
+        # the device never waits on the host's logging (the MLP at K=50 logs every second
+        # call; docs/performance.md). Rows with an eval, a checkpoint, a stop or the last
+        # step are read at once, as is everything on the way out of the loop.
+        deferred: tuple[int, Any, Any, int] | None = None
         # `step` is the last of the k steps each call runs (k = train.steps_per_dispatch).
         for step in range(start + k, last + 1, k):
             state, acc = train_fn(state, acc, next(batches))
@@ -762,18 +808,22 @@ def fit(
                 jax.block_until_ready(acc)
             interval_steps += k
             bar.update(k)
+            if deferred is not None:
+                emit({"step": deferred[0], **train_row(*deferred)})
+                deferred = None
+            stop_now = stop.requested(step) or run.stop_reason is not None
+            due = ckpt is not None and (is_time(step, cfg.checkpoint.every_steps) or step == total)
+            eval_due = is_time(step, cfg.train.eval_every) or step == total
             row: dict[str, Any] = {}
             if is_time(step, cfg.train.log_every) or step == total:
-                row.update(metrics_lib.compute(jax.device_get(acc), prefix="train/"))
-                row["train/skipped_steps"] = _check_health(state, cfg)
-                elapsed = time.perf_counter() - interval_start - paused
-                row["train/learning_rate"] = float(c.schedule(step - 1))
-                row["perf/steps_per_s"] = interval_steps / max(elapsed, 1e-9)
-                row.update(compute.perf_metrics(report, row["perf/steps_per_s"]))
-                bar.show(loss=row["train/loss"])
+                if not (eval_due or due or stop_now or step == total):
+                    # The step donates `state`: the counters the row needs get copies.
+                    deferred = (step, acc, _copy(state.guard), interval_steps)
+                else:
+                    row.update(train_row(step, acc, state.guard, interval_steps))
                 acc = strategy.zeros(train_shape)
-                interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
-            if is_time(step, cfg.train.eval_every) or step == total:
+                interval_steps = 0
+            if eval_due:
                 t = time.perf_counter()
                 # With an EMA, eval/ is the EMA weights and eval_raw/ the trained ones.
                 eval_batches = 1 if cfg.train.fast_dev_run else None
@@ -789,18 +839,8 @@ def fit(
                 paused += time.perf_counter() - t
                 row.update(last_eval)
             if row:
-                row = {"step": step, **row}
-                history.append(row)
-                if writer is not None:
-                    writer.write(row)
-                # With a bar, train metrics show in it and only evals get a line; without
-                # one (logs, batch jobs), every logged row is a line.
-                if "eval/loss" in row or not bar.enabled:
-                    bar.write(_format(row))
-                for cb in cbs:
-                    cb.on_row(run, row)
-            stop_now = stop.requested(step) or run.stop_reason is not None
-            due = is_time(step, cfg.checkpoint.every_steps) or step == total
+                emit({"step": step, **row})
+            stop_now = stop_now or run.stop_reason is not None
             if ckpt is not None and (due or stop_now):
                 save(step)
             if stop_now:
@@ -810,6 +850,8 @@ def fit(
                     + (f"; checkpoint written to {ckpt.directory}" if ckpt else "")
                 )
                 break
+        if deferred is not None:  # not reached: the last step's row is never deferred
+            emit({"step": deferred[0], **train_row(*deferred)})
     finally:
         stop.__exit__(None, None, None)
         if batches is not None:

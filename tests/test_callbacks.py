@@ -37,13 +37,21 @@ def test_hooks_run_in_order_and_see_every_row(tmp_path):
     assert result.stopped == "none+seen"  # on_train_end replaced the result
 
 
-def test_request_stop_ends_the_run_with_a_checkpoint(tmp_path):
-    rec = Recorder(stop_at_step=4)
+@pytest.mark.parametrize(
+    ("stop_at", "ends_at"),
+    [
+        (6, 6),  # an eval row arrives at its step: the run ends there
+        (4, 5),  # a train-only row arrives one call late: the run ends after that call
+    ],
+)
+def test_request_stop_ends_the_run_with_a_checkpoint(tmp_path, stop_at, ends_at):
+    rec = Recorder(stop_at_step=stop_at)
     result = dlkit.fit(tiny_digits_config(), tmp_path / "run", callbacks=[rec])
-    assert int(result.state.step) == 4
+    assert int(result.state.step) == ends_at
     assert result.stopped == "recorder+seen"
+    assert [r["step"] for r in result.history][-1] == stop_at  # the row that asked
     ckpt = dlkit.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
-    assert ckpt.latest_step() == 4
+    assert ckpt.latest_step() == ends_at
 
 
 def test_bad_callback_is_rejected_before_compiling():

@@ -367,3 +367,29 @@ def test_sigterm_stops_the_cli_with_a_checkpoint_and_exit_0_and_resumes_bitwise(
     ref, _ = dlkit.load_checkpoint(tmp_path / "ref")
     resumed, _ = dlkit.load_checkpoint(tmp_path / "run")
     assert int(resumed.step) == 1500 and _same(ref, resumed)
+
+
+def test_train_rows_read_one_call_late_equal_rows_read_at_once():
+    # With no eval due, a train row is read after the next call is queued (dlkit.loop); an
+    # eval every step makes every row read at once. The rows must not differ: each carries
+    # its own step's metrics and guard counters (bad batches 2 and 3: a row that read the
+    # counters one step late would be off by one skip).
+    loader = dlkit.data.Loader(dlkit.data.load_dataset("digits", "train"), 32)
+    bad_rows = [int(loader.indices_at(2)[0][0]), int(loader.indices_at(3)[0][1])]
+    common = {"train.nan_policy": "skip", "data.validate": "off", "train.log_every": 1}
+    late = dlkit.fit(
+        tiny_digits_config(**common, **{"train.eval_every": 0}),
+        train_source=_nan_sources(bad_rows),
+    )
+    at_once = dlkit.fit(
+        tiny_digits_config(**common, **{"train.eval_every": 1}),
+        train_source=_nan_sources(bad_rows),
+    )
+    steps = list(range(1, 13))
+    assert [r["step"] for r in late.history] == [r["step"] for r in at_once.history] == steps
+    assert late.history.series("train/skipped_steps")[1] == [0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+    for key in ("train/skipped_steps", "train/loss", "train/accuracy", "train/grad_norm"):
+        np.testing.assert_array_equal(
+            late.history.series(key)[1], at_once.history.series(key)[1], err_msg=key
+        )
+    assert all(r > 0 for r in late.history.series("perf/steps_per_s")[1])
