@@ -27,23 +27,34 @@ _NO_DECAY_NAMES = frozenset({"bias", "scale", "embedding_scale"})
 _NORM_FOLD_ROWS = 8
 
 
-def global_norm(tree) -> jax.Array:
+def global_norm(tree, *, fold: bool | None = None) -> jax.Array:
     """The L2 norm of all leaves of `tree` together, float32: sqrt(sum of all squares).
 
-    Equal to `optax.tree.norm` up to float rounding: only the order of the sum differs. A
-    leaf with a multiple of 8 x 64 elements is squared, viewed as 8 rows, and its rows are
-    added pairwise (8 -> 4 -> 2 -> 1, elementwise) before the one reduction of what is
-    left. XLA fuses the squares and the row additions into one vectorised pass, and XLA:CPU
-    reduces an array to a scalar in a much slower loop (a reduce-window: about 6 us per
-    65,536 floats on 2 AMD EPYC cores), so the reduction left is 8 times smaller. On the
-    bench MLP's 50-step loop the train step ran 3-9% faster than with `optax.tree.norm`
-    (docs/performance.md). Pairwise sums also round less than one long sequential sum.
+    Equal to `optax.tree.norm` up to float rounding: only the order of the sum differs.
     Leaves are cast to float32 first, so bfloat16 gradients are summed in float32.
+
+    Folding: a leaf with a multiple of 8 x 64 elements is squared, viewed as 8 rows, and its
+    rows are added pairwise (8 -> 4 -> 2 -> 1, elementwise) before the one reduction of what
+    is left. XLA fuses the squares and the row additions into one vectorised pass, while
+    XLA:CPU reduces an array to a scalar in a much slower loop (a reduce-window: about 6 us
+    per 65,536 floats on 2 AMD EPYC cores), so the reduction left is 8 times smaller. The
+    bench MLP's train step ran 4-10% faster at 50 steps per call and 3-6% at one
+    (docs/performance.md).
+
+    Args:
+      tree: a pytree of arrays (e.g. gradients).
+      fold: fold as above; None = when this process sees a single device
+        (`jax.device_count() == 1`). With several devices a leaf may be split over them
+        (FSDP), and folding its flattened rows would make XLA move the data between devices
+        (an all-gather and collective permutes in the compiled step, tested), where a plain
+        sum of squares reduces each shard in place.
     """
+    if fold is None:
+        fold = jax.device_count() == 1
     total = jnp.zeros((), jnp.float32)
     for leaf in jax.tree.leaves(tree):
-        squares = jnp.square(jnp.asarray(leaf, jnp.float32)).reshape(-1)
-        if squares.size % (_NORM_FOLD_ROWS * 64) == 0:
+        squares = jnp.square(jnp.asarray(leaf, jnp.float32))
+        if fold and squares.size % (_NORM_FOLD_ROWS * 64) == 0:
             rows = squares.reshape(_NORM_FOLD_ROWS, -1)
             while rows.shape[0] > 1:
                 rows = rows[0::2] + rows[1::2]

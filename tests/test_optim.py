@@ -1,10 +1,13 @@
 """Tests for dlkit.optim: schedules, the optimizer chain, the weight-decay mask and clipping."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from dlkit import optim
 
@@ -298,21 +301,44 @@ def _large_tree(scale: float = 1.0):
     }
 
 
-def test_global_norm_equals_the_exact_norm():
+@pytest.mark.parametrize("fold", [True, False, None])
+def test_global_norm_equals_the_exact_norm(fold):
     tree = _large_tree()
     exact = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-    got = optim.global_norm(tree)
+    got = optim.global_norm(tree, fold=fold)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), exact, rtol=1e-6)
-    np.testing.assert_allclose(float(jax.jit(optim.global_norm)(tree)), exact, rtol=1e-6)
-    assert float(optim.global_norm({})) == 0.0
+    jitted = jax.jit(functools.partial(optim.global_norm, fold=fold))
+    np.testing.assert_allclose(float(jitted(tree)), exact, rtol=1e-6)
+    assert float(optim.global_norm({}, fold=fold)) == 0.0
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_global_norm_is_not_finite_when_one_gradient_is_not(bad):
     tree = _large_tree()
     tree["kernel"] = tree["kernel"].at[37, 201].set(bad)  # inside a folded leaf
-    assert not np.isfinite(float(optim.global_norm(tree)))
+    assert not np.isfinite(float(optim.global_norm(tree, fold=True)))
+
+
+def test_global_norm_moves_no_data_between_devices():
+    # The suite's 8 CPU devices: leaves split as FSDP splits them. The default (no fold with
+    # several devices) reduces each shard in place; folding would gather the leaves.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    specs = {"kernel": P(None, "data"), "bias": P(), "odd": P(), "half": P("data")}
+    tree = {
+        k: jax.device_put(v, jax.sharding.NamedSharding(mesh, specs[k]))
+        for k, v in _large_tree().items()
+    }
+
+    def moves(**kw) -> int:
+        text = jax.jit(functools.partial(optim.global_norm, **kw)).lower(tree).compile().as_text()
+        return sum(
+            text.count(f" {op}(") for op in ("all-gather", "collective-permute", "all-to-all")
+        )
+
+    assert jax.device_count() == 8
+    assert moves() == 0
+    assert moves(fold=True) > 0  # what the default avoids
 
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # norms about 0.13 and 1300: unclipped, clipped
