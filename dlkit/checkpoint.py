@@ -168,7 +168,7 @@ def _chunk_crcs(
 
 def _write_json_atomic(path: pathlib.Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    arraystore.write_bytes(tmp, json.dumps(payload).encode())
+    arraystore.write_json(tmp, payload)
     os.replace(tmp, path)
 
 
@@ -596,7 +596,7 @@ class Checkpointer:
             "commit_timestamp_nsecs": time.time_ns(),
             "custom_metadata": {},
         }
-        arraystore.write_bytes(tmp / STEP_METADATA, json.dumps(meta).encode())
+        arraystore.write_json(tmp / STEP_METADATA, meta)
         marker = f"Checkpoint commit was successful to {final}"
         arraystore.write_bytes(tmp / COMMIT_MARKER, marker.encode())
         arraystore.fsync_dir(tmp)

@@ -23,7 +23,7 @@ import numpy as np
 from dlkit import config as config_lib
 from dlkit import metrics as metrics_lib
 from dlkit import steps
-from dlkit.data.loader import Loader
+from dlkit.data.loader import Loader, stack_batches
 
 
 def check_config(cfg: config_lib.Config, start_step: int = 0) -> int:
@@ -113,7 +113,7 @@ def stack(batches: Iterator[dict[str, np.ndarray]], k: int) -> Iterator[dict[str
                 group.append(next(batches))
             except StopIteration:
                 return
-        yield {key: np.stack([b[key] for b in group]) for key in group[0]}
+        yield stack_batches(group)
 
 
 def scan_steps(state, acc, batches, *, loss_fn, axis_name=None, unroll=1, **step_options):

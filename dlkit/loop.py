@@ -799,7 +799,7 @@ def fit(
         # are set aside when it is due and fetched right after the next call is queued, so
         # the device never waits on the host's logging (the MLP at K=50 logs every second
         # call; docs/performance.md). Rows with an eval, a checkpoint, a stop or the last
-        # step are read at once, as is everything on the way out of the loop.
+        # step are read at once, so none is left set aside when the loop ends.
         deferred: tuple[int, Any, Any, int] | None = None
         # `step` is the last of the k steps each call runs (k = train.steps_per_dispatch).
         for step in range(start + k, last + 1, k):
@@ -850,8 +850,6 @@ def fit(
                     + (f"; checkpoint written to {ckpt.directory}" if ckpt else "")
                 )
                 break
-        if deferred is not None:  # not reached: the last step's row is never deferred
-            emit({"step": deferred[0], **train_row(*deferred)})
     finally:
         stop.__exit__(None, None, None)
         if batches is not None:

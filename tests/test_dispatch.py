@@ -20,16 +20,20 @@ def single():
     return _fit()
 
 
-def _assert_same_run(ref, got):
-    # Float tolerance, not bitwise: the K steps run inside a scan body, which XLA may fuse
-    # and order differently from the standalone step (on XLA:CPU they usually match bitwise).
-    assert int(got.state.step) == int(ref.state.step) == 12
+def _assert_params_close(ref, got):
     for a, b in zip(
         jax.tree.leaves(jax.device_get(ref.state.params)),
         jax.tree.leaves(jax.device_get(got.state.params)),
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _assert_same_run(ref, got):
+    # Float tolerance, not bitwise: the K steps run inside a scan body, which XLA may fuse
+    # and order differently from the standalone step (on XLA:CPU they usually match bitwise).
+    assert int(got.state.step) == int(ref.state.step) == 12
+    _assert_params_close(ref, got)
     assert [r["step"] for r in got.history] == [r["step"] for r in ref.history] == [4, 6, 8, 12]
     for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss"):
         np.testing.assert_allclose(
@@ -65,12 +69,7 @@ def test_resume_with_k_continues_at_the_exact_data_position(single, tmp_path):
     assert first.stopped == "test" and int(first.state.step) == 10
     got = dlkit.fit(cfg, tmp_path)
     assert int(got.state.step) == 12
-    for a, b in zip(
-        jax.tree.leaves(jax.device_get(single.state.params)),
-        jax.tree.leaves(jax.device_get(got.state.params)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_params_close(single, got)
     # The rows up to the stop match; the resumed run's one train row covers steps 11-12 only
     # (steps 9-10 were run but not logged before the stop), so only its eval is compared.
     assert [r["step"] for r in got.history] == [4, 6, 8, 12]
@@ -123,12 +122,7 @@ def test_any_scan_unroll_gives_the_same_run_and_flops_per_step(single_every_4, u
     ref = single_every_4
     got = _fit(**{"train.steps_per_dispatch": 4, "train.scan_unroll": unroll, **EVERY_4})
     assert got.compute_report["scan_unroll"] == unroll
-    for a, b in zip(
-        jax.tree.leaves(jax.device_get(ref.state.params)),
-        jax.tree.leaves(jax.device_get(got.state.params)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_params_close(ref, got)
     np.testing.assert_allclose(
         ref.history.series("train/loss")[1], got.history.series("train/loss")[1], rtol=1e-5
     )

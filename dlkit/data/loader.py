@@ -39,6 +39,11 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def stack_batches(batches: list[dict]) -> dict:
+    """Batches with the same keys -> one dict, each leaf stacked: (B, ...) -> (K, B, ...)."""
+    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+
 class Loader:
     """Deterministic batches over any random-access source.
 
@@ -266,8 +271,7 @@ class Loader:
             out = {key: np.reshape(v, (k, local) + np.shape(v)[1:]) for key, v in batch.items()}
             out["mask"] = np.ones((k, local), np.float32)
             return out
-        batches = [self.batch_at(position + i) for i in range(k)]
-        return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+        return stack_batches([self.batch_at(position + i) for i in range(k)])
 
     def next_stacked(self, k):
         """Returns :meth:`stacked_at` of the current position and advances it by ``k``."""
