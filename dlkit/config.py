@@ -105,6 +105,8 @@ class TrainConfig:
     xla_cpu_ynn_fusions: str = "individual_dot,reduce"  # CPU: what XLA may hand to YNNPACK:
     #   a comma list of dot | eltwise | individual_convolution | individual_dot | reduce,
     #   none, or xla (XLA's default); convolutions stay XLA's (dlkit.parallel, performance.md)
+    xla_cpu_vector_width: int = 0  # CPU: SIMD bits XLA's own kernels prefer: 128 | 256 |
+    #   512; 0 = auto (512 on AMD CPUs with AVX-512, else XLA's 256); -1 = no option passed
     fast_dev_run: bool = False  # 1 train step, 1 eval batch, 1 checkpoint saved and restored,
     #   then stop (dlkit.debugging); into a temporary directory when there is no workdir
     overfit_batches: int = 0  # train (and evaluate) on the first N batches only, unshuffled;

@@ -253,9 +253,12 @@ def _check_config(cfg: config_lib.Config) -> None:
 
 
 def _compiler_options(cfg: config_lib.Config) -> dict[str, str]:
-    """The XLA:CPU options of `train.xla_cpu_ynn_fusions`; a ConfigError if it is malformed."""
+    """The XLA:CPU options of `train.xla_cpu_ynn_fusions` and `train.xla_cpu_vector_width`; a
+    ConfigError if either is malformed."""
     try:
-        return parallel.cpu_compiler_options(cfg.train.xla_cpu_ynn_fusions)
+        return parallel.cpu_compiler_options(
+            cfg.train.xla_cpu_ynn_fusions, cfg.train.xla_cpu_vector_width
+        )
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
 

@@ -1,6 +1,7 @@
 """The strategies: jit on 1 device, jit on an 8-device mesh and pmap on 8 devices agree."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -129,14 +130,81 @@ def test_cpu_compiler_options_map_the_setting_to_xla_names():
     from dlkit import parallel
 
     key = "xla_cpu_experimental_ynn_fusion_type"
-    assert parallel.cpu_compiler_options() == {
+    assert parallel.cpu_compiler_options(vector_width=-1) == {
         key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
     }
-    assert parallel.cpu_compiler_options("xla") == {}
-    assert parallel.cpu_compiler_options("none") == {key: ""}
-    assert parallel.cpu_compiler_options(" dot, eltwise ") == {
+    assert parallel.cpu_compiler_options("xla", -1) == {}
+    assert parallel.cpu_compiler_options("none", -1) == {key: ""}
+    assert parallel.cpu_compiler_options(" dot, eltwise ", -1) == {
         key: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
     }
+    width = "xla_cpu_prefer_vector_width"
+    assert parallel.cpu_compiler_options("xla", 256) == {width: 256}
+    assert parallel.cpu_compiler_options("none", 512) == {key: "", width: 512}
+    auto = parallel.auto_vector_width()
+    assert parallel.cpu_compiler_options("xla") == ({width: auto} if auto > 0 else {})
+
+
+AMD_AVX512 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+)
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        (AMD_AVX512, 512),
+        (AMD_AVX512 + "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu\n", 512),
+        ("vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512_bf16\n", -1),
+        ("vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", -1),
+        ("", -1),
+    ],
+)
+def test_auto_vector_width_is_512_only_on_amd_cpus_with_avx512(monkeypatch, cpuinfo, expected):
+    from dlkit import parallel
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert parallel.auto_vector_width(cpuinfo) == expected
+    # The user's own XLA_FLAGS setting wins: auto then passes no option.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+    assert parallel.auto_vector_width(cpuinfo) == -1
+
+
+@pytest.mark.parametrize("bad", [384, 1024, True, "512", -2])
+def test_bad_vector_width_is_a_config_error_before_compiling(bad):
+    cfg = tiny_digits_config(**{"train.steps": 2})
+    cfg.train.xla_cpu_vector_width = bad
+    with pytest.raises(
+        dlkit.ConfigError,
+        match=r"train\.xla_cpu_vector_width: expected 0 \(auto\), -1 \(XLA's default\) or one "
+        r"of 128, 256, 512, got " + re.escape(repr(bad)),
+    ):
+        dlkit.fit(cfg)
+
+
+def test_the_vector_width_reaches_xla_codegen(tmp_path):
+    """XLA's debug options record the width; on a CPU with AVX-512 the optimized kernels use
+    16-float vectors at 512 and 8-float ones at 256 (XLA's own default). (Without AVX-512,
+    LLVM has no 512-bit registers to prefer: only the recorded option is checked there.)"""
+    import jax
+
+    from dlkit import parallel
+
+    x = np.ones(4096, np.float32)
+    ir = {}
+    for width in (256, 512):
+        dump = tmp_path / str(width)
+        options = {**parallel.cpu_compiler_options("xla", width), "xla_dump_to": str(dump)}
+        jax.jit(lambda x: np.float32(2) * x + 1, compiler_options=options).lower(x).compile()
+        debug = "".join(p.read_text() for p in dump.glob("*debug_options*"))
+        # The dump lists the options that differ from XLA's defaults (256 is the default).
+        assert ("xla_cpu_prefer_vector_width: 512" in debug) == (width == 512)
+        ir[width] = "".join(p.read_text() for p in dump.glob("*ir-with-opt.ll"))
+        assert ir[width]
+    flags = parallel._cpuinfo()  # noqa: SLF001
+    if " avx512f" in flags:
+        assert "<16 x float>" in ir[512] and "<16 x float>" not in ir[256]
+        assert "<8 x float>" in ir[256]
 
 
 @pytest.mark.parametrize("bad", ["conv", "", "dot,,foo"])
@@ -154,6 +222,7 @@ def _tiny_cnn(spec: str, steps: int = 3):
     cfg = tiny_digits_config(
         **{
             "train.xla_cpu_ynn_fusions": spec,
+            "train.xla_cpu_vector_width": -1,
             "train.steps": steps,
             "checkpoint.every_steps": 0,
             "parallel.num_devices": 1,
@@ -231,9 +300,15 @@ def test_compile_options_this_jaxlib_rejects_fall_back_to_xla_defaults_with_a_wa
 
 
 def test_the_compile_options_are_recorded_in_the_compute_report(tmp_path):
-    cfg = tiny_digits_config(**{"train.xla_cpu_ynn_fusions": "none", "train.steps": 2})
+    cfg = tiny_digits_config(
+        **{
+            "train.xla_cpu_ynn_fusions": "none",
+            "train.xla_cpu_vector_width": 512,
+            "train.steps": 2,
+        }
+    )
     result = dlkit.fit(cfg, tmp_path)
-    expected = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    expected = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512}
     assert result.compute_report["compiler_options"] == expected
     saved = json.loads((tmp_path / "compute.json").read_text())
     assert saved["compiler_options"] == expected
