@@ -370,13 +370,27 @@ class Strategy:
         raise NotImplementedError
 
     def compile_train(
-        self, loss_fn, state_shardings=None, steps_per_dispatch=1, scan_unroll=1, **step_options
+        self,
+        loss_fn,
+        state_shardings=None,
+        steps_per_dispatch=1,
+        scan_unroll=1,
+        data_on_device=False,
+        **step_options,
     ):
         """Options (e.g. loss_spike_factor) are passed to `steps.train_step` as static.
 
         `steps_per_dispatch` K > 1 compiles K steps over stacked batches (leaves (K, B, ...),
         from `put_stacked`) with `lax.scan`, `scan_unroll` per iteration (see `dlkit.dispatch`).
+        `data_on_device` (jit only): `(state, acc, batch, data) -> (state, acc)`, where `batch`
+        holds example indices and a mask ({"index", "mask"}, from a loader over a
+        `data.IndexSource`) and `data` is the whole training set, replicated (`put_data`);
+        the step gathers its rows from it (`steps.gather_batch`).
         """
+        raise NotImplementedError
+
+    def put_data(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """The whole training set on every device of the mesh, for `data_on_device`."""
         raise NotImplementedError
 
     def put_stacked(self, batches: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -473,17 +487,26 @@ class JitStrategy(Strategy):
         }
 
     def compile_train(
-        self, loss_fn, state_shardings=None, steps_per_dispatch=1, scan_unroll=1, **step_options
+        self,
+        loss_fn,
+        state_shardings=None,
+        steps_per_dispatch=1,
+        scan_unroll=1,
+        data_on_device=False,
+        **step_options,
     ):
         """`(state, acc, batch) -> (state, acc)`: one program with the step and the metric sum.
 
         `state` and `acc` are donated: their buffers are reused for the outputs.
         `grad_accum_steps` is passed to `steps.train_step`. With `steps_per_dispatch` K > 1
         the batch is K stacked batches and the program runs K steps (`dispatch.scan_steps`).
+        With `data_on_device`, `(state, acc, batch, data)`: see `Strategy.compile_train`.
         """
 
-        def train_and_accumulate(state, acc, batch):
+        def train_and_accumulate(state, acc, batch, data=None):
             self._count("train")
+            if data is not None:
+                batch = steps.gather_batch(data, batch)
             if steps_per_dispatch > 1:
                 return dispatch.scan_steps(
                     state, acc, batch, loss_fn=loss_fn, unroll=scan_unroll, **step_options
@@ -493,13 +516,25 @@ class JitStrategy(Strategy):
 
         state_sh = self.replicated if state_shardings is None else state_shardings
         batch_sh = self.batch_sharding if steps_per_dispatch == 1 else self.stacked_batch_sharding
+        in_shardings = (state_sh, self.replicated, batch_sh)
+        if data_on_device:
+            in_shardings += (self.replicated,)
         return jax.jit(
             train_and_accumulate,
-            in_shardings=(state_sh, self.replicated, batch_sh),
+            in_shardings=in_shardings,
             out_shardings=(state_sh, self.replicated),
             donate_argnums=(0, 1),
             compiler_options=self.compiler_options or None,
         )
+
+    def put_data(self, arrays):
+        """The arrays replicated on the mesh, one `device_put` (one process only)."""
+        if self.process_count > 1:
+            raise ValueError(
+                "data.on_device: expected one process (each would need the whole training "
+                f"set), got {self.process_count}"
+            )
+        return jax.device_put({k: np.asarray(v) for k, v in arrays.items()}, self.replicated)
 
     def compile_eval(self, loss_fn, state_shardings=None):
         """`(state, acc, batch) -> acc`; only `acc` is donated."""
@@ -595,11 +630,23 @@ class PmapStrategy(Strategy):
         }
 
     def compile_train(
-        self, loss_fn, state_shardings=None, steps_per_dispatch=1, scan_unroll=1, **step_options
+        self,
+        loss_fn,
+        state_shardings=None,
+        steps_per_dispatch=1,
+        scan_unroll=1,
+        data_on_device=False,
+        **step_options,
     ):
         """`(state, acc, batch) -> (state, acc)`, pmapped; `state` and `acc` are donated.
 
-        With `steps_per_dispatch` K > 1 each device gets (K, B/n, ...) and scans K steps."""
+        With `steps_per_dispatch` K > 1 each device gets (K, B/n, ...) and scans K steps.
+        `data_on_device` is not supported (a ValueError): use the jit strategy."""
+        if data_on_device:
+            raise ValueError(
+                "data.on_device: expected parallel.strategy=jit (pmap feeds each device its "
+                "rows from the host), got parallel.strategy=pmap"
+            )
         if state_shardings is not None and any(
             s != self.replicated for s in jax.tree.leaves(state_shardings)
         ):

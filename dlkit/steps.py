@@ -40,6 +40,14 @@ def _loss_metrics(loss_fn, outputs, labels, per_example, mask, axis_name):
     return _psum(metrics, axis_name)
 
 
+def gather_batch(data: dict[str, jax.Array], batch: Batch) -> Batch:
+    """`batch` of example indices ({"index": int (..., B), "mask"}) as the rows of `data` they
+    index: {key: data[key][index], ..., "mask"} (`data.on_device`: the dataset is on the device,
+    and the step gathers its own rows). The loader's indices are always in bounds."""
+    rows = {k: v.at[batch["index"]].get(mode="promise_in_bounds") for k, v in data.items()}
+    return {**rows, "mask": batch["mask"]}
+
+
 def train_step(
     state: TrainState,
     batch: Batch,

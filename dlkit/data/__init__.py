@@ -23,10 +23,12 @@ from dlkit.data.prefetch import Prefetcher, prefetch
 from dlkit.data.sources import (
     DATASETS,
     ArraySource,
+    IndexSource,
     Subset,
     available_datasets,
     dataset_info,
     get_batch,
+    in_memory_arrays,
     load_dataset,
     read_idx,
 )
@@ -34,12 +36,14 @@ from dlkit.data.sources import (
 __all__ = [
     "DATASETS",
     "ArraySource",
+    "IndexSource",
     "Loader",
     "Prefetcher",
     "Subset",
     "available_datasets",
     "dataset_info",
     "get_batch",
+    "in_memory_arrays",
     "load_dataset",
     "prefetch",
     "read_idx",

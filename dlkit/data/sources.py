@@ -406,3 +406,52 @@ class Subset:
 
     def __repr__(self):
         return f"Subset({self._length} from {self._start} of {self.source!r})"
+
+
+class IndexSource:
+    """Examples ``0 .. n - 1`` of another source as their own indices: ``{"index": int32}``.
+
+    With ``data.on_device`` the training step gathers its rows on the device from the whole
+    dataset, placed there once, so the loader hands it indices instead of rows: the same
+    ``Loader`` (order, padding, masks, resumable positions) over this source yields exactly
+    the rows' indices a loader over the data would gather (tested).
+
+    Args:
+        n: the number of examples, >= 1.
+    """
+
+    def __init__(self, n):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n < 2**31:
+            raise ValueError(f"n: expected an int in [1, 2**31), got {n!r}")
+        self._length = int(n)
+
+    def __len__(self):
+        return self._length
+
+    def __getitem__(self, i):
+        i = int(i)
+        if not -self._length <= i < self._length:
+            raise IndexError(f"index: expected in [0, {self._length}), got {i}")
+        return {"index": np.int32(i % self._length)}
+
+    def get_batch(self, indices):
+        """dict with ``"index"``: int32 array of the indices' shape."""
+        return {"index": np.asarray(indices, np.int32)}
+
+    def __repr__(self):
+        return f"IndexSource(n={self._length})"
+
+
+def in_memory_arrays(source):
+    """The whole of ``source`` as one dict of arrays, when it is an ``ArraySource`` or a
+    ``Subset`` of one (``get_batch(i)`` is then ``{k: a[i] for k, a in arrays.items()}``);
+    None for any other source (its ``get_batch`` may compute its rows)."""
+    if isinstance(source, ArraySource):
+        return dict(source.arrays)
+    if isinstance(source, Subset):
+        inner = in_memory_arrays(source.source)
+        if inner is None:
+            return None
+        start, end = source._start, source._start + len(source)  # noqa: SLF001
+        return {k: v[start:end] for k, v in inner.items()}
+    return None
