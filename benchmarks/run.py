@@ -181,19 +181,33 @@ def table(model: str, res: dict) -> str:
     base, torch = med.get("jax_jit"), med.get("torch")
     lines = [
         f"| {model} contender (K={K[model]}) | steps/s (median) | min-max | vs jax.jit "
-        "| vs PyTorch |",
-        "|---|---:|---:|---:|---:|",
+        "| vs jax.jit, paired | vs PyTorch |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for n, v in res["results"].items():
         if not v:
-            lines.append(f"| {LABELS[n]} | skipped | | | |")
+            lines.append(f"| {LABELS[n]} | skipped | | | | |")
             continue
         vs_jit = f"{med[n] / base:.2f}x" if base else "-"
+        paired = paired_ratio(v, res["results"].get("jax_jit", []))
+        vs_paired = f"{paired:.2f}x" if paired is not None else "-"
         vs_torch = f"{med[n] / torch:.2f}x" if torch else "-"
         lines.append(
-            f"| {LABELS[n]} | {med[n]:.1f} | {min(v):.1f}-{max(v):.1f} | {vs_jit} | {vs_torch} |"
+            f"| {LABELS[n]} | {med[n]:.1f} | {min(v):.1f}-{max(v):.1f} | {vs_jit} | {vs_paired} "
+            f"| {vs_torch} |"
         )
     return "\n".join(lines)
+
+
+def paired_ratio(rates: list[float], base: list[float]) -> float | None:
+    """The median over repeats of rate / base rate in the same repeat, or None.
+
+    Each repeat measures every contender once, one after another, so a ratio within a repeat
+    compares them under the same load; on a shared machine whose speed drifts between
+    repeats this is steadier than the ratio of the two medians (both are reported)."""
+    if not rates or len(rates) != len(base):
+        return None
+    return statistics.median(r / b for r, b in zip(rates, base, strict=True))
 
 
 def main(argv=None) -> None:
