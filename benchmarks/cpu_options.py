@@ -15,7 +15,6 @@ The default variants are the ones behind `train.xla_cpu_vector_width` (docs/perf
 """
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -109,12 +108,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, run in runs.items():
             results[name].append(measure(run))
-    first = statistics.median(next(iter(results.values())))
-    print(f"| bench MLP step, K={k} | steps/s (median) | vs first | rounds |")
-    print("|---|---:|---:|---|")
-    for name, rates in results.items():
-        m = statistics.median(rates)
-        print(f"| {name} | {m:.0f} | {m / first:.3f}x | {', '.join(f'{r:.0f}' for r in rates)} |")
+    mb.print_rates(f"bench MLP step, K={k}", results, "vs first")
 
 
 if __name__ == "__main__":

@@ -134,12 +134,18 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, measure in contenders.items():
             results[name].append(measure())
-    floor = statistics.median(results["bare"])
-    print(f"| MLP, K={k} | steps/s (median) | vs bare | rounds |")
+    print_rates(f"MLP, K={k}", results, "vs bare")
+
+
+def print_rates(title: str, results: dict[str, list[float]], versus: str) -> None:
+    """A markdown table of each row's median steps/s, its ratio to the first row's median,
+    and every round's rate."""
+    first = statistics.median(next(iter(results.values())))
+    print(f"| {title} | steps/s (median) | {versus} | rounds |")
     print("|---|---:|---:|---|")
     for name, rates in results.items():
         m = statistics.median(rates)
-        print(f"| {name} | {m:.0f} | {m / floor:.2f}x | {', '.join(f'{r:.0f}' for r in rates)} |")
+        print(f"| {name} | {m:.0f} | {m / first:.3f}x | {', '.join(f'{r:.0f}' for r in rates)} |")
 
 
 if __name__ == "__main__":

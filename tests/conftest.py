@@ -60,3 +60,14 @@ def assert_bitwise_equal(a, b):
     for x, y in zip(la, lb, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert np.array_equal(x, y), "states differ"
+
+
+class StopAt(dlkit.Callback):
+    """Asks the run to stop (reason "test") from the row of `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_row(self, run, row):
+        if row["step"] == self.step:
+            run.request_stop("test")

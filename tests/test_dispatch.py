@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import StopAt, tiny_digits_config
 
 import dlkit
 
@@ -51,21 +51,12 @@ def test_k_steps_per_dispatch_equal_k_single_steps(single, strategy, num_devices
     assert got.compute_report["steps_per_dispatch"] == 2
 
 
-class _StopAt(dlkit.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_row(self, run, row):
-        if row["step"] == self.step:
-            run.request_stop("test")
-
-
 def test_resume_with_k_continues_at_the_exact_data_position(single, tmp_path):
     # Stop after step 10 (checkpointed on stop, off every cadence), resume to 12 with K=2: the
     # same as one K=1 run. The stop is asked on step 8's train row, which arrives one call late.
     cfg = tiny_digits_config(**{"train.steps_per_dispatch": 2})
     cfg.parallel.num_devices = 1
-    first = dlkit.fit(cfg, tmp_path, callbacks=[_StopAt(8)])
+    first = dlkit.fit(cfg, tmp_path, callbacks=[StopAt(8)])
     assert first.stopped == "test" and int(first.state.step) == 10
     got = dlkit.fit(cfg, tmp_path)
     assert int(got.state.step) == 12

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import StopAt, tiny_digits_config
 
 import dlkit
 import dlkit.data as data
@@ -91,21 +91,12 @@ def test_on_device_with_eight_devices_splits_the_indices_and_matches_the_host():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-class _StopAt(dlkit.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_row(self, run, row):
-        if row["step"] == self.step:
-            run.request_stop("test")
-
-
 def test_a_resumed_on_device_run_lands_where_an_uninterrupted_one_does(tmp_path):
     straight = _fit(True)
     cfg = tiny_digits_config(**{"data.on_device": True})
     cfg.parallel.num_devices = 1
     # Stopped (and checkpointed) after step 9, off every cadence: the loader resumes mid-epoch.
-    first = dlkit.fit(cfg, tmp_path, callbacks=[_StopAt(8)])
+    first = dlkit.fit(cfg, tmp_path, callbacks=[StopAt(8)])
     assert first.stopped == "test" and int(first.state.step) == 9
     resumed = dlkit.fit(cfg, tmp_path)
     assert int(resumed.state.step) == 12

@@ -62,6 +62,14 @@ DATASETS = {
 }
 
 
+def _checked_index(i, length):
+    """`i` as an int in [-length, length), else an IndexError naming the range."""
+    i = int(i)
+    if not -length <= i < length:
+        raise IndexError(f"index: expected in [0, {length}), got {i}")
+    return i
+
+
 class ArraySource:
     """Random-access source over a dict of equal-length arrays.
 
@@ -96,9 +104,7 @@ class ArraySource:
 
     def __getitem__(self, i):
         """Returns one example: dict[str, np.ndarray] with the leading axis removed."""
-        i = int(i)
-        if not -self._length <= i < self._length:
-            raise IndexError(f"index: expected in [0, {self._length}), got {i}")
+        i = _checked_index(i, self._length)
         return {key: arr[i] for key, arr in self.arrays.items()}
 
     def get_batch(self, indices):
@@ -383,9 +389,7 @@ class Subset:
         return self._length
 
     def __getitem__(self, i):
-        i = int(i)
-        if not -self._length <= i < self._length:
-            raise IndexError(f"index: expected in [0, {self._length}), got {i}")
+        i = _checked_index(i, self._length)
         return self.source[self._start + i % self._length]
 
     def get_batch(self, indices):
@@ -429,9 +433,7 @@ class IndexSource:
         return self._length
 
     def __getitem__(self, i):
-        i = int(i)
-        if not -self._length <= i < self._length:
-            raise IndexError(f"index: expected in [0, {self._length}), got {i}")
+        i = _checked_index(i, self._length)
         return {"index": np.int32(i % self._length)}
 
     def get_batch(self, indices):
