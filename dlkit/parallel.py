@@ -118,9 +118,10 @@ def auto_vector_width(cpuinfo: str | None = None) -> int:
     XLA:CPU asks LLVM for 256-bit vectors by default even where AVX-512 exists, because 512-bit
     instructions lower the clock of some Intel parts. AMD's (Zen 4 and later) run them at full
     clock, and on an AMD EPYC with AVX-512 (2 cores) 512-bit kernels made the bench MLP's K=50
-    step 4-5% faster (3410 vs 3275 and 3532 vs 3362 steps/s, alternating rounds, medians), the
-    MLP and CNN at K=1 1.5-2.5% (docs/performance.md). Not measured on Intel CPUs, so they
-    keep XLA's default. XLA_FLAGS that set `--xla_cpu_prefer_vector_width` win (-1 here).
+    step 2-5% faster (3410 vs 3275, 3532 vs 3362 and 3180 vs 3122 steps/s in three A/Bs of
+    alternating rounds, medians), the MLP and CNN at K=1 1.5-2.5% (docs/performance.md).
+    Not measured on Intel CPUs, so they keep XLA's default. XLA_FLAGS that set
+    `--xla_cpu_prefer_vector_width` win (-1 here).
 
     Args:
       cpuinfo: the text of /proc/cpuinfo (read when None; no such file -> -1).

@@ -450,10 +450,6 @@ def in_memory_arrays(source):
     None for any other source (its ``get_batch`` may compute its rows)."""
     if isinstance(source, ArraySource):
         return dict(source.arrays)
-    if isinstance(source, Subset):
-        inner = in_memory_arrays(source.source)
-        if inner is None:
-            return None
-        start, end = source._start, source._start + len(source)  # noqa: SLF001
-        return {k: v[start:end] for k, v in inner.items()}
+    if isinstance(source, Subset) and in_memory_arrays(source.source) is not None:
+        return source.arrays  # Subset cuts its source's arrays to itself
     return None
