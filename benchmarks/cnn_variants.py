@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dlkit import models, parallel
+from dlkit import models, xla_cpu
 from dlkit.models.conv import CONV_IMPLS
 
 
-def make_step(impl, ynn=parallel.DEFAULT_YNN_FUSIONS):
+def make_step(impl, ynn=xla_cpu.DEFAULT_YNN_FUSIONS):
     module = models.build(
         "cnn",
         features=(32, 64),
@@ -47,7 +47,7 @@ def make_step(impl, ynn=parallel.DEFAULT_YNN_FUSIONS):
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o
 
-    options = parallel.cpu_compiler_options(ynn) or None
+    options = xla_cpu.compiler_options(ynn) or None
     return jax.jit(step, compiler_options=options), params, opt
 
 
@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--ynn",
-        default=parallel.DEFAULT_YNN_FUSIONS,
+        default=xla_cpu.DEFAULT_YNN_FUSIONS,
         help="train.xla_cpu_ynn_fusions for the step (xla = XLA's defaults)",
     )
     args = ap.parse_args()

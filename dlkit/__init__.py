@@ -14,13 +14,16 @@ cell, a training script and `dlkit train`.
 from dlkit import (
     callbacks,
     checkpoint,
+    components,
     compute,
     config,
     data,
     debugging,
+    default_callbacks,
     diagnosis,
     distributed,
     early_stopping,
+    evaluation,
     explain,
     losses,
     lr_finder,
@@ -32,17 +35,21 @@ from dlkit import (
     report,
     sampling,
     state,
+    step_wrappers,
     steps,
     summary,
     tensorboard,
 )
 from dlkit.callbacks import Callback, Run
 from dlkit.checkpoint import Checkpointer
+from dlkit.components import Components, build
 from dlkit.config import Config, ConfigError, apply_overrides, list_experiments, load_config
-from dlkit.loop import FitResult, build, evaluate, fit, load_checkpoint
+from dlkit.evaluation import evaluate, load_checkpoint
+from dlkit.loop import FitResult, fit
 from dlkit.metrics import read_history
 from dlkit.parallel import make_strategy
 from dlkit.state import TrainState, create_train_state
+from dlkit.step_wrappers import make_train_step
 from dlkit.steps import eval_step, train_step
 
 __version__ = "0.1.0"
@@ -50,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Callback",
     "Checkpointer",
+    "Components",
     "Config",
     "ConfigError",
     "FitResult",
@@ -58,16 +66,19 @@ __all__ = [
     "build",
     "callbacks",
     "checkpoint",
+    "components",
     "compute",
     "config",
     "create_train_state",
     "data",
     "debugging",
+    "default_callbacks",
     "diagnosis",
     "distributed",
     "early_stopping",
     "eval_step",
     "evaluate",
+    "evaluation",
     "explain",
     "fit",
     "list_experiments",
@@ -77,6 +88,7 @@ __all__ = [
     "losses",
     "lr_finder",
     "make_strategy",
+    "make_train_step",
     "metrics",
     "models",
     "optim",
@@ -86,6 +98,7 @@ __all__ = [
     "report",
     "sampling",
     "state",
+    "step_wrappers",
     "steps",
     "summary",
     "tensorboard",

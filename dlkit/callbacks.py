@@ -30,17 +30,10 @@ never waits on a log read; see `dlkit.loop`). Its metrics are those of its own s
 Rows with eval metrics, and those of checkpoint, stop and last steps, arrive at their step.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import pathlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # imports for annotations only: loop imports this module
-    from dlkit import checkpoint as checkpoint_lib
-    from dlkit import config as config_lib
-    from dlkit.loop import Components, FitResult
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -60,10 +53,12 @@ class Run:
       history: the run's metric rows so far (including those before a resume).
     """
 
-    config: config_lib.Config
-    components: Components
+    # The types are named in the docstring, not imported: the modules that define them
+    # import this one.
+    config: Any  # dlkit.Config
+    components: Any  # dlkit.build.Components
     workdir: pathlib.Path | None
-    checkpointer: checkpoint_lib.Checkpointer | None
+    checkpointer: Any  # dlkit.checkpoint.Checkpointer | None
     log: Callable[[str], None]
     is_main: bool
     start_step: int
@@ -90,31 +85,10 @@ class Callback:
     def on_row(self, run: Run, row: dict[str, Any]) -> None:
         """After each metric row (train metrics on logging steps, eval metrics after evals)."""
 
-    def on_train_end(self, run: Run, result: FitResult) -> FitResult | None:
-        """Once, after the last checkpoint is durable. Return a FitResult to replace it."""
+    def on_train_end(self, run: Run, result: Any) -> Any:
+        """Once, after the last checkpoint is durable, with the run's `dlkit.FitResult`.
+        Return a FitResult to replace it (or None)."""
         return None
-
-
-# Factories for the callbacks a Config turns on, each `(cfg, workdir) -> Callback | None`.
-# Modules that provide a config-driven callback register here (see `register_default`), so
-# `fit` needs no knowledge of them.
-_DEFAULT_FACTORIES: list[Callable[[Any, pathlib.Path | None], Callback | None]] = []
-
-
-def register_default(factory: Callable[[Any, pathlib.Path | None], Callback | None]):
-    """Registers `factory(cfg, workdir) -> Callback | None`, called by every `fit`."""
-    _DEFAULT_FACTORIES.append(factory)
-    return factory
-
-
-def default_callbacks(cfg, workdir: pathlib.Path | None) -> list[Callback]:
-    """The callbacks `cfg` turns on, in registration order."""
-    out = []
-    for factory in _DEFAULT_FACTORIES:
-        cb = factory(cfg, workdir)
-        if cb is not None:
-            out.append(cb)
-    return out
 
 
 def check_callbacks(callbacks: Sequence[Any]) -> list[Callback]:

@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dlkit import step_wrappers
+
 # Dense bfloat16 peak FLOP/s of one JAX device, from vendor data sheets (not measured here).
 # Matched as substrings of `device.device_kind`, first match wins (so "H100 PCIe" precedes
 # "H100"). TPU v2/v3 expose each of a chip's two cores as a device: half the chip figure.
@@ -215,10 +217,9 @@ def step_memory(components, batch_size: int) -> int:
     """Peak bytes per device of the compiled train step at `batch_size` (compiled, not run)."""
     c = components
     strategy = c.strategy
-    accum = getattr(c.config.train, "grad_accum_steps", 1)
     abstract = c.abstract_state()
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    train_fn = strategy.compile_train(c.loss_fn, shardings, grad_accum_steps=accum)
+    train_fn = strategy.compile_train(step_wrappers.accumulating(c.train_step()), shardings)
     example = c.example_batch()
     acc = c.abstract_metrics(abstract)
     lowered = train_fn.lower(abstract, acc, strategy.batch_spec(example, batch_size))

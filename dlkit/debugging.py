@@ -121,6 +121,6 @@ class FastDevRunCheck(callbacks_lib.Callback):
         return None
 
 
-@callbacks_lib.register_default
-def _fast_dev_run_check(cfg, workdir):
+def fast_dev_run_check(cfg, workdir) -> FastDevRunCheck | None:
+    """The fast_dev_run check when `train.fast_dev_run` is on and the run has a workdir."""
     return FastDevRunCheck() if cfg.train.fast_dev_run and workdir is not None else None

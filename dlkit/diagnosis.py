@@ -21,9 +21,7 @@ import json
 import math
 from typing import Any
 
-# early_stopping is imported so that it registers first: its log lines come before ours.
 from dlkit import callbacks
-from dlkit import early_stopping as _early_stopping  # noqa: F401
 
 
 def _series(history, key: str) -> tuple[list[int], list[float]]:
@@ -189,7 +187,6 @@ class Diagnosis(callbacks.Callback):
         return None
 
 
-@callbacks.register_default
 def from_config(cfg, workdir) -> Diagnosis | None:
     """On when `train.diagnosis`; ranks by the early stopping metric when one is set."""
     if not cfg.train.diagnosis:

@@ -151,7 +151,6 @@ def check_options(metric: str, mode: str, patience: int, min_delta: float) -> No
         )
 
 
-@callbacks.register_default
 def from_config(cfg, workdir) -> EarlyStopping | None:
     """The callback `train.early_stopping_*` asks for (None when the metric is "")."""
     t = cfg.train

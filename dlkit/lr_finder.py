@@ -36,9 +36,9 @@ import jax
 import numpy as np
 import optax
 
+from dlkit import components, optim, precision, step_wrappers
 from dlkit import config as config_lib
 from dlkit import metrics as metrics_lib
-from dlkit import optim, precision
 
 SUGGESTIONS = ("min_loss/10", "steepest")
 
@@ -156,10 +156,8 @@ def lr_find(
     Returns:
       An `LRFindResult`.
     """
-    from dlkit import loop  # the loop imports the data and model stack; keep this import light
-
     _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor, suggest)
-    c = loop.build(cfg, module=module, train_source=train_source, strategy=strategy)
+    c = components.build(cfg, module=module, train_source=train_source, strategy=strategy)
     # rate(k) = min_lr * (max_lr / min_lr) ** (k / (K - 1)): exponential growth, in the step.
     schedule = optax.exponential_decay(min_lr, num_steps - 1, max_lr / min_lr)
     o = cfg.optim
@@ -180,10 +178,11 @@ def lr_find(
     strategy = c.strategy
     state = c.init_state()
     acc_spec = c.abstract_metrics(state)
+    # The sweep's steps are the run's without augmentation or EMA: it asks how the loss
+    # answers the learning rate alone.
+    step = c.train_step(augment=None, ema_decay=0.0)
     train_fn = strategy.compile_train(
-        c.loss_fn,
-        strategy.state_shardings(state),
-        grad_accum_steps=cfg.train.grad_accum_steps,
+        step_wrappers.accumulating(step), strategy.state_shardings(state)
     )
     loader = c.train_loader()
     batches = strategy.batches(iter(loader), cfg.data.prefetch)

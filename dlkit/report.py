@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from dlkit import callbacks as callbacks_lib
+from dlkit import components, evaluation, parallel
 from dlkit import data as data_lib
 from dlkit import metrics as metrics_lib
 
@@ -70,14 +71,12 @@ def confusion_matrix(
       ValueError: the run is not a classifier (softmax cross-entropy on one integer label
         per example).
     """
-    from dlkit import loop, parallel  # loop imports callbacks; import it lazily
-
     workdir = pathlib.Path(workdir)
     strategy = parallel.make_strategy("jit", num_devices=1)
-    with loop._open_existing(workdir) as ckpt:
+    with evaluation.open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
-    state, cfg = loop.load_checkpoint(workdir, step, strategy=strategy)
-    source = loop.build(cfg, strategy=strategy).eval_source
+    state, cfg = evaluation.load_checkpoint(workdir, step, strategy=strategy)
+    source = components.build(cfg, strategy=strategy).eval_source
     if not _is_classifier(cfg, source):
         raise ValueError(
             f"confusion_matrix: expected a classifier run (loss softmax_cross_entropy, one "
@@ -246,8 +245,8 @@ class PlotsCallback(callbacks_lib.Callback):
 _warned_no_matplotlib = False
 
 
-@callbacks_lib.register_default
-def _plots_factory(cfg, workdir) -> PlotsCallback | None:
+def plots_from_config(cfg, workdir) -> PlotsCallback | None:
+    """curves.png at the end of the run when `train.plots` is on and matplotlib is there."""
     global _warned_no_matplotlib
     if not cfg.train.plots or workdir is None:
         return None

@@ -1,7 +1,7 @@
 """The pure training and evaluation steps, written once for every strategy.
 
-    train = jax.jit(functools.partial(train_step, loss_fn=loss), donate_argnums=0)
-    state, metrics = train(state, batch)
+    step = jax.jit(functools.partial(train_step, loss_fn=loss), donate_argnums=0)
+    state, metrics = step(state, batch)
 
 A batch is a dict: "inputs" (B, ...), "labels" (B, ...), "mask" (B,) float32 with 1.0 for real
 examples and 0.0 for padding. Under `jax.jit` the arrays are global (B is the global batch)
@@ -9,9 +9,16 @@ and XLA inserts the cross-device reductions; under `jax.pmap` each device sees i
 `axis_name` names the mapped axis for the explicit collectives. Both compute the same numbers:
 the loss is (sum over the global batch of mask * loss) / (global sum of mask), and each device's
 gradient of its share of that sum is `psum`-ed, which is exactly the global gradient.
+
+`train_step` is the core: forward, loss, gradient, update, metrics. Everything else a run may
+turn on is a wrapper around it (`dlkit.step_wrappers`): the non-finite guard, EMA weights,
+augmentation, K steps per call; and around its gradient function (`GradFn`): micro-batched
+accumulation (`microbatched`) and float16 loss scaling. `step_wrappers.make_train_step` is the
+one place the run's options meet.
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,33 +26,119 @@ import jax.numpy as jnp
 import optax
 
 from dlkit import metrics as metrics_lib
-from dlkit import nonfinite, optim, precision
-from dlkit.data import augment as augment_lib
+from dlkit import optim
 from dlkit.state import TrainState
 
 Batch = dict[str, jax.Array]
-# Augmentation draws from its own stream of the run's key: fold_in(rng, step) stays the dropout
-# key, so turning augmentation on leaves dropout masks unchanged.
-AUGMENT_STREAM = 0x61756721
+Metrics = dict[str, metrics_lib.Mean]
+# grad_fn(state, model_state, batch, key, denominator) -> (grads, new_model_state, metrics):
+# this device's gradient of sum(mask * loss) / denominator with respect to `state.params`, the
+# model state after the forward pass, and the batch's metric sums (not yet reduced over a pmap
+# axis). `denominator` is the global count of real rows.
+GradFn = Callable[..., tuple[Any, Any, Metrics]]
 
 
 def _psum(x: Any, axis_name: str | None) -> Any:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _loss_metrics(loss_fn, outputs, labels, per_example, mask, axis_name):
+def _loss_metrics(loss_fn, outputs, labels, per_example, mask) -> Metrics:
     metrics = {"loss": metrics_lib.Mean.from_values(per_example, mask)}
     for name, values in loss_fn.metrics(outputs, labels).items():
         metrics[name] = metrics_lib.Mean.from_values(values, mask)
-    return _psum(metrics, axis_name)
+    return metrics
 
 
-def gather_batch(data: dict[str, jax.Array], batch: Batch) -> Batch:
-    """`batch` of example indices ({"index": int (..., B), "mask"}) as the rows of `data` they
-    index: {key: data[key][index], ..., "mask"} (`data.on_device`: the dataset is on the device,
-    and the step gathers its own rows). The loader's indices are always in bounds."""
-    rows = {k: v.at[batch["index"]].get(mode="promise_in_bounds") for k, v in data.items()}
-    return {**rows, "mask": batch["mask"]}
+def gradients(loss_fn, loss_scale: jax.Array | None = None) -> GradFn:
+    """The plain `GradFn` of `loss_fn`: one forward and backward pass over the whole batch.
+
+    Args:
+      loss_fn: a `dlkit.losses` loss: `loss_fn(outputs, labels) -> (B,)` (or (B, T), one
+        value per token, each weighed by its row's mask) and `.metrics(outputs, labels)`.
+      loss_scale: a float32 scalar S that multiplies the objective before differentiation
+        (float16 loss scaling; the caller divides the gradients by S); None = 1.
+    """
+
+    def grad_fn(state: TrainState, model_state, batch: Batch, key, denominator):
+        inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
+        mutable = list(model_state)
+
+        def objective(params):
+            variables = {"params": params, **model_state}
+            if mutable:
+                outputs, new_model_state = state.apply_fn(
+                    variables, inputs, train=True, rngs={"dropout": key}, mutable=mutable
+                )
+            else:
+                outputs = state.apply_fn(variables, inputs, train=True, rngs={"dropout": key})
+                new_model_state = model_state
+            per_example = loss_fn(outputs, labels)  # (B,), or (B, T) for a per-token loss
+            if "mix_labels" in batch:  # mixup/cutmix: the loss of the blended target
+                w = batch["mix_weight"]  # (B,)
+                per_example = w * per_example + (1.0 - w) * loss_fn(outputs, batch["mix_labels"])
+            # The row mask weighs every element of its row, as in the metrics: a (B, T) loss is
+            # a mean over the global batch's real tokens, a (B,) loss a mean over its real rows.
+            # `denominator` counts global rows; the elements per row are static.
+            elements_per_row = math.prod(per_example.shape[1:])
+            weighted = metrics_lib.Mean.from_values(per_example, mask)
+            loss = weighted.total / (denominator * elements_per_row)
+            if loss_scale is not None:
+                loss = loss * loss_scale.astype(loss.dtype)
+            return loss, (outputs, per_example, new_model_state)
+
+        grad_of = jax.value_and_grad(objective, has_aux=True)
+        (_, (outputs, per_example, new_model_state)), grads = grad_of(state.params)
+        metrics = _loss_metrics(loss_fn, outputs, labels, per_example, mask)
+        return grads, new_model_state, metrics
+
+    return grad_fn
+
+
+def microbatched(grad_fn: GradFn, n: int) -> GradFn:
+    """`grad_fn` summed over `n` micro-batches of B/n rows, one after another in a `lax.scan`.
+
+    Peak activation memory is that of B/n rows; the summed gradient is the whole batch's (the
+    denominator stays the global count of real rows). Micro-batch i takes rows i, i + n,
+    i + 2n, ...: each device's contiguous block of the batch stays on that device in every
+    micro-batch, so splitting moves no data. Each micro-batch draws its dropout masks from
+    `fold_in(key, i)`; running statistics (BatchNorm) thread through the micro-batches.
+
+    Raises:
+      ValueError: at trace time, when n does not divide the per-step batch.
+    """
+
+    def accumulated(state: TrainState, model_state, batch: Batch, key, denominator):
+        b = batch["mask"].shape[0]
+        if b % n:
+            raise ValueError(
+                f"train.grad_accum_steps: expected a divisor of the per-step batch {b}, got {n}"
+            )
+
+        def split(x):
+            return x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)  # (N, B/N, ...)
+
+        micro = jax.tree.map(split, batch)
+
+        def body(carry, xs):
+            grads_sum, model_state, metrics_sum = carry
+            i, micro_batch = xs
+            micro_key = jax.random.fold_in(key, i)
+            grads, model_state, metrics = grad_fn(
+                state, model_state, micro_batch, micro_key, denominator
+            )
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            return (grads_sum, model_state, metrics_lib.merge(metrics_sum, metrics)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        grads_shape, _, metrics_shape = jax.eval_shape(
+            lambda: grad_fn(state, model_state, first, key, denominator)
+        )
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, metrics_shape))
+        init = (zeros[0], model_state, zeros[1])
+        (grads, model_state, metrics), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
+        return grads, model_state, metrics
+
+    return accumulated
 
 
 def train_step(
@@ -54,199 +147,46 @@ def train_step(
     *,
     loss_fn,
     axis_name: str | None = None,
-    loss_spike_factor: float = 0.0,
-    grad_accum_steps: int = 1,
-    augment: augment_lib.Augment | None = None,
-    ema_decay: float = 0.0,
-) -> tuple[TrainState, dict[str, metrics_lib.Mean]]:
-    """One optimizer step: forward, loss, gradient, (clipping and) update, metrics.
+    grad_fn: GradFn | None = None,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer step: forward, loss, gradient, update, metrics.
 
     Args:
       state: the current `TrainState`.
       batch: {"inputs": (B, ...), "labels": (B, ...), "mask": (B,) float32}.
-      loss_fn: a `dlkit.losses` loss: `loss_fn(outputs, labels) -> (B,)` (or (B, T), one value
-        per token, each weighed by its row's mask) and `.metrics(...)`.
+      loss_fn: a `dlkit.losses` loss (see `gradients`).
       axis_name: the mapped axis under pmap; None under jit.
-      loss_spike_factor: skip updates whose loss exceeds this multiple of the running mean
-        loss; 0 = off. Non-finite losses or gradients are always skipped (see `nonfinite`).
-      grad_accum_steps: N > 1 splits the batch into N micro-batches of B/N rows, run one after
-        another by `lax.scan` inside this step (peak activation memory of B/N rows); the summed
-        gradient is that of the whole batch. B/N must split evenly over the devices.
-      augment: a `dlkit.data.augment.Augment` applied to the batch (before it is split into
-        micro-batches) with a key of its own per step, `fold_in(fold_in(rng, AUGMENT_STREAM),
-        step)`, so dropout keys do not change when it is turned on; examples are keyed by
-        their global row, so jit and pmap augment identically. None = off.
-      ema_decay: d > 0 updates `state.ema_params` (which must exist) after each applied
-        update to the bias-corrected exponential average of the weights so far (see
-        `ema_decay_at`); a skipped update leaves it unchanged. 0 = off.
+      grad_fn: how the gradient is computed (a `GradFn`, e.g. `microbatched(...)`);
+        None = `gradients(loss_fn)`.
     Returns:
       (new_state, metrics): metrics are {"loss", <loss_fn.metrics>, "grad_norm"} as `Mean`s,
-      summed over the global batch. A skipped update leaves params, optimizer and model
-      state unchanged, and is counted in `new_state.guard`.
+      summed over the global batch (and any "loss_scale" the gradient function reports).
+      The update is always applied: skipping non-finite ones is `step_wrappers.
+      with_nonfinite_guard`.
     """
-    root = jax.random.wrap_key_data(state.rng)
-    if augment is not None and augment.enabled:
-        aug_key = jax.random.fold_in(jax.random.fold_in(root, AUGMENT_STREAM), state.step)
-        row_offset = 0
-        if axis_name is not None:
-            row_offset = jax.lax.axis_index(axis_name) * batch["mask"].shape[0]
-        batch = augment(aug_key, batch, row_offset)
-    key = jax.random.fold_in(root, state.step)
+    grad_fn = gradients(loss_fn) if grad_fn is None else grad_fn
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
         # Devices see different rows, so they must draw different dropout masks.
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     # Real rows in the global batch (over devices and micro-batches).
     denominator = jnp.maximum(_psum(jnp.sum(batch["mask"]), axis_name), 1.0)
-    loss_scale = precision.loss_scale_of(state.opt_state)  # None unless float16
-    if grad_accum_steps == 1:
-        grads, model_state, metrics = _grads_and_metrics(
-            state, state.model_state, batch, key, denominator, loss_fn, loss_scale
-        )
-    else:
-        grads, model_state, metrics = _accumulate(
-            state, batch, key, denominator, loss_fn, grad_accum_steps, loss_scale
-        )
-    metrics = _psum(metrics, axis_name)
+    grads, model_state, metrics = grad_fn(state, state.model_state, batch, key, denominator)
     if axis_name is not None:
+        metrics = jax.lax.psum(metrics, axis_name)
         grads = jax.lax.psum(grads, axis_name)
         # Running statistics (e.g. BatchNorm's) are averaged so every replica keeps the same.
         model_state = jax.lax.pmean(model_state, axis_name)
-    if loss_scale is not None:
-        # float16: the optimizer (precision.with_loss_scaling) skips non-finite steps.
-        grads = loss_scale.unscale(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optim.global_norm(grads)
-    metrics["grad_norm"] = metrics_lib.Mean.scalar(grad_norm)
-    guarded_grad_norm = grad_norm
-    if loss_scale is not None:
-        metrics["loss_scale"] = metrics_lib.Mean.scalar(opt_state.loss_scale.scale)
-        # float16: overflowing gradients are how the optimizer finds its scale (it skips those
-        # steps itself), not a NaN-policy event, so the guard below then watches the loss alone.
-        guarded_grad_norm = jnp.zeros((), jnp.float32)
-    mean_loss = metrics["loss"].total / jnp.maximum(metrics["loss"].count, 1.0)
-    ok, guard = nonfinite.check(
-        state.guard, state.step, mean_loss, guarded_grad_norm, spike_factor=loss_spike_factor
-    )
-    params, opt_state, model_state = nonfinite.select(
-        ok, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state)
-    )
-    ema_params = state.ema_params
-    if ema_decay > 0:
-        if ema_params is None:
-            raise ValueError(
-                "train_step(ema_decay=...): expected a state with ema_params (create it with "
-                f"ema=True), got ema_decay={ema_decay} and state.ema_params=None"
-            )
-        decay = ema_decay_at(ema_decay, state.step + 1 - guard.skipped)
-        moved = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
-        # On a skipped step params are the old ones: the average must not move either.
-        ema_params = nonfinite.select(ok, moved, ema_params)
+    metrics["grad_norm"] = metrics_lib.Mean.scalar(optim.global_norm(grads))
     new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        model_state=model_state,
-        opt_state=opt_state,
-        guard=guard,
-        ema_params=ema_params,
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )
     return new_state, metrics
 
 
-def ema_decay_at(decay: float, t: jax.Array) -> jax.Array:
-    """The decay of the bias-corrected EMA at its t-th update (t >= 1), float32 scalar.
-
-    With d_t = d (1 - d^(t-1)) / (1 - d^t), the recurrence ema_t = d_t ema_(t-1) + (1 - d_t) p_t
-    gives ema_t = sum_k (1 - d) d^(t-k) p_k / (1 - d^t) over the updated weights p_1..p_t:
-    the zero-initialised, debiased average of `optax.ema(debias=True)`, with no trace of the
-    initial weights (d_1 = 0, so ema_1 = p_1).
-    """
-    t = jnp.asarray(t, jnp.float32)
-    return decay * (1.0 - decay ** (t - 1.0)) / (1.0 - decay**t)
-
-
-def _grads_and_metrics(
-    state: TrainState, model_state, batch: Batch, key, denominator, loss_fn, loss_scale=None
-):
-    """This device's gradient of sum(mask * loss) / denominator, the new model state, and the
-    metric sums of `batch` (not yet reduced over a pmap axis)."""
-    inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
-    mutable = list(model_state)
-
-    def compute_loss(params):
-        variables = {"params": params, **model_state}
-        if mutable:
-            outputs, new_model_state = state.apply_fn(
-                variables, inputs, train=True, rngs={"dropout": key}, mutable=mutable
-            )
-        else:
-            outputs = state.apply_fn(variables, inputs, train=True, rngs={"dropout": key})
-            new_model_state = model_state
-        per_example = loss_fn(outputs, labels)  # (B,), or (B, T) for a per-token loss
-        if "mix_labels" in batch:  # mixup/cutmix: the loss of the blended target
-            w = batch["mix_weight"]  # (B,)
-            per_example = w * per_example + (1.0 - w) * loss_fn(outputs, batch["mix_labels"])
-        # The row mask weighs every element of its row, as in the metrics: a (B, T) loss is a
-        # mean over the global batch's real tokens, a (B,) loss a mean over its real rows.
-        # `denominator` counts global rows; the elements per row are static.
-        elements_per_row = math.prod(per_example.shape[1:])
-        weighted = metrics_lib.Mean.from_values(per_example, mask)
-        loss = weighted.total / (denominator * elements_per_row)
-        if loss_scale is not None:
-            loss = loss_scale.scale_loss(loss)
-        return loss, (outputs, per_example, new_model_state)
-
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    (_, (outputs, per_example, new_model_state)), grads = grad_fn(state.params)
-    metrics = _loss_metrics(loss_fn, outputs, labels, per_example, mask, None)
-    return grads, new_model_state, metrics
-
-
-def _accumulate(state: TrainState, batch: Batch, key, denominator, loss_fn, n: int, loss_scale):
-    """`_grads_and_metrics` summed over `n` micro-batches with `lax.scan` (one program)."""
-    b = batch["mask"].shape[0]
-    if b % n:
-        raise ValueError(
-            f"train.grad_accum_steps: expected a divisor of the per-step batch {b}, got {n}"
-        )
-
-    def split(x):
-        # Micro-batch i takes rows i, i + n, i + 2n, ...: each device's contiguous block of
-        # the batch stays on that device in every micro-batch (no data movement).
-        return x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)  # (N, B/N, ...)
-
-    micro = jax.tree.map(split, batch)
-
-    def body(carry, xs):
-        grads_sum, model_state, metrics_sum = carry
-        i, micro_batch = xs
-        grads, model_state, metrics = _grads_and_metrics(
-            state,
-            model_state,
-            micro_batch,
-            jax.random.fold_in(key, i),
-            denominator,
-            loss_fn,
-            loss_scale,
-        )
-        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-        return (grads_sum, model_state, metrics_lib.merge(metrics_sum, metrics)), None
-
-    first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(
-        lambda: _grads_and_metrics(
-            state, state.model_state, first, key, denominator, loss_fn, loss_scale
-        )
-    )
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[2]))
-    init = (zeros[0], state.model_state, zeros[1])
-    (grads, model_state, metrics), _ = jax.lax.scan(body, init, (jnp.arange(n), micro))
-    return grads, model_state, metrics
-
-
-def eval_step(
-    state: TrainState, batch: Batch, *, loss_fn, axis_name: str | None = None
-) -> dict[str, metrics_lib.Mean]:
+def eval_step(state: TrainState, batch: Batch, *, loss_fn, axis_name: str | None = None) -> Metrics:
     """Metrics of the model in inference mode (no dropout, running statistics) on `batch`.
 
     Args and batch as in `train_step`. Returns {"loss", <loss_fn.metrics>} as `Mean`s.
@@ -254,4 +194,5 @@ def eval_step(
     variables = {"params": state.params, **state.model_state}
     outputs = state.apply_fn(variables, batch["inputs"], train=False)
     per_example = loss_fn(outputs, batch["labels"])
-    return _loss_metrics(loss_fn, outputs, batch["labels"], per_example, batch["mask"], axis_name)
+    metrics = _loss_metrics(loss_fn, outputs, batch["labels"], per_example, batch["mask"])
+    return _psum(metrics, axis_name)

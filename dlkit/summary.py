@@ -147,6 +147,6 @@ class SummaryCallback(callbacks_lib.Callback):
             pathlib.Path(run.workdir, "summary.txt").write_text(text + "\n")
 
 
-@callbacks_lib.register_default
-def _summary_factory(cfg, workdir) -> SummaryCallback | None:
+def from_config(cfg, workdir) -> SummaryCallback | None:
+    """The model summary when `train.summary` is on."""
     return SummaryCallback() if cfg.train.summary else None

@@ -60,8 +60,8 @@ class TensorBoardCallback(callbacks_lib.Callback):
             self.writer = None
 
 
-@callbacks_lib.register_default
-def _tensorboard_factory(cfg, workdir) -> TensorBoardCallback | None:
+def from_config(cfg, workdir) -> TensorBoardCallback | None:
+    """TensorBoard event files under WORKDIR/tensorboard when `train.tensorboard` is on."""
     if not cfg.train.tensorboard:
         return None
     if workdir is None:

@@ -127,7 +127,7 @@ def test_any_scan_unroll_gives_the_same_run_and_flops_per_step(single_every_4, u
 )
 def test_auto_scan_unroll_is_the_largest_divisor_of_k_up_to_10(k, expected):
     cfg = tiny_digits_config(**{"train.steps_per_dispatch": k})
-    assert dlkit.dispatch.scan_unroll(cfg) == expected
+    assert dlkit.components.scan_unroll(cfg) == expected
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_scan_unroll_sets_the_compiled_loops_trip_count(unroll, trips):
     all when fully unrolled)."""
     import re
 
-    from dlkit import loop
+    from dlkit import programs
 
     cfg = tiny_digits_config(
         **{"train.steps_per_dispatch": 4, "train.scan_unroll": unroll, **EVERY_4}
@@ -159,6 +159,6 @@ def test_scan_unroll_sets_the_compiled_loops_trip_count(unroll, trips):
     cfg.parallel.num_devices = 1
     c = dlkit.build(cfg)
     state = c.init_state()
-    compiled, _ = loop._compile_train(c, state, c.abstract_metrics(state))  # noqa: SLF001
+    compiled, _ = programs.compile_train(c, state, c.abstract_metrics(state))
     found = re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', compiled.as_text())
     assert found == ([trips] if trips else [])

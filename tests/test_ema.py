@@ -1,6 +1,5 @@
 """EMA of the weights: the recurrence, skipped steps, evaluation on it, checkpoints and resume."""
 
-import functools
 import shutil
 
 import jax
@@ -9,7 +8,7 @@ import pytest
 from conftest import tiny_digits_config
 
 import dlkit
-from dlkit import steps
+from dlkit import step_wrappers
 
 
 def _leaves(tree):
@@ -20,7 +19,7 @@ def _setup(decay):
     cfg = tiny_digits_config(**{"train.ema_decay": decay})
     cfg.parallel.num_devices = 1
     c = dlkit.build(cfg)
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=c.loss_fn, ema_decay=decay))
+    step = jax.jit(step_wrappers.make_train_step(c.loss_fn, ema_decay=decay))
     batch = dlkit.data.get_batch(c.train_source, np.arange(32))
     batch["mask"] = np.ones((32,), np.float32)
     return c, step, batch

@@ -93,9 +93,9 @@ def test_nnx_batchnorm_statistics_are_global_under_pmap(monkeypatch):
     assert _max_diff(jit.model_state, pmap.model_state) < 1e-5
     assert _max_diff(jit.params, pmap.params) < 1e-5
     # With per-device statistics (B/8 rows each) the numbers differ: the check has teeth.
-    from dlkit import loop
+    from dlkit import components
 
-    monkeypatch.setattr(loop, "module_for_strategy", lambda module, strategy: module)
+    monkeypatch.setattr(components, "module_for_strategy", lambda module, strategy: module)
     local = _fit_nnx_bn("pmap").state
     assert _max_diff(jit.model_state, local.model_state) > 1e-3
     assert _max_diff(jit.params, local.params) > 1e-3

@@ -127,84 +127,17 @@ def test_host_feed_on_cpu_hands_numpy_to_the_jit_step_and_devices_arrays_to_pmap
 
 
 def test_cpu_compiler_options_map_the_setting_to_xla_names():
-    from dlkit import parallel
+    from dlkit import xla_cpu
 
     key = "xla_cpu_experimental_ynn_fusion_type"
-    assert parallel.cpu_compiler_options(vector_width=-1) == {
+    assert xla_cpu.compiler_options() == {
         key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
     }
-    assert parallel.cpu_compiler_options("xla", -1) == {}
-    assert parallel.cpu_compiler_options("none", -1) == {key: ""}
-    assert parallel.cpu_compiler_options(" dot, eltwise ", -1) == {
+    assert xla_cpu.compiler_options("xla") == {}
+    assert xla_cpu.compiler_options("none") == {key: ""}
+    assert xla_cpu.compiler_options(" dot, eltwise ") == {
         key: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
     }
-    width = "xla_cpu_prefer_vector_width"
-    assert parallel.cpu_compiler_options("xla", 256) == {width: 256}
-    assert parallel.cpu_compiler_options("none", 512) == {key: "", width: 512}
-    auto = parallel.auto_vector_width()
-    assert parallel.cpu_compiler_options("xla") == ({width: auto} if auto > 0 else {})
-
-
-AMD_AVX512 = (
-    "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
-)
-
-
-@pytest.mark.parametrize(
-    "cpuinfo, expected",
-    [
-        (AMD_AVX512, 512),
-        (AMD_AVX512 + "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu\n", 512),
-        ("vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512_bf16\n", -1),
-        ("vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n", -1),
-        ("", -1),
-    ],
-)
-def test_auto_vector_width_is_512_only_on_amd_cpus_with_avx512(monkeypatch, cpuinfo, expected):
-    from dlkit import parallel
-
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert parallel.auto_vector_width(cpuinfo) == expected
-    # The user's own XLA_FLAGS setting wins: auto then passes no option.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
-    assert parallel.auto_vector_width(cpuinfo) == -1
-
-
-@pytest.mark.parametrize("bad", [384, 1024, True, "512", -2])
-def test_bad_vector_width_is_a_config_error_before_compiling(bad):
-    cfg = tiny_digits_config(**{"train.steps": 2})
-    cfg.train.xla_cpu_vector_width = bad
-    with pytest.raises(
-        dlkit.ConfigError,
-        match=r"train\.xla_cpu_vector_width: expected 0 \(auto\), -1 \(XLA's default\) or one "
-        r"of 128, 256, 512, got " + re.escape(repr(bad)),
-    ):
-        dlkit.fit(cfg)
-
-
-def test_the_vector_width_reaches_xla_codegen(tmp_path):
-    """XLA's debug options record the width; on a CPU with AVX-512 the optimized kernels use
-    16-float vectors at 512 and 8-float ones at 256 (XLA's own default). (Without AVX-512,
-    LLVM has no 512-bit registers to prefer: only the recorded option is checked there.)"""
-    import jax
-
-    from dlkit import parallel
-
-    x = np.ones(4096, np.float32)
-    ir = {}
-    for width in (256, 512):
-        dump = tmp_path / str(width)
-        options = {**parallel.cpu_compiler_options("xla", width), "xla_dump_to": str(dump)}
-        jax.jit(lambda x: np.float32(2) * x + 1, compiler_options=options).lower(x).compile()
-        debug = "".join(p.read_text() for p in dump.glob("*debug_options*"))
-        # The dump lists the options that differ from XLA's defaults (256 is the default).
-        assert ("xla_cpu_prefer_vector_width: 512" in debug) == (width == 512)
-        ir[width] = "".join(p.read_text() for p in dump.glob("*ir-with-opt.ll"))
-        assert ir[width]
-    flags = parallel._cpuinfo()  # noqa: SLF001
-    if " avx512f" in flags:
-        assert "<16 x float>" in ir[512] and "<16 x float>" not in ir[256]
-        assert "<8 x float>" in ir[256]
 
 
 @pytest.mark.parametrize("bad", ["conv", "", "dot,,foo"])
@@ -222,7 +155,6 @@ def _tiny_cnn(spec: str, steps: int = 3):
     cfg = tiny_digits_config(
         **{
             "train.xla_cpu_ynn_fusions": spec,
-            "train.xla_cpu_vector_width": -1,
             "train.steps": steps,
             "checkpoint.every_steps": 0,
             "parallel.num_devices": 1,
@@ -240,18 +172,16 @@ def _tiny_cnn(spec: str, steps: int = 3):
 
 def _built_cnn(spec: str):
     """(Components, initial state) of the tiny CNN run with `train.xla_cpu_ynn_fusions=spec`."""
-    from dlkit import loop
-
     cfg, source = _tiny_cnn(spec)
-    c = loop.build(cfg, train_source=source, eval_source=source)
+    c = dlkit.build(cfg, train_source=source, eval_source=source)
     return c, c.init_state()
 
 
 def _compiled_train_text(c, state) -> str:
     """The train step `fit` would run, compiled, as text."""
-    from dlkit import loop
+    from dlkit import programs
 
-    compiled, _ = loop._compile_train(c, state, c.abstract_metrics(state))
+    compiled, _ = programs.compile_train(c, state, c.abstract_metrics(state))
     return compiled.as_text()
 
 
@@ -263,7 +193,6 @@ def test_by_default_convolutions_are_not_handed_to_ynnpack():
 
 
 def test_xla_setting_compiles_what_xla_compiles_without_options():
-    import re
 
     def normalized(text):  # the program, without source locations
         text = text.split("\nFileNames")[0]
@@ -272,7 +201,7 @@ def test_xla_setting_compiles_what_xla_compiles_without_options():
     c, state = _built_cnn("xla")
     assert c.strategy.compiler_options == {}
     plain = dlkit.make_strategy("jit", num_devices=1).compile_train(
-        c.loss_fn, c.strategy.state_shardings(state)
+        dlkit.step_wrappers.accumulating(c.train_step()), c.strategy.state_shardings(state)
     )
     spec = c.strategy.batch_spec(c.example_batch(), c.config.train.batch_size)
     expected = plain.lower(state, c.abstract_metrics(state), spec).compile().as_text()
@@ -281,12 +210,12 @@ def test_xla_setting_compiles_what_xla_compiles_without_options():
 
 def test_only_the_jit_strategy_on_cpu_takes_compile_options():
     """pmap compiles with XLA's defaults (it takes no options), so it must not claim any."""
-    from dlkit import parallel
+    from dlkit import xla_cpu
 
-    options = parallel.cpu_compiler_options()
+    options = xla_cpu.compiler_options()
     assert dlkit.make_strategy("jit", compiler_options=options).compiler_options == options
     assert dlkit.make_strategy("pmap", compiler_options=options).compiler_options == {}
-    assert parallel.usable_compiler_options(options, "gpu") == {}
+    assert xla_cpu.usable_compiler_options(options, "gpu") == {}
 
 
 def test_compile_options_this_jaxlib_rejects_fall_back_to_xla_defaults_with_a_warning():
@@ -300,15 +229,9 @@ def test_compile_options_this_jaxlib_rejects_fall_back_to_xla_defaults_with_a_wa
 
 
 def test_the_compile_options_are_recorded_in_the_compute_report(tmp_path):
-    cfg = tiny_digits_config(
-        **{
-            "train.xla_cpu_ynn_fusions": "none",
-            "train.xla_cpu_vector_width": 512,
-            "train.steps": 2,
-        }
-    )
+    cfg = tiny_digits_config(**{"train.xla_cpu_ynn_fusions": "none", "train.steps": 2})
     result = dlkit.fit(cfg, tmp_path)
-    expected = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512}
+    expected = {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert result.compute_report["compiler_options"] == expected
     saved = json.loads((tmp_path / "compute.json").read_text())
     assert saved["compiler_options"] == expected

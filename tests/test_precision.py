@@ -78,7 +78,8 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale():
     huge = precision.DynamicLossScale.create(initial_scale=2.0**60)
     state = state.replace(opt_state=state.opt_state._replace(loss_scale=huge))
     batch = {k: jnp.asarray(v) for k, v in c.example_batch().items()}
-    new, metrics = jax.jit(lambda s, b: dlkit.train_step(s, b, loss_fn=c.loss_fn))(state, batch)
+    step = dlkit.make_train_step(c.loss_fn, loss_scaling=True)
+    new, metrics = jax.jit(step)(state, batch)
     assert float(new.opt_state.loss_scale.scale) == 2.0**59
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), strict=True):
         np.testing.assert_array_equal(a, b)  # skipped

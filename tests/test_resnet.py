@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_digits_config
 
 import dlkit
-from dlkit import loop, models, state
+from dlkit import components, models, state
 from dlkit.models import resnet
 
 TINY = {"stage_sizes": (1, 1), "width": 8, "num_classes": 10}
@@ -100,10 +100,12 @@ def test_bad_fields_are_rejected_with_names():
 
 def test_module_for_strategy_sets_the_bn_axis_only_under_pmap():
     module = resnet.ResNet(**TINY)
-    assert loop.module_for_strategy(module, dlkit.make_strategy("pmap")).bn_axis_name == "data"
-    assert loop.module_for_strategy(module, dlkit.make_strategy("jit")).bn_axis_name is None
+    assert (
+        components.module_for_strategy(module, dlkit.make_strategy("pmap")).bn_axis_name == "data"
+    )
+    assert components.module_for_strategy(module, dlkit.make_strategy("jit")).bn_axis_name is None
     mlp = models.build("mlp")
-    assert loop.module_for_strategy(mlp, dlkit.make_strategy("pmap")) is mlp
+    assert components.module_for_strategy(mlp, dlkit.make_strategy("pmap")) is mlp
 
 
 def _fit_resnet(strategy):
@@ -147,7 +149,7 @@ def test_jit_and_pmap_agree_on_batch_stats_and_params(bn_runs):
 
 def test_pmap_without_cross_device_statistics_would_differ(bn_runs, monkeypatch):
     # The check above has teeth: per-device statistics (B/8 rows each) give other numbers.
-    monkeypatch.setattr(loop, "module_for_strategy", lambda module, strategy: module)
+    monkeypatch.setattr(components, "module_for_strategy", lambda module, strategy: module)
     local = _fit_resnet("pmap").state
     with pytest.raises(AssertionError):
         _assert_trees_close(bn_runs["jit8"].state.model_state, local.model_state, **TOLERANCE)

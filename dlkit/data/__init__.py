@@ -18,7 +18,7 @@ Usage::
         ...                                             # weight per-example results by mask
 """
 
-from dlkit.data.loader import Loader
+from dlkit.data.loader import Loader, stacked
 from dlkit.data.prefetch import Prefetcher, prefetch
 from dlkit.data.sources import (
     DATASETS,
@@ -47,4 +47,5 @@ __all__ = [
     "load_dataset",
     "prefetch",
     "read_idx",
+    "stacked",
 ]

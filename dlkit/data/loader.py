@@ -312,3 +312,10 @@ class Loader:
             f"shuffle={self.shuffle}, last_batch={self.last_batch!r}, "
             f"process={self.process_index}/{self.process_count}, position={self._position})"
         )
+
+
+def stacked(loader: Loader, k: int):
+    """The loader's batches K at a time, stacked: each leaf (B, ...) -> (K, B, ...), the same
+    arrays as K calls of `next` (`Loader.next_stacked`). Never ends, as the loader does not."""
+    while True:
+        yield loader.next_stacked(k)

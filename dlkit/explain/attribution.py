@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlkit import parallel
+from dlkit import evaluation, xla_cpu
 from dlkit.explain import attention
 
 DEFAULT_IG_STEPS = 128  # midpoint rule; 64 left gaps up to 1.2% on a small trained CNN
@@ -80,7 +80,7 @@ class Explainer:
         variables: Any,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
-        xla_cpu_ynn_fusions: str = parallel.DEFAULT_YNN_FUSIONS,
+        xla_cpu_ynn_fusions: str = xla_cpu.DEFAULT_YNN_FUSIONS,
     ):
         if not callable(apply_fn):
             raise TypeError(f"Explainer.apply_fn: expected a callable, got {type(apply_fn)}")
@@ -94,8 +94,8 @@ class Explainer:
         self._dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64
         # On CPU, the same XLA:CPU library choice as training (`train.xla_cpu_ynn_fusions`):
         # the attribution methods are mostly gradients of the model, convolutions included.
-        options = parallel.usable_compiler_options(
-            parallel.cpu_compiler_options(xla_cpu_ynn_fusions), jax.default_backend()
+        options = xla_cpu.usable_compiler_options(
+            xla_cpu.compiler_options(xla_cpu_ynn_fusions), jax.default_backend()
         )
         jit = functools.partial(jax.jit, compiler_options=options or None)
         self._jitted = {
@@ -118,9 +118,7 @@ class Explainer:
         cls, workdir: str | pathlib.Path, step: int | None = None, **kwargs
     ) -> "Explainer":
         """From a run's checkpoint (newest, or `step`), loaded onto one device."""
-        from dlkit import loop
-
-        state, _ = loop.load_checkpoint(workdir, step)
+        state, _ = evaluation.load_checkpoint(workdir, step)
         return cls.from_state(state, **kwargs)
 
     # ---- the model as a function of the input ----------------------------------------------

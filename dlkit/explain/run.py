@@ -11,6 +11,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from dlkit import components, evaluation, parallel
+from dlkit.explain import attribution
+
 METHODS = ("saliency", "gradient_x_input", "smoothgrad", "ig", "occlusion")
 
 
@@ -36,17 +39,14 @@ def explain_run(
       {"step", "split", "methods", "num", "out", "labels", "predictions"} and, with "ig",
       "completeness_max_relative_gap" (the largest |sum(attr) - (f(x) - f(b))| / |f(x) - f(b)|).
     """
-    from dlkit import loop, parallel
-    from dlkit.explain import attribution
-
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods: expected some of {METHODS}, got {tuple(methods)}")
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num: expected an int >= 1, got {num!r}")
     workdir = pathlib.Path(workdir)
-    state, cfg = loop.load_checkpoint(workdir, step)
-    c = loop.build(cfg, strategy=parallel.make_strategy("jit", num_devices=1))
+    state, cfg = evaluation.load_checkpoint(workdir, step)
+    c = components.build(cfg, strategy=parallel.make_strategy("jit", num_devices=1))
     batch = c.eval_source.get_batch(np.arange(min(num, len(c.eval_source))))
     x = np.asarray(batch["inputs"], np.float32)
     ex = attribution.Explainer.from_state(state)

@@ -1,0 +1,493 @@
+"""Building a run's pieces from its `Config`: the model, data, loss, optimizer and strategy.
+
+    c = dlkit.build(cfg)                      # a `Components`
+    state = c.init_state()                    # created directly with its target sharding
+    loader = c.train_loader()                 # this process's slice of the training data
+
+This is where the config is read (with `fit` and the small factories it calls): models, losses,
+steps and optimizers take explicit arguments. Every error a user can cause here is raised
+before anything is compiled.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+
+from dlkit import checkpoint as checkpoint_lib
+from dlkit import (
+    compute,
+    debugging,
+    losses,
+    models,
+    optim,
+    parallel,
+    precision,
+    step_wrappers,
+    steps,
+    xla_cpu,
+)
+from dlkit import config as config_lib
+from dlkit import data as data_lib
+from dlkit import state as state_lib
+from dlkit.data import augment as augment_lib
+from dlkit.data import validate
+
+
+def example_batch(source) -> dict[str, np.ndarray]:
+    """A batch of one real example with its mask: what shape-only tracing needs."""
+    batch = data_lib.get_batch(source, np.array([0]))
+    batch["mask"] = np.ones((1,), np.float32)
+    return batch
+
+
+def module_for_strategy(module, strategy: parallel.Strategy):
+    """`module` as `strategy` must run it, so BatchNorm statistics cover the global batch.
+
+    A module with a field `bn_axis_name` (e.g. `dlkit.models.ResNet`) reduces its BatchNorm
+    statistics over that named axis. Under pmap each device holds B/n rows, so the field is set
+    to "data" (`parallel.DATA_AXIS`) and the statistics are averaged across devices; under jit
+    the batch is one global array, so it is set to None (no named axis is bound there) and the
+    statistics are already global. Other modules are returned unchanged.
+    """
+    if "bn_axis_name" not in {f.name for f in dataclasses.fields(module)}:
+        return module
+    axis_name = parallel.DATA_AXIS if strategy.name == "pmap" else None
+    return module if module.bn_axis_name == axis_name else module.clone(bn_axis_name=axis_name)
+
+
+def module_for_data(module, source):
+    """`module` with `vocab_size` taken from a text source when it is 0 ("from the data").
+
+    A language model's vocabulary is the file's characters, known only once the file is read.
+    Raises a ConfigError, before anything compiles, if a set `vocab_size` is too small.
+    """
+    fields = {f.name for f in dataclasses.fields(module)}
+    if "vocab_size" not in fields or not hasattr(source, "vocab_size"):
+        return module
+    if module.vocab_size == 0:
+        return module.clone(vocab_size=source.vocab_size)
+    if module.vocab_size < source.vocab_size:
+        raise config_lib.ConfigError(
+            f"model.vocab_size: expected 0 (from the data) or >= {source.vocab_size} (the "
+            f"characters in the data), got {module.vocab_size}"
+        )
+    return module
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything a run is built from, made from a `Config` by `build`."""
+
+    config: config_lib.Config
+    strategy: parallel.Strategy
+    module: Any
+    loss_fn: Any
+    tx: Any
+    schedule: Any
+    train_source: Any
+    eval_source: Any
+    policy: precision.Policy = dataclasses.field(
+        default_factory=lambda: precision.get_policy("float32")
+    )
+    augment: augment_lib.Augment | None = None  # training augmentation (None = off)
+
+    @property
+    def ema(self) -> bool:
+        """Whether the state keeps `ema_params` (`train.ema_decay` > 0)."""
+        return self.config.train.ema_decay > 0
+
+    def abstract_state(self) -> state_lib.TrainState:
+        """The TrainState's shapes, with each leaf's target sharding attached."""
+        example = example_batch(self.train_source)["inputs"]
+        abstract = state_lib.abstract_train_state(
+            self.module, self.tx, example, self.config.train.seed, ema=self.ema
+        )
+        return checkpoint_lib.abstract_with_shardings(
+            abstract, self.strategy.state_shardings(abstract)
+        )
+
+    def init_state(self) -> state_lib.TrainState:
+        """A fresh TrainState, initialised directly with its target sharding."""
+        example = example_batch(self.train_source)["inputs"]
+        return state_lib.create_train_state(
+            self.module,
+            self.tx,
+            example,
+            seed=self.config.train.seed,
+            shardings=self.strategy.state_shardings,
+            ema=self.ema,
+        )
+
+    def example_batch(self) -> dict[str, np.ndarray]:
+        """One training example with its mask (shapes and dtypes for tracing)."""
+        return example_batch(self.train_source)
+
+    def train_loader(self, position: int = 0) -> data_lib.Loader:
+        """The training loader the config asks for (this process's slice), at `position`."""
+        cfg = self.config
+        return data_lib.Loader(
+            self.train_source,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            shuffle=cfg.data.shuffle,
+            last_batch=cfg.data.last_batch,
+            process_index=self.strategy.process_index,
+            process_count=self.strategy.process_count,
+            position=position,
+        )
+
+    def train_step(self, **overrides) -> step_wrappers.Step:
+        """The run's train step, `step(state, batch) -> (state, metrics)`: the core step with
+        the wrappers the config turns on (`step_wrappers.make_train_step`), built for this
+        strategy's axis. `overrides` replace options (e.g. `grad_accum_steps=1`)."""
+        t = self.config.train
+        options = dict(
+            axis_name=self.strategy.axis_name,
+            grad_accum_steps=t.grad_accum_steps,
+            loss_scaling=self.policy.loss_scaling,
+            loss_spike_factor=t.loss_spike_factor,
+            ema_decay=t.ema_decay,
+            augment=self.augment,
+        )
+        return step_wrappers.make_train_step(self.loss_fn, **{**options, **overrides})
+
+    def eval_step(self):
+        """`eval(state, batch) -> metrics` for this strategy's axis."""
+        return functools.partial(
+            steps.eval_step, loss_fn=self.loss_fn, axis_name=self.strategy.axis_name
+        )
+
+    def abstract_metrics(self, state) -> Any:
+        """The train metrics' structure as replicated `ShapeDtypeStruct`s (an accumulator)."""
+        # One example: neither micro-batches nor mixing pairs apply, and neither adds a metric.
+        step = self.train_step(axis_name=None, grad_accum_steps=1, augment=None)
+        shape = _metrics_shape(lambda s, b: step(s, b)[1], state, self.train_source)
+        replicated = self.strategy.replicated
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shape
+        )
+
+    def abstract_eval_metrics(self, state) -> Any:
+        """The eval metrics' structure (`ShapeDtypeStruct`s), for the eval accumulator."""
+        step = functools.partial(steps.eval_step, loss_fn=self.loss_fn)
+        return _metrics_shape(step, state, self.eval_source)
+
+
+def _check_config(cfg: config_lib.Config) -> None:
+    """Errors a user can cause, raised before anything is compiled."""
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.batch_size": cfg.train.batch_size,
+        "data.audit_max_examples": cfg.data.audit_max_examples,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise config_lib.ConfigError(f"{key}: expected a positive int, got {value}")
+    non_negative = {
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "train.overfit_batches": cfg.train.overfit_batches,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise config_lib.ConfigError(f"{key}: expected an int >= 0, got {value}")
+    if cfg.data.prefetch < -1:
+        raise config_lib.ConfigError(
+            f"data.prefetch: expected an int >= 0, or -1 (auto), got {cfg.data.prefetch}"
+        )
+    choices = {
+        "train.nan_policy": (cfg.train.nan_policy, ("raise", "skip")),
+        "checkpoint.best_mode": (cfg.checkpoint.best_mode, ("min", "max")),
+        "data.last_batch": (cfg.data.last_batch, ("drop", "pad")),
+        "data.validate": (cfg.data.validate, ("error", "warn", "off")),
+        "data.audit": (cfg.data.audit, ("warn", "fail", "off")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise config_lib.ConfigError(
+                f"{key}: expected one of {' | '.join(allowed)}, got {value!r}"
+            )
+    if cfg.train.max_consecutive_nonfinite < 1:
+        raise config_lib.ConfigError(
+            "train.max_consecutive_nonfinite: expected an int >= 1, got "
+            f"{cfg.train.max_consecutive_nonfinite}"
+        )
+    if cfg.train.loss_spike_factor != 0 and cfg.train.loss_spike_factor <= 1:
+        raise config_lib.ConfigError(
+            "train.loss_spike_factor: expected 0 (off) or a float > 1, got "
+            f"{cfg.train.loss_spike_factor}"
+        )
+    if cfg.train.grad_accum_steps < 1:
+        raise config_lib.ConfigError(
+            f"train.grad_accum_steps: expected an int >= 1, got {cfg.train.grad_accum_steps}"
+        )
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise config_lib.ConfigError(
+            f"train.ema_decay: expected a float in [0, 1) (0 = off), got {cfg.train.ema_decay}"
+        )
+    if cfg.data.validation_examples < 0:
+        raise config_lib.ConfigError(
+            "data.validation_examples: expected an int >= 0 (0 = none), got "
+            f"{cfg.data.validation_examples}"
+        )
+    if cfg.data.train_examples < 0:
+        raise config_lib.ConfigError(
+            f"data.train_examples: expected an int >= 0 (0 = all), got {cfg.data.train_examples}"
+        )
+    if cfg.checkpoint.max_to_keep < 1:
+        raise config_lib.ConfigError(
+            f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
+        )
+    check_steps_per_dispatch(cfg)
+
+
+def compiler_options(cfg: config_lib.Config) -> dict[str, str]:
+    """The XLA:CPU options of `train.xla_cpu_ynn_fusions`; a ConfigError if malformed."""
+    try:
+        return xla_cpu.compiler_options(cfg.train.xla_cpu_ynn_fusions)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def build(
+    cfg: config_lib.Config,
+    *,
+    module=None,
+    train_source=None,
+    eval_source=None,
+    strategy: parallel.Strategy | None = None,
+) -> Components:
+    """Makes the run's pieces from `cfg`; any piece passed in replaces the config's choice.
+
+    Args:
+      cfg: the run's config.
+      module: a Flax module to train instead of `cfg.model` (e.g. your own, from a notebook).
+      train_source, eval_source: random-access datasets (dicts with "inputs" and "labels")
+        instead of `cfg.data`.
+      strategy: a `parallel.Strategy` instead of `cfg.parallel`.
+    Raises:
+      ConfigError: a setting that cannot work, before anything is compiled.
+    """
+    _check_config(cfg)
+    policy = precision.get_policy(cfg.train.precision)
+    if cfg.train.compilation_cache_dir:
+        compute.enable_compilation_cache(cfg.train.compilation_cache_dir)
+    strategy = _strategy(cfg, strategy)
+    train_source, eval_source = _sources(cfg, train_source, eval_source)
+    if module is None:
+        module = models.build(cfg.model.name, **cfg.model.options)
+    if policy.name != "float32":
+        module = precision.apply_to_module(policy, module)
+    module = module_for_data(module_for_strategy(module, strategy), train_source)
+    loss_fn = losses.make_loss(cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)
+    tx, schedule = _optimizer(cfg)
+    if policy.loss_scaling:
+        tx = precision.with_loss_scaling(tx)
+    augment = _make_augment(cfg, strategy, train_source, loss_fn)
+    return Components(
+        cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
+    )
+
+
+def _strategy(cfg: config_lib.Config, strategy: parallel.Strategy | None) -> parallel.Strategy:
+    """The config's strategy (or `strategy`), checked against the batch sizes."""
+    options = compiler_options(cfg)  # checked even when a strategy is given
+    strategy = strategy or parallel.make_strategy(
+        cfg.parallel.strategy,
+        cfg.parallel.num_devices,
+        cfg.parallel.sync_every_step,
+        param_sharding=cfg.parallel.param_sharding,
+        fsdp_min_size=cfg.parallel.fsdp_min_size,
+        compiler_options=options,
+    )
+    strategy.check_batch_size(cfg.train.batch_size)
+    _check_grad_accum(cfg, strategy)
+    strategy.check_batch_size(
+        cfg.train.eval_batch_size or cfg.train.batch_size, "train.eval_batch_size"
+    )
+    return strategy
+
+
+def _sources(cfg: config_lib.Config, train_source, eval_source) -> tuple[Any, Any]:
+    """The train and eval sources: the config's datasets unless given, with the held-out
+    validation split, `data.train_examples` and `train.overfit_batches` applied."""
+    d = cfg.data
+    data_options = {"data_dir": d.data_dir or None, "path": d.path or None, "seq_len": d.seq_len}
+    held_out = d.validation_examples
+    if held_out and d.eval_split == "validation" and eval_source is None:
+        full = train_source or data_lib.load_dataset(d.name, "train", **data_options)
+        eval_source = data_lib.Subset(
+            full, held_out, len(full) - held_out, what="data.validation_examples"
+        )
+    if train_source is None:
+        train_source = data_lib.load_dataset(d.name, "train", **data_options)
+    if held_out:
+        if not 0 < held_out < len(train_source):
+            raise config_lib.ConfigError(
+                f"data.validation_examples: expected 0..{len(train_source) - 1}, got {held_out}"
+            )
+        train_source = data_lib.Subset(train_source, len(train_source) - held_out)
+    if d.train_examples:
+        train_source = data_lib.Subset(train_source, d.train_examples)
+    if eval_source is None:
+        if d.eval_split == "validation":
+            raise config_lib.ConfigError(
+                "data.eval_split: 'validation' needs data.validation_examples > 0 (the last "
+                "N train examples held out), got data.validation_examples=0"
+            )
+        eval_source = data_lib.load_dataset(d.name, d.eval_split, **data_options)
+    if cfg.train.overfit_batches:
+        train_source, eval_source = debugging.overfit_sources(
+            train_source, cfg.train.overfit_batches, cfg.train.batch_size
+        )
+    return train_source, eval_source
+
+
+def _optimizer(cfg: config_lib.Config):
+    """The Optax chain and its learning-rate schedule from `optim.*`."""
+    o = cfg.optim
+    return optim.make_optimizer(
+        o.name,
+        o.learning_rate,
+        total_steps=cfg.train.steps,
+        schedule=o.schedule,
+        warmup_steps=o.warmup_steps,
+        end_learning_rate_factor=o.end_learning_rate_factor,
+        momentum=o.momentum,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        grad_clip_norm=o.grad_clip_norm,
+    )
+
+
+def _make_augment(cfg, strategy, train_source, loss_fn) -> augment_lib.Augment | None:
+    """The config's `data.*` augmentation, checked against the data before compiling."""
+    d = cfg.data
+    try:
+        augment = augment_lib.Augment(
+            random_crop_padding=d.random_crop_padding,
+            horizontal_flip=d.horizontal_flip,
+            mixup_alpha=d.mixup_alpha,
+            cutmix_alpha=d.cutmix_alpha,
+        )
+        if not augment.enabled:
+            return None
+        shape = np.shape(example_batch(train_source)["inputs"])
+        augment.check(shape, cfg.train.batch_size // strategy.num_devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    if augment.mixes and not isinstance(loss_fn, losses.SoftmaxCrossEntropy):
+        raise config_lib.ConfigError(
+            "data.mixup_alpha / cutmix_alpha: expected loss.name=softmax_cross_entropy "
+            f"(mixing blends class labels), got loss.name={cfg.loss.name!r}"
+        )
+    return augment
+
+
+def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> None:
+    """Each micro-batch must still split evenly over the devices."""
+    n, devices = cfg.train.grad_accum_steps, strategy.num_devices
+    if n > 1 and cfg.train.batch_size % (n * devices):
+        raise config_lib.ConfigError(
+            f"train.grad_accum_steps: expected a divisor of train.batch_size="
+            f"{cfg.train.batch_size} leaving micro-batches divisible by the {devices} device(s) "
+            f"(batch_size % (grad_accum_steps * {devices}) == 0), got {n}"
+        )
+
+
+def _metrics_shape(step_fn, state, source) -> Any:
+    """The structure of a step's metrics (ShapeDtypeStructs), from `jax.eval_shape`.
+
+    Traced with the "data" axis bound (a vmap of size 1), since under pmap the model may reduce
+    over it (cross-device BatchNorm, see `module_for_strategy`).
+    """
+    batch = jax.tree.map(lambda x: x[None], example_batch(source))  # (1, 1, ...)
+    mapped = jax.vmap(step_fn, in_axes=(None, 0), axis_name=parallel.DATA_AXIS)
+    shapes = jax.eval_shape(mapped, state, batch)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
+
+
+def _num_outputs(c: Components) -> int | None:
+    """The model's output size (last axis), from `jax.eval_shape`: no FLOPs, no compile."""
+    abstract = c.abstract_state()
+    example = example_batch(c.train_source)["inputs"]
+    out = jax.eval_shape(
+        lambda s, x: s.apply_fn({"params": s.params, **s.model_state}, x, train=False),
+        abstract,
+        example,
+    )
+    return int(out.shape[-1]) if out.ndim >= 1 else None
+
+
+MAX_AUTO_UNROLL = 10
+
+
+def check_steps_per_dispatch(cfg: config_lib.Config) -> int:
+    """Validates `train.steps_per_dispatch` (K) against the run's cadences; returns K."""
+    k = cfg.train.steps_per_dispatch
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise config_lib.ConfigError(f"train.steps_per_dispatch: expected an int >= 1, got {k!r}")
+    scan_unroll(cfg)
+    if k == 1:
+        return k
+    cadences = {
+        "train.steps": cfg.train.steps,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+    }
+    for key, value in cadences.items():
+        if value % k:
+            raise config_lib.ConfigError(
+                f"{key}: expected a multiple of train.steps_per_dispatch={k} (the loop sees "
+                f"only every {k}th step), got {value}"
+            )
+    return k
+
+
+def scan_unroll(cfg: config_lib.Config) -> int:
+    """The K-step loop's unroll (`train.scan_unroll`), validated; 1 when K = 1."""
+    k = cfg.train.steps_per_dispatch
+    u = cfg.train.scan_unroll
+    if isinstance(u, bool) or not isinstance(u, int) or u < 0:
+        raise config_lib.ConfigError(
+            f"train.scan_unroll: expected an int >= 0 (0 = auto), got {u!r}"
+        )
+    if k == 1:
+        return 1
+    if u == 0:
+        return max(d for d in range(1, min(k, MAX_AUTO_UNROLL) + 1) if k % d == 0)
+    if k % u:
+        raise config_lib.ConfigError(
+            f"train.scan_unroll: expected a divisor of train.steps_per_dispatch={k}, got {u}"
+        )
+    return u
+
+
+def check_data(c: Components, log) -> None:
+    """`data.validate`: the input checks of `dlkit.data.validate`, before compiling."""
+    policy = c.config.data.validate
+    if policy == "off":
+        return
+    try:
+        warnings = validate.check_datasets(
+            c.train_source,
+            c.eval_source,
+            num_outputs=lambda: _num_outputs(c),  # only once the inputs look right
+            classification=isinstance(c.loss_fn, losses.SoftmaxCrossEntropy),
+            batch_size=c.config.train.batch_size,
+            last_batch=c.config.data.last_batch,
+        )
+    except validate.DataError as e:
+        if policy == "error":
+            raise
+        warnings = [str(e)]
+    for w in warnings:
+        log(f"warning: {w}")

@@ -1,0 +1,134 @@
+"""After (or beside) a run: evaluate a model, load a checkpoint into a notebook.
+
+    metrics = dlkit.evaluate("runs/digits")           # the newest step on its eval split
+    state, cfg = dlkit.load_checkpoint("runs/digits")  # onto one (CPU) device
+
+`run_eval` is the evaluation `fit` runs on its eval cadence: every example of the eval split
+once, padding masked, metrics summed on the device and fetched once at the end.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+
+from dlkit import checkpoint as checkpoint_lib
+from dlkit import components, parallel, programs
+from dlkit import config as config_lib
+from dlkit import data as data_lib
+from dlkit import metrics as metrics_lib
+from dlkit import state as state_lib
+
+
+def ema_view(state):
+    """`state` with its EMA weights as `params` (unchanged when it keeps none): same structure,
+    so the compiled eval step takes it without recompiling."""
+    if state.ema_params is None:
+        return state
+    return state.replace(params=state.ema_params)
+
+
+def run_eval(
+    c: components.Components, state, eval_fn, abstract_metrics, max_batches: int | None = None
+) -> dict[str, float]:
+    """Evaluates `state` on the whole eval split (every example once; padding masked), or on
+    its first `max_batches` batches."""
+
+    strategy = c.strategy
+    batch_size = c.config.train.eval_batch_size or c.config.train.batch_size
+    loader = data_lib.Loader(
+        c.eval_source,
+        batch_size,
+        shuffle=False,
+        last_batch="pad",
+        process_index=strategy.process_index,
+        process_count=strategy.process_count,
+    )
+    acc = strategy.zeros(abstract_metrics)
+    batches = strategy.batches(loader.iter_epoch(0), c.config.data.prefetch)
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            acc = eval_fn(state, acc, batch)
+            if strategy.sync_every_step:
+                jax.block_until_ready(acc)
+    finally:
+        batches.close()
+    return metrics_lib.compute(jax.device_get(acc))
+
+
+def open_existing(workdir: pathlib.Path) -> checkpoint_lib.Checkpointer:
+    """A Checkpointer on a workdir that must already hold checkpoints (creates nothing)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    return checkpoint_lib.Checkpointer(directory, max_to_keep=None, read_only=True)
+
+
+def load_checkpoint(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    strategy: parallel.Strategy | None = None,
+    weights: str = "ema",
+) -> tuple[state_lib.TrainState, config_lib.Config]:
+    """Loads a run's checkpoint onto this machine, e.g. into a notebook.
+
+    Args:
+      workdir: the run's directory (holding checkpoints/).
+      step: which step; None = the newest.
+      strategy: where to put the state; default one device (`jit` strategy, 1 device), which
+        on a CPU-only machine is the plain CPU. The saving run's device count does not matter.
+      weights: "ema" = when the run kept an EMA of the weights (`train.ema_decay` > 0),
+        `state.params` are the EMA weights (what the run evaluated); "raw" = the trained
+        weights as saved (the state to continue training from).
+    Returns:
+      (state, config): the TrainState and the run's Config.
+    """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"load_checkpoint(weights=...): expected ema | raw, got {weights!r}")
+    workdir = pathlib.Path(workdir)
+    with open_existing(workdir) as ckpt:
+        step = ckpt.valid_step(step)
+        cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
+        strategy = strategy or parallel.make_strategy("jit", num_devices=1)
+        c = components.build(cfg, strategy=strategy)
+        state, _ = ckpt.restore(c.abstract_state(), step)
+    return (ema_view(state) if weights == "ema" else state), cfg
+
+
+def evaluate(
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    split: str | None = None,
+    strategy: parallel.Strategy | None = None,
+) -> dict[str, Any]:
+    """Evaluates a run's checkpoint on its eval split (or `split`), with its EMA weights when
+    it kept them (as the run's own `eval/` metrics).
+
+    Returns:
+      {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
+    """
+    workdir = pathlib.Path(workdir)
+    with open_existing(workdir) as ckpt:
+        step = ckpt.valid_step(step)
+        cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
+        if split is not None:
+            cfg.data.eval_split = split
+        strategy = strategy or parallel.make_strategy(
+            "jit",
+            sync_every_step=cfg.parallel.sync_every_step,
+            compiler_options=components.compiler_options(cfg),
+        )
+        c = components.build(cfg, strategy=strategy)
+        state, _ = ckpt.restore(c.abstract_state(), step)
+    eval_fn = programs.compile_eval(c)
+    result = run_eval(c, ema_view(state), eval_fn, c.abstract_eval_metrics(state))
+    return {
+        "step": step,
+        "split": cfg.data.eval_split,
+        **result,
+        "num_examples": len(c.eval_source),
+    }
