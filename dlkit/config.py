@@ -43,9 +43,6 @@ class DataConfig:
     prefetch: int = -1  # batches a thread stages ahead of the step (0 = none: the loop reads
     #   the loader itself); -1 = auto: 2, but 0 on CPU with one process and one step per call,
     #   where no batch is copied to a device and the thread's hand-off cost the bench MLP 5-7%
-    on_device: bool = False  # hold the training set on the device(s) and gather each step's
-    #   rows there from the indices the loader sends (jit strategy, one process, in-memory
-    #   arrays); for accelerators: on CPU it was 0.97x (dlkit.loop._data_on_device)
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
     audit: str = "warn"  # data audit before compiling (duplicates, leakage, conflicting
@@ -206,8 +203,6 @@ class TrainConfig:
     xla_cpu_ynn_fusions: str = "individual_dot,reduce"  # CPU: what XLA may hand to YNNPACK:
     #   a comma list of dot | eltwise | individual_convolution | individual_dot | reduce,
     #   none, or xla (XLA's default); convolutions stay XLA's (dlkit.parallel, performance.md)
-    xla_cpu_vector_width: int = 0  # CPU: SIMD bits XLA's own kernels prefer: 128 | 256 |
-    #   512; 0 = auto (512 on AMD CPUs with AVX-512, else XLA's 256); -1 = no option passed
     fast_dev_run: bool = False  # 1 train step, 1 eval batch, 1 checkpoint saved and restored,
     #   then stop (dlkit.debugging); into a temporary directory when there is no workdir
     overfit_batches: int = 0  # train (and evaluate) on the first N batches only, unshuffled;

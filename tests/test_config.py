@@ -502,3 +502,10 @@ def test_bad_steps_per_dispatch_or_scan_unroll(values, message):
 def test_resolved_scan_unroll(k, unroll, expected):
     train = config.TrainConfig(steps_per_dispatch=k, scan_unroll=unroll)
     assert config.resolved_scan_unroll(train) == expected
+
+
+@pytest.mark.parametrize("key", ["train.xla_cpu_vector_width", "data.on_device"])
+def test_removed_cpu_knobs_are_unknown_keys(key):
+    with pytest.raises(dlkit.ConfigError, match=rf"unknown config key '{key}'"):
+        dlkit.apply_overrides(dlkit.Config(), [f"{key}=1"])
+    assert "train.xla_cpu_ynn_fusions" in config.valid_keys(dlkit.Config())

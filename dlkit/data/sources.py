@@ -415,8 +415,8 @@ class Subset:
 class IndexSource:
     """Examples ``0 .. n - 1`` of another source as their own indices: ``{"index": int32}``.
 
-    With ``data.on_device`` the training step gathers its rows on the device from the whole
-    dataset, placed there once, so the loader hands it indices instead of rows: the same
+    For a step that gathers its own rows from a dataset already on the device: the loader
+    hands it indices instead of rows, and the same
     ``Loader`` (order, padding, masks, resumable positions) over this source yields exactly
     the rows' indices a loader over the data would gather (tested).
 
