@@ -202,3 +202,31 @@ def make_optimizer(
         else:
             parts.append(optax.adam(lr, b1=b1, b2=b2, eps=eps))
     return optax.chain(*parts), lr
+
+
+def from_config(section, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """`make_optimizer` with the fields of a config's `optim` section as its arguments.
+
+    Read by attribute, so any object with the fields of `dlkit.config.OptimConfig` works (this
+    module does not import the config).
+
+    Args:
+      section: the `optim` section (`cfg.optim`).
+      total_steps: the run's length (`cfg.train.steps`); the decays end there.
+    Returns:
+      (tx, schedule), as `make_optimizer` returns them.
+    """
+    return make_optimizer(
+        section.name,
+        section.learning_rate,
+        total_steps=total_steps,
+        schedule=section.schedule,
+        warmup_steps=section.warmup_steps,
+        end_learning_rate_factor=section.end_learning_rate_factor,
+        momentum=section.momentum,
+        b1=section.b1,
+        b2=section.b2,
+        eps=section.eps,
+        weight_decay=section.weight_decay,
+        grad_clip_norm=section.grad_clip_norm,
+    )

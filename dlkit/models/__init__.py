@@ -37,6 +37,7 @@ __all__ = [
     "ResNet",
     "TransformerLM",
     "build",
+    "from_config",
     "get_model_class",
     "register",
 ]
@@ -59,3 +60,17 @@ def get_model_class(name: str) -> type[nn.Module]:
 def build(name: str, **options: Any) -> nn.Module:
     """Instantiates the module `name` with `options` as its fields."""
     return get_model_class(name)(**options)
+
+
+def from_config(section) -> nn.Module:
+    """The module a config's `model` section (`cfg.model`) names, with its options as fields.
+
+    Read by attribute, so any object with `name` and `options` works (this package does not
+    import the config).
+
+    Args:
+      section: the `model` section: `name` (a registered model) and `options` (its fields).
+    Returns:
+      The Flax module, `build(section.name, **section.options)`.
+    """
+    return build(section.name, **section.options)
