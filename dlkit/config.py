@@ -25,7 +25,7 @@ import types
 import typing
 from typing import Any
 
-from dlkit import losses, optim
+from dlkit import errors, losses, models, optim
 
 # --------------------------------------------------------------------------------------------
 # The configuration tree.
@@ -372,8 +372,8 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-class ConfigError(ValueError):
-    """A bad key or value in a configuration or an override."""
+# Defined in dlkit.errors so the model registry can raise it without importing this module.
+ConfigError = errors.ConfigError
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,8 +502,6 @@ _SECTIONS = ("data", "loss", "optim", "train", "parallel", "checkpoint")
 
 def _model_fields(model_name: str) -> dict[str, Any]:
     """The configurable fields of the Flax module `model_name`, with their types."""
-    from dlkit import models  # imported here: config is read at the edges, models import flax
-
     module_cls = models.get_model_class(model_name)
     hints = typing.get_type_hints(module_cls)
     return {

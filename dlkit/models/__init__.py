@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from dlkit import errors
 from dlkit.models.audio import AudioClassifier
 from dlkit.models.cnn import CNN
 from dlkit.models.mlp import MLP
@@ -51,9 +52,7 @@ def register(name: str, module_cls: type[nn.Module]) -> None:
 def get_model_class(name: str) -> type[nn.Module]:
     """The module class registered under `name`."""
     if name not in REGISTRY:
-        from dlkit.config import ConfigError
-
-        raise ConfigError(f"model.name: expected one of {sorted(REGISTRY)}, got {name!r}")
+        raise errors.ConfigError(f"model.name: expected one of {sorted(REGISTRY)}, got {name!r}")
     return REGISTRY[name]
 
 
