@@ -42,7 +42,7 @@ class DataConfig:
     last_batch: str = "drop"  # training loader's last partial batch: drop | pad
     prefetch: int = -1  # batches a thread stages ahead of the step (0 = none: the loop reads
     #   the loader itself); -1 = auto: 2, but 0 on CPU with one process and one step per call,
-    #   where no batch is copied to a device and the thread's hand-off cost the bench MLP 5-7%
+    #   where no batch is copied to a device, so the thread's hand-off costs more than it hides
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
     audit: str = "warn"  # data audit before compiling (duplicates, leakage, conflicting

@@ -36,10 +36,8 @@ def global_norm(tree, *, fold: bool | None = None) -> jax.Array:
     Folding: a leaf with a multiple of 8 x 64 elements is squared, viewed as 8 rows, and its
     rows are added pairwise (8 -> 4 -> 2 -> 1, elementwise) before the one reduction of what
     is left. XLA fuses the squares and the row additions into one vectorised pass, while
-    XLA:CPU reduces an array to a scalar in a much slower loop (a reduce-window: about 6 us
-    per 65,536 floats on 2 AMD EPYC cores), so the reduction left is 8 times smaller. The
-    bench MLP's train step ran 4-10% faster at 50 steps per call and 3-6% at one
-    (docs/performance.md).
+    XLA:CPU reduces an array to a scalar in a much slower loop (a reduce-window), so the
+    reduction left is 8 times smaller (figures: docs/performance.md, "Gradient norm").
 
     Args:
       tree: a pytree of arrays (e.g. gradients).
