@@ -110,7 +110,7 @@ def measure(mib: int = 100, repeats: int = 5) -> dict:
         )
     }
     # The first save in a process pays one-time costs (Orbax's thread pools and tensorstore
-    # contexts): 0.13-0.34 s against ~0.12 s after it, measured. It is timed apart, and the
+    # contexts), so it is timed apart (BENCHMARKS.md has the figures), and the
     # medians below are of the steady state that a run saving every N steps sees.
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_CKPT_DIR")) as tmp:
         tmp = pathlib.Path(tmp)

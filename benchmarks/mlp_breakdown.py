@@ -4,8 +4,7 @@ One process, alternating rounds, medians (steps/s and the ratio to the first row
 - `bare`: the hand-written `jax.jit` step (benchmarks.workers' `jax_worker` step, `lax.scan`
   over K steps when --k > 1) on pre-made numpy batches: the floor;
 - `dlkit step`: dlkit's compiled train step (what `fit` runs: metrics accumulation, the
-  non-finite guard, the gradient norm) in a bare loop on the same batches (rows, so
-  `data.on_device` false);
+  non-finite guard, the gradient norm) in a bare loop on the same batches;
 - `fit, no checkpoints`: `dlkit.fit` with its loader, prefetch, progress bar and a logged row
   every 100 steps, checkpoints only at the end (outside the window);
 - `fit, checkpoints every 500`: the same with async checkpoints every 500 steps, as
@@ -84,7 +83,6 @@ def main() -> None:
     # dlkit's compiled step, alone.
     source = dlkit.data.ArraySource(inputs=x, labels=y)
     step_cfg = _config(k, 0)
-    step_cfg.data.on_device = False  # the compiled step on the pre-made batches above
     c = dlkit.build(step_cfg, train_source=source, eval_source=source)
     state = c.init_state()
     spec = c.abstract_metrics(state)

@@ -230,8 +230,8 @@ def main(argv=None) -> None:
     for model in [m for m in only if m in PLAN]:
         names = [n for n in wanted if skipped[n] is None]
         if model == "cnn" and args.contenders == ",".join(CONTENDERS):
-            # Convolutions inside lax.scan run ~20x slower on XLA:CPU (measured 0.5 vs 10
-            # steps/s): K steps per call only on request (--contenders) for the CNN.
+            # Convolutions inside lax.scan run far slower on XLA:CPU (BENCHMARKS.md): K steps
+            # per call only on request (--contenders) for the CNN.
             names = [n for n in names if n not in ("jax_jit_scan", "dlkit_k")]
         # No convolutions in the MLP: conv_impl would run the same program as "dlkit".
         not_for_model = {"dlkit_matmul_grad"} if model == "mlp" else set()

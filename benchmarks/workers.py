@@ -245,8 +245,8 @@ def torch_worker(model, x, y):
     def measure(warmup, steps):
         for _ in range(warmup):
             step()
-        # Capped at BENCH_MAX_SECONDS (default 20): under load, 2 eager threads can fall to
-        # ~10 steps/s on 2 shared cores, and the rate is then measured over the steps done.
+        # Capped at BENCH_MAX_SECONDS (default 20): under load, eager execution can slow so far
+        # that the run would not end; the rate is then measured over the steps done.
         limit = float(os.environ.get("BENCH_MAX_SECONDS", "20"))
         t = time.perf_counter()
         done = 0

@@ -18,11 +18,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import types
 import typing
 from typing import Any
+
+from dlkit import errors, losses, models, optim
 
 # --------------------------------------------------------------------------------------------
 # The configuration tree.
@@ -39,10 +42,7 @@ class DataConfig:
     last_batch: str = "drop"  # training loader's last partial batch: drop | pad
     prefetch: int = -1  # batches a thread stages ahead of the step (0 = none: the loop reads
     #   the loader itself); -1 = auto: 2, but 0 on CPU with one process and one step per call,
-    #   where no batch is copied to a device and the thread's hand-off cost the bench MLP 5-7%
-    on_device: bool = False  # hold the training set on the device(s) and gather each step's
-    #   rows there from the indices the loader sends (jit strategy, one process, in-memory
-    #   arrays); for accelerators: on CPU it was 0.97x (dlkit.loop._data_on_device)
+    #   where no batch is copied to a device, so the thread's hand-off costs more than it hides
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
     audit: str = "warn"  # data audit before compiling (duplicates, leakage, conflicting
@@ -57,6 +57,36 @@ class DataConfig:
     mixup_alpha: float = 0.0  # mixup with Beta(alpha, alpha) weights; 0 = off
     cutmix_alpha: float = 0.0  # cutmix with Beta(alpha, alpha) areas; 0 = off
 
+    # Named `check`, not `validate`: `validate` is the `data.validate` key above.
+    def check(self) -> None:
+        """Checks the `data.*` values that need neither the data nor the devices.
+
+        Raises:
+          ConfigError: the first bad key, with what it expects and what it got.
+        """
+        _check_field_types(self, "data")
+        _check_positive({"data.audit_max_examples": self.audit_max_examples})
+        if self.prefetch < -1:
+            raise ConfigError(
+                f"data.prefetch: expected an int >= 0, or -1 (auto), got {self.prefetch}"
+            )
+        _check_choices(
+            {
+                "data.last_batch": (self.last_batch, ("drop", "pad")),
+                "data.validate": (self.validate, ("error", "warn", "off")),
+                "data.audit": (self.audit, ("warn", "fail", "off")),
+            }
+        )
+        if self.validation_examples < 0:
+            raise ConfigError(
+                "data.validation_examples: expected an int >= 0 (0 = none), got "
+                f"{self.validation_examples}"
+            )
+        if self.train_examples < 0:
+            raise ConfigError(
+                f"data.train_examples: expected an int >= 0 (0 = all), got {self.train_examples}"
+            )
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -65,11 +95,49 @@ class ModelConfig:
     name: str = "mlp"
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def check(self) -> None:
+        """Checks that `name` is a registered model and `options` are fields of its module.
+
+        Raises:
+          ConfigError: an unknown model or option, an option of the wrong type, or a
+            non-finite float option.
+        """
+        _check_field_types(self, "model")
+        fields = _model_fields(self.name)
+        for option, value in self.options.items():
+            key = f"model.{option}"
+            if option not in fields:
+                raise ConfigError(
+                    f"{key}: expected one of the fields of model.name={self.name!r} "
+                    f"({', '.join(sorted(fields))}), got an unknown option {option!r}"
+                )
+            # Strict: `_coerce` would also turn the string "8" into 8, which set_value wants
+            # for the command line but a config built in Python should not need.
+            if _jsonable(_coerce(key, value, fields[option])) != _jsonable(value):
+                raise ConfigError(f"{key}: expected {_type_name(fields[option])}, got {value!r}")
+            _check_finite(key, value)
+
 
 @dataclasses.dataclass
 class LossConfig:
     name: str = "softmax_cross_entropy"  # softmax_cross_entropy | squared_error
     label_smoothing: float = 0.0  # softmax_cross_entropy only; 0 = hard labels
+
+    def check(self) -> None:
+        """Checks the `loss.*` values (the messages `losses.make_loss` gives).
+
+        Raises:
+          ConfigError: the first bad key, with what it expects and what it got.
+        """
+        _check_field_types(self, "loss")
+        if self.name not in losses.LOSSES:
+            raise ConfigError(
+                f"loss.name: expected one of {sorted(losses.LOSSES)}, got {self.name!r}"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"loss.label_smoothing: expected a float in [0, 1), got {self.label_smoothing}"
+            )
 
 
 @dataclasses.dataclass
@@ -86,6 +154,33 @@ class OptimConfig:
     weight_decay: float = 0.0  # decoupled for adamw, added to the gradient otherwise; skips
     #                            biases and normalisation scales
     grad_clip_norm: float = 0.0  # clip gradients to this global norm; 0 = off
+
+    def check(self) -> None:
+        """Checks the `optim.*` values (the messages `optim.make_optimizer` gives);
+        `optim.warmup_steps` against `train.steps` is `Config.validate`'s.
+
+        Raises:
+          ConfigError: the first bad key, with what it expects and what it got.
+        """
+        _check_field_types(self, "optim")
+        if self.name not in optim.OPTIMIZERS:
+            raise ConfigError(
+                f"optim.name: expected one of {list(optim.OPTIMIZERS)}, got {self.name!r}"
+            )
+        if self.schedule not in optim.SCHEDULES:
+            raise ConfigError(
+                f"optim.schedule: expected one of {list(optim.SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.learning_rate <= 0:
+            raise ConfigError(
+                f"optim.learning_rate: expected a positive float, got {self.learning_rate}"
+            )
+        for key, value in {
+            "optim.weight_decay": self.weight_decay,
+            "optim.grad_clip_norm": self.grad_clip_norm,
+        }.items():
+            if value < 0:
+                raise ConfigError(f"{key}: expected a float >= 0, got {value}")
 
 
 @dataclasses.dataclass
@@ -108,8 +203,6 @@ class TrainConfig:
     xla_cpu_ynn_fusions: str = "individual_dot,reduce"  # CPU: what XLA may hand to YNNPACK:
     #   a comma list of dot | eltwise | individual_convolution | individual_dot | reduce,
     #   none, or xla (XLA's default); convolutions stay XLA's (dlkit.parallel, performance.md)
-    xla_cpu_vector_width: int = 0  # CPU: SIMD bits XLA's own kernels prefer: 128 | 256 |
-    #   512; 0 = auto (512 on AMD CPUs with AVX-512, else XLA's 256); -1 = no option passed
     fast_dev_run: bool = False  # 1 train step, 1 eval batch, 1 checkpoint saved and restored,
     #   then stop (dlkit.debugging); into a temporary directory when there is no workdir
     overfit_batches: int = 0  # train (and evaluate) on the first N batches only, unshuffled;
@@ -128,6 +221,44 @@ class TrainConfig:
     scan_unroll: int = 0  # K > 1: steps per iteration of the compiled K-step loop; must
     #   divide K; 0 = auto: the largest divisor of K up to 10 (see dlkit.dispatch)
 
+    def check(self) -> None:
+        """Checks the `train.*` values on their own; the cadences against
+        `train.steps_per_dispatch` are `Config.validate`'s (one is `checkpoint.every_steps`).
+
+        Raises:
+          ConfigError: the first bad key, with what it expects and what it got.
+        """
+        _check_field_types(self, "train")
+        _check_positive({"train.steps": self.steps, "train.batch_size": self.batch_size})
+        _check_non_negative(
+            {
+                "train.log_every": self.log_every,
+                "train.eval_every": self.eval_every,
+                "train.eval_batch_size": self.eval_batch_size,
+                "train.overfit_batches": self.overfit_batches,
+            }
+        )
+        _check_choices({"train.nan_policy": (self.nan_policy, ("raise", "skip"))})
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError(
+                "train.max_consecutive_nonfinite: expected an int >= 1, got "
+                f"{self.max_consecutive_nonfinite}"
+            )
+        if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
+            raise ConfigError(
+                "train.loss_spike_factor: expected 0 (off) or a float > 1, got "
+                f"{self.loss_spike_factor}"
+            )
+        if self.grad_accum_steps < 1:
+            raise ConfigError(
+                f"train.grad_accum_steps: expected an int >= 1, got {self.grad_accum_steps}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(
+                f"train.ema_decay: expected a float in [0, 1) (0 = off), got {self.ema_decay}"
+            )
+        _check_dispatch(self)
+
 
 @dataclasses.dataclass
 class ParallelConfig:
@@ -139,6 +270,15 @@ class ParallelConfig:
     #   over the devices by their largest divisible dimension (jit only)
     fsdp_min_size: int = 1024  # fsdp: arrays with fewer elements than this stay replicated
     barrier_timeout_s: float = 600.0  # multi-host: how long a process waits for the others
+
+    def check(self) -> None:
+        """Checks the `parallel.*` value types; the choices need the devices and are
+        `dlkit.parallel`'s.
+
+        Raises:
+          ConfigError: a value of the wrong type or a non-finite float.
+        """
+        _check_field_types(self, "parallel")
 
 
 @dataclasses.dataclass
@@ -154,6 +294,20 @@ class CheckpointConfig:
     archive_mismatched: bool = False  # a workdir holding another experiment's checkpoints:
     #   False = refuse to start; True = move them to checkpoints.archived-<time>/ and start over
 
+    def check(self) -> None:
+        """Checks the `checkpoint.*` values on their own.
+
+        Raises:
+          ConfigError: the first bad key, with what it expects and what it got.
+        """
+        _check_field_types(self, "checkpoint")
+        _check_non_negative({"checkpoint.every_steps": self.every_steps})
+        _check_choices({"checkpoint.best_mode": (self.best_mode, ("min", "max"))})
+        if self.max_to_keep < 1:
+            raise ConfigError(
+                f"checkpoint.max_to_keep: expected an int >= 1, got {self.max_to_keep}"
+            )
+
 
 @dataclasses.dataclass
 class Config:
@@ -165,6 +319,26 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        """Checks every value that needs neither the data nor the devices: each section's
+        own `check()`, then the checks across sections. Call it before building a run, so a
+        bad value is an error before anything is loaded or compiled; `load_config` and
+        `apply_overrides` only check keys and types.
+
+        Raises:
+          ConfigError: the first bad key, with what it expects and what it got.
+        """
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name: expected a string, got {self.name!r}")
+        for section in ("data", "model", "loss", "optim", "train", "parallel", "checkpoint"):
+            getattr(self, section).check()
+        if not 0 <= self.optim.warmup_steps <= self.train.steps:
+            raise ConfigError(
+                f"optim.warmup_steps: expected an int in [0, train.steps={self.train.steps}], "
+                f"got {self.optim.warmup_steps}"
+            )
+        _check_cadences(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `model` is flattened to `{"name": ..., <option>: ...}`."""
@@ -198,8 +372,126 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-class ConfigError(ValueError):
-    """A bad key or value in a configuration or an override."""
+# Defined in dlkit.errors so the model registry can raise it without importing this module.
+ConfigError = errors.ConfigError
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: the checks behind `Config.validate` and the sections' `check()`.
+
+# `train.scan_unroll=0` picks the largest divisor of K up to this: XLA:CPU pays a fixed cost per
+# loop iteration, large next to a small model's step, while past about ten steps per iteration
+# the program outgrows the instruction cache and compiles for much longer
+# (docs/performance.md, "The MLP now").
+MAX_AUTO_SCAN_UNROLL = 10
+
+_SCALAR_TYPES = (bool, int, float, str)
+
+
+def _check_field_types(section: Any, prefix: str) -> None:
+    """Each field of a section dataclass holds a value of its annotated type; floats are finite.
+
+    `set_value` converts what it is given, but a config built in Python (an experiment's
+    `config()`, a notebook) is not converted, and a NaN passes every range check.
+    """
+    hints = typing.get_type_hints(type(section))
+    for field in dataclasses.fields(section):
+        key, value, typ = f"{prefix}.{field.name}", getattr(section, field.name), hints[field.name]
+        if typ not in _SCALAR_TYPES:
+            continue
+        if typ is bool and not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+        if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        if typ is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{key}: expected a float, got {value!r}")
+        if typ is str and not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        _check_finite(key, value)
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """A float (or a float in a list or tuple) must be finite: NaN or Inf in a learning rate,
+    a decay or a factor would turn every update into NaN or silently switch a feature off."""
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_finite(key, item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite float, got {value}")
+
+
+def _check_positive(values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: expected a positive int, got {value}")
+
+
+def _check_non_negative(values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected an int >= 0, got {value}")
+
+
+def _check_choices(values: dict[str, tuple[str, tuple[str, ...]]]) -> None:
+    for key, (value, allowed) in values.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {' | '.join(allowed)}, got {value!r}")
+
+
+def _check_dispatch(train: TrainConfig) -> None:
+    """`train.steps_per_dispatch` (K) and `train.scan_unroll` on their own and together."""
+    k, unroll = train.steps_per_dispatch, train.scan_unroll
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"train.steps_per_dispatch: expected an int >= 1, got {k!r}")
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0:
+        raise ConfigError(f"train.scan_unroll: expected an int >= 0 (0 = auto), got {unroll!r}")
+    if k > 1 and unroll and k % unroll:
+        raise ConfigError(
+            f"train.scan_unroll: expected a divisor of train.steps_per_dispatch={k}, got {unroll}"
+        )
+
+
+def _check_cadences(cfg: Config) -> None:
+    """With K steps per dispatch the loop sees only every Kth step, so every cadence and the
+    run's length must be multiples of K."""
+    k = cfg.train.steps_per_dispatch
+    if k == 1:
+        return
+    cadences = {
+        "train.steps": cfg.train.steps,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+    }
+    for key, value in cadences.items():
+        if value % k:
+            raise ConfigError(
+                f"{key}: expected a multiple of train.steps_per_dispatch={k} (the loop sees "
+                f"only every {k}th step), got {value}"
+            )
+
+
+def resolved_scan_unroll(train: TrainConfig) -> int:
+    """The optimizer steps per iteration of the compiled K-step loop.
+
+    `train.scan_unroll` when set; auto (0) is the largest divisor of K up to
+    `MAX_AUTO_SCAN_UNROLL`; 1 when K = 1 (there is no loop). A divisor of K, so that every
+    iteration is alike and the compute report's FLOPs per step stay exact.
+
+    Args:
+      train: the `train` section (only `steps_per_dispatch` and `scan_unroll` are read).
+    Returns:
+      The unroll, an int in [1, K].
+    Raises:
+      ConfigError: K not an int >= 1, or scan_unroll not an int >= 0 dividing K.
+    """
+    _check_dispatch(train)
+    k, unroll = train.steps_per_dispatch, train.scan_unroll
+    if k == 1:
+        return 1
+    if unroll:
+        return unroll
+    return max(d for d in range(1, min(k, MAX_AUTO_SCAN_UNROLL) + 1) if k % d == 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +502,6 @@ _SECTIONS = ("data", "loss", "optim", "train", "parallel", "checkpoint")
 
 def _model_fields(model_name: str) -> dict[str, Any]:
     """The configurable fields of the Flax module `model_name`, with their types."""
-    from dlkit import models  # imported here: config is read at the edges, models import flax
-
     module_cls = models.get_model_class(model_name)
     hints = typing.get_type_hints(module_cls)
     return {

@@ -70,3 +70,17 @@ def make_loss(name: str, *, label_smoothing: float = 0.0):
     if name == "squared_error":
         return SquaredError()
     raise ValueError(f"loss.name: expected one of {sorted(LOSSES)}, got {name!r}")
+
+
+def from_config(section):
+    """`make_loss` with the fields of a config's `loss` section (`cfg.loss`) as its arguments.
+
+    Read by attribute, so any object with `name` and `label_smoothing` works (this module does
+    not import the config).
+
+    Args:
+      section: the `loss` section.
+    Returns:
+      The loss object (`SoftmaxCrossEntropy` or `SquaredError`).
+    """
+    return make_loss(section.name, label_smoothing=section.label_smoothing)

@@ -36,10 +36,8 @@ def global_norm(tree, *, fold: bool | None = None) -> jax.Array:
     Folding: a leaf with a multiple of 8 x 64 elements is squared, viewed as 8 rows, and its
     rows are added pairwise (8 -> 4 -> 2 -> 1, elementwise) before the one reduction of what
     is left. XLA fuses the squares and the row additions into one vectorised pass, while
-    XLA:CPU reduces an array to a scalar in a much slower loop (a reduce-window: about 6 us
-    per 65,536 floats on 2 AMD EPYC cores), so the reduction left is 8 times smaller. The
-    bench MLP's train step ran 4-10% faster at 50 steps per call and 3-6% at one
-    (docs/performance.md).
+    XLA:CPU reduces an array to a scalar in a much slower loop (a reduce-window), so the
+    reduction left is 8 times smaller (figures: docs/performance.md, "Gradient norm").
 
     Args:
       tree: a pytree of arrays (e.g. gradients).
@@ -202,3 +200,31 @@ def make_optimizer(
         else:
             parts.append(optax.adam(lr, b1=b1, b2=b2, eps=eps))
     return optax.chain(*parts), lr
+
+
+def from_config(section, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """`make_optimizer` with the fields of a config's `optim` section as its arguments.
+
+    Read by attribute, so any object with the fields of `dlkit.config.OptimConfig` works (this
+    module does not import the config).
+
+    Args:
+      section: the `optim` section (`cfg.optim`).
+      total_steps: the run's length (`cfg.train.steps`); the decays end there.
+    Returns:
+      (tx, schedule), as `make_optimizer` returns them.
+    """
+    return make_optimizer(
+        section.name,
+        section.learning_rate,
+        total_steps=total_steps,
+        schedule=section.schedule,
+        warmup_steps=section.warmup_steps,
+        end_learning_rate_factor=section.end_learning_rate_factor,
+        momentum=section.momentum,
+        b1=section.b1,
+        b2=section.b2,
+        eps=section.eps,
+        weight_decay=section.weight_decay,
+        grad_clip_norm=section.grad_clip_norm,
+    )

@@ -2,11 +2,9 @@
 
 Command:   dlkit train digits_mlp            (or just `dlkit train`)
 Hardware:  2 CPU cores, no accelerator.
-Runtime:   7.8 s wall for 2000 steps on 2026-12-01 (2-core Intel Xeon; 7.6 s on a second run),
-           compilation, the compute report's one-off CPU peak measurement and 4 evaluations
-           included (~840 steps/s once compiled); measured with
-           `/usr/bin/time dlkit train digits_mlp --no-progress`. Earlier sessions measured
-           8.7-10.2 s on a 2-core AMD EPYC, before the CPU host feed.
+Runtime:   7.6-7.8 s wall for 2000 steps on a 2-core Intel Xeon, compilation, the compute
+           report's one-off CPU peak measurement and 4 evaluations included (~840 steps/s once
+           compiled), with `/usr/bin/time dlkit train digits_mlp --no-progress`.
 Result:    98.06% test accuracy (353/360), eval loss 0.065, seed 0; bitwise the same on a rerun.
 Data:      sklearn.datasets.load_digits, 1437 train / 360 held-out test (stratified, seed 0).
 """

@@ -3,18 +3,13 @@
 Command:   dlkit train fashion_mnist_cnn
 Hardware:  2 CPU cores, no accelerator.
 Runtime:   1 min 46 s wall (105.5 s) for 3750 steps, compilation, the compute report and 3
-           evaluations included, ~36-41 steps/s; measured on 2026-12-01 on a 2-core AMD EPYC
-           (AVX-512) with `/usr/bin/time -v dlkit train fashion_mnist_cnn --no-progress`, after
-           dlkit stopped handing convolutions to XLA:CPU's YNNPACK library
-           (`train.xla_cpu_ynn_fusions`, docs/performance.md): on the same machine that change
-           took the logged rate from 25-28 to ~41 steps/s. Earlier sessions: 4 min 51 s (~13.5
-           steps/s) on a 2-core Intel Xeon, 3 min 47 s there with
-           `--set model.conv_impl=matmul_grad`; 4 min 31 s on a 2-core AMD EPYC.
+           evaluations included, ~36-41 steps/s, on a 2-core AMD EPYC (AVX-512) with
+           `/usr/bin/time -v dlkit train fashion_mnist_cnn --no-progress`. Convolutions stay
+           XLA's own rather than YNNPACK's (`train.xla_cpu_ynn_fusions`); other CPUs and
+           `model.conv_impl` settings: docs/performance.md, "fashion_mnist_cnn on other CPUs".
 Result:    92.57% test accuracy (eval loss 0.2133), seed 0; 90.50%/92.09%/92.57% at steps
-           1250/2500/3750 (the 2026-12-01 run above). With XLA's YNNPACK convolutions (other
-           float rounding) the recorded result was 92.38% (eval loss 0.216; 90.57%/91.91%/
-           92.38%), the same in three separate runs; with model.conv_impl=matmul_grad 90.30%/
-           92.17%/92.48%.
+           1250/2500/3750 (the run above). Other compile settings round floats differently
+           and land within a few tenths (docs/performance.md, same section).
 Data:      the standard IDX files (Debian: `apt-get install dataset-fashion-mnist`, installed under
            /usr/share/datasets/fashion-mnist; or set DLKIT_DATA_DIR / --set data.data_dir=DIR).
            60,000 train / 10,000 official test images, 28x28 grey.

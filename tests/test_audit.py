@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dlkit
-from dlkit.data import audit, sources
+from dlkit.data import audit, datasets, sources
 from dlkit.data.validate import DataError
 from tests.conftest import tiny_digits_config
 
@@ -100,7 +100,7 @@ def test_token_sequences_skip_what_does_not_apply():
 
 
 def _leaky_eval():
-    train = sources.load_dataset("digits", "train")
+    train = datasets.load_dataset("digits", "train")
     leaked = sources.ArraySource(**{k: v[:20] for k, v in train.arrays.items()})
     return train, leaked
 

@@ -1,6 +1,7 @@
 """Tests for dlkit.config: loading experiments, typed `--set` overrides and JSON round trips."""
 
 import ast
+import dataclasses
 import json
 import pathlib
 
@@ -283,3 +284,228 @@ def test_missing_name_lists_known_experiments():
         dlkit.load_config("no_such_experiment")
     assert "no_such_experiment" in str(info.value)
     assert "digits_mlp" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Config.validate: the checks that need neither the data nor the devices.
+
+
+def _with(**values):
+    """A default Config with `values` ({"train.steps": 0, ...}) set as they are, unconverted,
+    the way an experiment's config() or a notebook sets them."""
+    cfg = dlkit.Config()
+    for key, value in values.items():
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+def test_defaults_and_every_experiment_validate():
+    dlkit.Config().validate()
+    for name, _ in dlkit.list_experiments():
+        dlkit.load_config(name).validate()
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"train.steps": 0}, r"train.steps: expected a positive int, got 0"),
+        ({"train.batch_size": -8}, r"train.batch_size: expected a positive int, got -8"),
+        (
+            {"data.audit_max_examples": 0},
+            r"data.audit_max_examples: expected a positive int, got 0",
+        ),
+        ({"train.log_every": -1}, r"train.log_every: expected an int >= 0, got -1"),
+        ({"train.eval_every": -1}, r"train.eval_every: expected an int >= 0, got -1"),
+        ({"train.eval_batch_size": -2}, r"train.eval_batch_size: expected an int >= 0, got -2"),
+        ({"checkpoint.every_steps": -1}, r"checkpoint.every_steps: expected an int >= 0, got -1"),
+        ({"train.overfit_batches": -1}, r"train.overfit_batches: expected an int >= 0, got -1"),
+        ({"data.prefetch": -2}, r"data.prefetch: expected an int >= 0, or -1 \(auto\), got -2"),
+        ({"train.nan_policy": "ignore"}, r"train.nan_policy: expected one of raise \| skip, got"),
+        ({"checkpoint.best_mode": "up"}, r"checkpoint.best_mode: expected one of min \| max"),
+        ({"data.last_batch": "keep"}, r"data.last_batch: expected one of drop \| pad, got 'keep'"),
+        ({"data.validate": "yes"}, r"data.validate: expected one of error \| warn \| off"),
+        ({"data.audit": "strict"}, r"data.audit: expected one of warn \| fail \| off"),
+        (
+            {"train.max_consecutive_nonfinite": 0},
+            r"train.max_consecutive_nonfinite: expected an int >= 1, got 0",
+        ),
+        (
+            {"train.loss_spike_factor": 0.5},
+            r"train.loss_spike_factor: expected 0 \(off\) or a float > 1, got 0.5",
+        ),
+        ({"train.grad_accum_steps": 0}, r"train.grad_accum_steps: expected an int >= 1, got 0"),
+        ({"train.ema_decay": 1.0}, r"train.ema_decay: expected a float in \[0, 1\).*got 1.0"),
+        (
+            {"data.validation_examples": -1},
+            r"data.validation_examples: expected an int >= 0 \(0 = none\), got -1",
+        ),
+        (
+            {"data.train_examples": -1},
+            r"data.train_examples: expected an int >= 0 \(0 = all\), got -1",
+        ),
+        ({"checkpoint.max_to_keep": 0}, r"checkpoint.max_to_keep: expected an int >= 1, got 0"),
+        (
+            {"optim.name": "adamax"},
+            r"optim.name: expected one of \['sgd', 'momentum', 'adam', 'adamw'\], got 'adamax'",
+        ),
+        ({"optim.schedule": "step"}, r"optim.schedule: expected one of .*got 'step'"),
+        ({"optim.learning_rate": 0.0}, r"optim.learning_rate: expected a positive float, got 0"),
+        ({"optim.weight_decay": -0.1}, r"optim.weight_decay: expected a float >= 0, got -0.1"),
+        ({"optim.grad_clip_norm": -1.0}, r"optim.grad_clip_norm: expected a float >= 0"),
+        (
+            {"optim.warmup_steps": 50, "train.steps": 12},
+            r"optim.warmup_steps: expected an int in \[0, train.steps=12\], got 50",
+        ),
+        ({"loss.name": "hinge"}, r"loss.name: expected one of \[.*\], got 'hinge'"),
+        (
+            {"loss.label_smoothing": 1.5},
+            r"loss.label_smoothing: expected a float in \[0, 1\), got 1.5",
+        ),
+        ({"model.name": "nope"}, r"model.name: expected one of \[.*'mlp'.*\], got 'nope'"),
+        # Types: a config built in Python is not converted by set_value.
+        ({"train.steps": "5"}, r"train.steps: expected an int, got '5'"),
+        ({"train.steps": True}, r"train.steps: expected an int, got True"),
+        ({"optim.learning_rate": "fast"}, r"optim.learning_rate: expected a float, got 'fast'"),
+        ({"data.shuffle": 1}, r"data.shuffle: expected a bool \(true/false\), got 1"),
+        ({"parallel.strategy": 3}, r"parallel.strategy: expected a string, got 3"),
+    ],
+)
+def test_validate_names_the_key_the_expected_and_the_received(values, message):
+    cfg = _with(**values)
+    with pytest.raises(dlkit.ConfigError, match=message):
+        cfg.validate()
+
+
+def _float_keys():
+    cfg = dlkit.Config()
+    return [
+        f"{section}.{f.name}"
+        for section in ("data", "loss", "optim", "train", "parallel", "checkpoint")
+        for f in dataclasses.fields(getattr(cfg, section))
+        if f.type in (float, "float")
+    ]
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_non_finite_floats_are_refused(key, text):
+    cfg = dlkit.apply_overrides(dlkit.Config(), [f"{key}={text}"])  # accepted: a float
+    with pytest.raises(dlkit.ConfigError, match=rf"{key}: expected a finite float, got {text}"):
+        cfg.validate()
+
+
+def test_non_finite_learning_rate_from_the_command_line_is_refused_by_validate():
+    cfg = dlkit.load_config("digits_mlp", overrides=["optim.learning_rate=nan"])
+    assert cfg.optim.learning_rate != cfg.optim.learning_rate  # loading does not validate
+    with pytest.raises(dlkit.ConfigError, match=r"optim.learning_rate: .*finite.*got nan"):
+        cfg.validate()
+
+
+def test_non_finite_and_unknown_model_options_are_refused():
+    cfg = dlkit.load_config("digits_mlp", overrides=["model.dropout_rate=inf"])
+    with pytest.raises(dlkit.ConfigError, match=r"model.dropout_rate: .*finite.*got inf"):
+        cfg.validate()
+    cfg = dlkit.Config()
+    cfg.model.options = {"hidden_sizez": (8,)}
+    with pytest.raises(dlkit.ConfigError, match=r"model.hidden_sizez: expected one of .*mlp"):
+        cfg.validate()
+    cfg.model.options = {"hidden_sizes": ("8",)}
+    with pytest.raises(
+        dlkit.ConfigError, match=r"model.hidden_sizes: expected tuple.*got \('8',\)"
+    ):
+        cfg.validate()
+
+
+def test_load_config_leaves_value_checks_to_validate():
+    cfg = dlkit.load_config("digits_mlp", overrides=["train.steps=0"])
+    assert cfg.train.steps == 0
+    with pytest.raises(dlkit.ConfigError, match=r"train.steps: expected a positive int, got 0"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("train.log_every", 3),
+        ("train.eval_every", 5),
+        ("checkpoint.every_steps", 9),
+        ("train.steps", 13),
+    ],
+)
+def test_cadences_must_be_multiples_of_steps_per_dispatch(key, value):
+    cfg = _with(
+        **{
+            "train.steps_per_dispatch": 2,
+            "train.steps": 12,
+            "train.log_every": 2,
+            "train.eval_every": 4,
+            "checkpoint.every_steps": 6,
+            key: value,
+        }
+    )
+    with pytest.raises(
+        dlkit.ConfigError, match=rf"{key}: expected a multiple of .*=2.*got {value}"
+    ):
+        cfg.validate()
+    setattr(
+        getattr(cfg, key.split(".")[0]), key.split(".")[1], 2 * 7 if key == "train.steps" else 2
+    )
+    cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"train.steps_per_dispatch": 0}, r"train.steps_per_dispatch: expected an int >= 1, got 0"),
+        (
+            {"train.scan_unroll": -1},
+            r"train.scan_unroll: expected an int >= 0 \(0 = auto\), got -1",
+        ),
+        (
+            {"train.steps_per_dispatch": 2, "train.scan_unroll": 3},
+            r"train.scan_unroll: expected a divisor of train.steps_per_dispatch=2, got 3",
+        ),
+    ],
+)
+def test_bad_steps_per_dispatch_or_scan_unroll(values, message):
+    cfg = _with(
+        **{
+            "train.steps": 12,
+            "train.log_every": 2,
+            "train.eval_every": 4,
+            "checkpoint.every_steps": 4,
+            **values,
+        }
+    )
+    with pytest.raises(dlkit.ConfigError, match=message):
+        cfg.validate()
+    with pytest.raises(dlkit.ConfigError, match=message):
+        config.resolved_scan_unroll(cfg.train)
+
+
+@pytest.mark.parametrize(
+    "k,unroll,expected",
+    [
+        (1, 0, 1),
+        (1, 5, 1),
+        (2, 0, 2),
+        (7, 0, 7),
+        (10, 0, 10),
+        (12, 0, 6),
+        (50, 0, 10),
+        (13, 0, 1),
+        (50, 25, 25),
+        (4, 1, 1),
+    ],
+)
+def test_resolved_scan_unroll(k, unroll, expected):
+    train = config.TrainConfig(steps_per_dispatch=k, scan_unroll=unroll)
+    assert config.resolved_scan_unroll(train) == expected
+
+
+@pytest.mark.parametrize("key", ["train.xla_cpu_vector_width", "data.on_device"])
+def test_removed_cpu_knobs_are_unknown_keys(key):
+    with pytest.raises(dlkit.ConfigError, match=rf"unknown config key '{key}'"):
+        dlkit.apply_overrides(dlkit.Config(), [f"{key}=1"])
+    assert "train.xla_cpu_ynn_fusions" in config.valid_keys(dlkit.Config())

@@ -8,14 +8,14 @@ import pytest
 
 import dlkit
 from dlkit import cli
-from dlkit.data import sources
+from dlkit.data import datasets, sources
 from tests.conftest import tiny_digits_config
 
 
 def _eval_with_nan_after_first_batch():
     """Digits test split whose examples after the first 32 are NaN: an eval of more than one
     batch of 32 has a NaN loss."""
-    test = sources.load_dataset("digits", "test")
+    test = datasets.load_dataset("digits", "test")
     x = np.array(test.arrays["inputs"])
     x[32:] = np.nan
     return sources.ArraySource(inputs=x, labels=test.arrays["labels"])
@@ -71,7 +71,7 @@ def test_overfit_batches_memorises_the_batches(tmp_path):
     assert len(c.train_source) == len(c.eval_source) == 64  # 2 batches of 32
     assert np.array_equal(
         c.train_source.arrays["labels"],
-        sources.load_dataset("digits", "train").arrays["labels"][:64],
+        datasets.load_dataset("digits", "train").arrays["labels"][:64],
     )
     result = dlkit.fit(cfg, tmp_path)
     last = result.history[-1]

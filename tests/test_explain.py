@@ -13,7 +13,7 @@ from conftest import tiny_digits_config, ynn_fusions
 
 import dlkit
 from dlkit import explain
-from dlkit.data import sources
+from dlkit.data import datasets, sources
 from dlkit.models import vit as vit_lib
 
 
@@ -38,7 +38,7 @@ def _fashion_config(seed: int = 0) -> dlkit.Config:
 @pytest.fixture(scope="module")
 def fashion():
     """(Explainer of a trained CNN, 64 test images (64, 28, 28, 1), their eval accuracy)."""
-    test = sources.load_dataset("fashion_mnist", "test").arrays
+    test = datasets.load_dataset("fashion_mnist", "test").arrays
     held_out = sources.ArraySource(inputs=test["inputs"][:500], labels=test["labels"][:500])
     result = dlkit.fit(_fashion_config(), eval_source=held_out)
     x = np.array(test["inputs"][500:564])
@@ -212,7 +212,7 @@ def digits_run(tmp_path_factory):
 
 def test_from_workdir_matches_from_state(digits_run):
     workdir, result = digits_run
-    x = sources.load_dataset("digits", "test").arrays["inputs"][:4]
+    x = datasets.load_dataset("digits", "test").arrays["inputs"][:4]
     from_state = explain.Explainer.from_state(result.state)
     from_disk = explain.Explainer.from_workdir(workdir)
     np.testing.assert_allclose(from_disk.saliency(x), from_state.saliency(x), rtol=1e-6)

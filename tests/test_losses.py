@@ -120,3 +120,13 @@ def test_make_loss_rejects_bad_label_smoothing(value):
 def test_make_loss_accepts_label_smoothing_range_ends():
     assert losses.make_loss("softmax_cross_entropy", label_smoothing=0.0).label_smoothing == 0.0
     assert losses.make_loss("softmax_cross_entropy", label_smoothing=0.99).label_smoothing == 0.99
+
+
+def test_from_config_reads_name_and_label_smoothing():
+    from dlkit import config
+
+    loss = losses.from_config(config.LossConfig(label_smoothing=0.1))
+    assert loss == losses.SoftmaxCrossEntropy(label_smoothing=0.1)
+    assert losses.from_config(config.LossConfig(name="squared_error")) == losses.SquaredError()
+    with pytest.raises(ValueError, match="loss.name"):
+        losses.from_config(config.LossConfig(name="hinge"))

@@ -261,3 +261,11 @@ def test_max_pool_2x2_derivatives_share_ties_like_jax():
     _, jvp_got = jax.jvp(models.cnn.max_pool_2x2, (x,), (tangent,))
     _, jvp_want = jax.jvp(reference, (x,), (tangent,))
     np.testing.assert_allclose(np.asarray(jvp_got), np.asarray(jvp_want), rtol=1e-6, atol=1e-7)
+
+
+def test_from_config_builds_the_named_module_with_its_options():
+    cfg = dlkit.load_config("digits_mlp", overrides=["model.hidden_sizes=16,8"])
+    module = models.from_config(cfg.model)
+    assert module == models.MLP(hidden_sizes=(16, 8), dropout_rate=0.2, num_classes=10)
+    cfg = dlkit.apply_overrides(dlkit.Config(), ["model.name=cnn", "model.features=4,8"])
+    assert models.from_config(cfg.model) == models.CNN(features=(4, 8))

@@ -367,3 +367,45 @@ def test_clipping_reuses_the_step_norm():
     clipped = reductions(lambda g: (optim.global_norm(g), tx.update(g, state, g)[0]))
     assert alone > 0
     assert clipped == alone
+
+
+def test_from_config_passes_every_field_of_the_section():
+    from dlkit import config
+
+    section = config.OptimConfig(
+        name="momentum",
+        learning_rate=0.5,
+        schedule="warmup_linear",
+        warmup_steps=4,
+        end_learning_rate_factor=0.1,
+        momentum=0.8,
+        weight_decay=0.01,
+        grad_clip_norm=1.0,
+    )
+    tx, schedule = optim.from_config(section, total_steps=20)
+    _, expected_schedule = optim.make_optimizer(
+        "momentum",
+        0.5,
+        total_steps=20,
+        schedule="warmup_linear",
+        warmup_steps=4,
+        end_learning_rate_factor=0.1,
+    )
+    for step in (0, 2, 4, 12, 20):
+        assert _lr(schedule, step) == _lr(expected_schedule, step)
+    np.testing.assert_allclose(_lr(schedule, 20), 0.05, rtol=1e-6)
+    params = {"w": jnp.ones((2, 2))}
+    grads = {"w": jnp.full((2, 2), 10.0)}  # global norm 20: clipped to 1
+    expected_tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.add_decayed_weights(0.01),
+        optax.sgd(expected_schedule, momentum=0.8),
+    )
+    got_state, want_state = tx.init(params), expected_tx.init(params)
+    for _ in range(6):  # past the warm-up, with momentum carried over
+        got, got_state = tx.update(grads, got_state, params)
+        want, want_state = expected_tx.update(grads, want_state, params)
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+    assert float(jnp.abs(got["w"]).max()) > 0
+    with pytest.raises(ValueError, match="optim.name"):
+        optim.from_config(config.OptimConfig(name="adamax"), total_steps=20)

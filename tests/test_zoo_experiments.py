@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dlkit
-from dlkit.data import sources
+from dlkit.data import datasets, sources
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -25,8 +25,8 @@ def _subset(source, n: int) -> sources.ArraySource:
 
 @pytest.fixture(scope="module")
 def fashion_small():
-    train = sources.load_dataset("fashion_mnist", "train")
-    test = sources.load_dataset("fashion_mnist", "test")
+    train = datasets.load_dataset("fashion_mnist", "train")
+    test = datasets.load_dataset("fashion_mnist", "test")
     return _subset(train, 2048), _subset(test, 500)
 
 

@@ -18,19 +18,21 @@ Usage::
         ...                                             # weight per-example results by mask
 """
 
+from dlkit.data.datasets import (
+    DATASETS,
+    available_datasets,
+    dataset_info,
+    load_dataset,
+    read_idx,
+)
 from dlkit.data.loader import Loader, stacked
 from dlkit.data.prefetch import Prefetcher, prefetch
 from dlkit.data.sources import (
-    DATASETS,
     ArraySource,
     IndexSource,
     Subset,
-    available_datasets,
-    dataset_info,
     get_batch,
     in_memory_arrays,
-    load_dataset,
-    read_idx,
 )
 
 __all__ = [

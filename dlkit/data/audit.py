@@ -1,8 +1,8 @@
 """Data audit: duplicates, train/eval leakage, conflicting labels, balance, NaN/Inf, ranges.
 
-    from dlkit.data import audit, sources
-    report = audit.audit_datasets(sources.load_dataset("fashion_mnist", "train"),
-                                  sources.load_dataset("fashion_mnist", "test"))
+    from dlkit.data import audit, datasets
+    report = audit.audit_datasets(datasets.load_dataset("fashion_mnist", "train"),
+                                  datasets.load_dataset("fashion_mnist", "test"))
     print(report.format())          # readable summary with counts and example indices
     report.to_dict()                # JSON-ready (what `dlkit audit --json` and audit.json hold)
     [i.check for i in report.issues if i.severity == "error"]   # e.g. ["leakage"]

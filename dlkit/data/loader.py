@@ -8,15 +8,15 @@ multi-process training gives every process its own contiguous slice of the same 
 Usage::
 
     import numpy as np
-    from dlkit.data import loader, sources
+    from dlkit.data import datasets, loader
 
-    train = sources.load_dataset("digits", "train")
+    train = datasets.load_dataset("digits", "train")
     it = loader.Loader(train, batch_size=32, seed=0)          # infinite, shuffled, drop
     batch = next(it)      # {'inputs': (32, 8, 8, 1) f32, 'labels': (32,) i32, 'mask': (32,) f32}
     state = it.state_dict()                                    # {'position': 1}
 
     # Evaluation: every example exactly once, fixed shapes; weight per-example results by mask.
-    test = sources.load_dataset("digits", "test")
+    test = datasets.load_dataset("digits", "test")
     for batch in loader.Loader(test, 100, shuffle=False, last_batch="pad").iter_epoch(0):
         ...
 
@@ -245,8 +245,8 @@ class Loader:
         """Global batches ``position .. position + k - 1`` of this process, stacked; does not
         move the loader. The same arrays as stacking ``k`` calls of :meth:`batch_at` (tested),
         for ``train.steps_per_dispatch``. When the k batches are whole and in one epoch they
-        are one contiguous run of the epoch's order, read with one ``get_batch`` call: 290
-        against 456 us per 50 bench-MLP batches of 128 (no per-batch calls, no stacking copy).
+        are one contiguous run of the epoch's order, read with one ``get_batch`` call: no
+        per-batch calls and no stacking copy.
 
         Args:
             position: non-negative int.

@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from dlkit import errors
 from dlkit.models.audio import AudioClassifier
 from dlkit.models.cnn import CNN
 from dlkit.models.mlp import MLP
@@ -37,6 +38,7 @@ __all__ = [
     "ResNet",
     "TransformerLM",
     "build",
+    "from_config",
     "get_model_class",
     "register",
 ]
@@ -50,12 +52,24 @@ def register(name: str, module_cls: type[nn.Module]) -> None:
 def get_model_class(name: str) -> type[nn.Module]:
     """The module class registered under `name`."""
     if name not in REGISTRY:
-        from dlkit.config import ConfigError
-
-        raise ConfigError(f"model.name: expected one of {sorted(REGISTRY)}, got {name!r}")
+        raise errors.ConfigError(f"model.name: expected one of {sorted(REGISTRY)}, got {name!r}")
     return REGISTRY[name]
 
 
 def build(name: str, **options: Any) -> nn.Module:
     """Instantiates the module `name` with `options` as its fields."""
     return get_model_class(name)(**options)
+
+
+def from_config(section) -> nn.Module:
+    """The module a config's `model` section (`cfg.model`) names, with its options as fields.
+
+    Read by attribute, so any object with `name` and `options` works (this package does not
+    import the config).
+
+    Args:
+      section: the `model` section: `name` (a registered model) and `options` (its fields).
+    Returns:
+      The Flax module, `build(section.name, **section.options)`.
+    """
+    return build(section.name, **section.options)

@@ -19,16 +19,14 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, and the same derivatives as
     JAX's own for a max over each window (tied maxima share the gradient equally).
-    - Not `nn.max_pool`: on XLA:CPU its gradient lowers to select-and-scatter, which took 50
-      of 86 ms of a small CNN's training step on 2 cores (issue 8's measurements).
-    - Not a reshape to (B, H/2, 2, W/2, 2, C) and a max either: XLA:CPU's reductions over
-      those split axes, and their derivative's, cost ~19 of 51 ms of the zoo CNN's step
-      (profiled).
-    The four strided views and a custom JVP (`_max_pool_jvp`) keep every pass elementwise:
-    the zoo CNN's step ran 7% faster (13.2 -> 14.2 steps/s with conv_impl=xla, 17.5 -> 18.6
-    with matmul_grad; 6 alternating repeats). Being a JVP rule, it keeps forward-mode
-    autodiff (jvp, jacfwd, Hessian-vector products) as well as gradients. Odd trailing rows
-    and columns are dropped, as VALID does.
+    - Not `nn.max_pool`: on XLA:CPU its gradient lowers to select-and-scatter, a slow
+      scattering loop that dominated a small CNN's training step.
+    - Not a reshape to (B, H/2, 2, W/2, 2, C) and a max either: XLA:CPU reduces over those
+      split axes, and their derivative, in loops rather than vectorised elementwise code.
+    The four strided views and a custom JVP (`_max_pool_jvp`) keep every pass elementwise,
+    which XLA fuses and vectorises (figures: docs/performance.md, "Max pooling"). Being a JVP
+    rule, it keeps forward-mode autodiff (jvp, jacfwd, Hessian-vector products) as well as
+    gradients. Odd trailing rows and columns are dropped, as VALID does.
 
     Args:
       x: (B, H, W, C).
@@ -77,8 +75,8 @@ class CNN(nn.Module):
     remat: bool = False  # recompute each conv block's activations in the backward pass
     conv_impl: str = "xla"  # xla (lax.conv_general_dilated) | patches (patch extraction +
     #                         one matmul) | matmul_grad (patches, kernel gradient as one
-    #                         matmul: 1.28x the training step of xla on XLA:CPU); the same
-    #                         function each way: dlkit/models/conv.py, docs/performance.md
+    #                         matmul); the same function each way, which is fastest depends
+    #                         on the CPU: dlkit/models/conv.py, docs/performance.md
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

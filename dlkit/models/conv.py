@@ -4,17 +4,17 @@
 
 Every variant is the same function as `jax.lax.conv_general_dilated` (same params, outputs and
 gradients, to float rounding; tests/test_models.py checks both). They differ in how XLA runs
-them, which matters on XLA:CPU, where the gradients of a convolution were the slowest part of
-a small CNN's training step (measured on 2 cores, batch 128, the zoo CNN's 14x14x32 -> 64
-3x3 convolution: forward 4.7 ms, input gradient 18 ms, kernel gradient 40 ms):
+them, which matters on XLA:CPU, where the gradients of a convolution (the kernel gradient
+most) can be the slowest part of a small CNN's training step (figures per layer and per
+variant: docs/performance.md, "Convolution variants"):
 
 - "xla": `lax.conv_general_dilated`; XLA differentiates it into two more convolutions.
 - "patches": the kh*kw shifted views concatenated on channels, then one matmul; its gradient
-  is XLA's transpose of the slicing (slow for the input gradient: 28 ms).
+  is XLA's transpose of the slicing, slow for the input gradient.
 - "matmul_grad": the forward of "patches" with a custom VJP: the kernel gradient is the patch
-  matrix (kept from the forward) transposed times the output gradient, one long matmul
-  (14-16 ms instead of XLA's 38-40 ms on that layer), and the input gradient is XLA's own
-  (16 ms, against 28 ms for the transpose of the patch slicing).
+  matrix (kept from the forward) transposed times the output gradient, one long matmul that
+  a CPU runs at its matmul speed, and the input gradient is XLA's own transpose of the
+  convolution, faster than the transpose of the patch slicing.
 
 "matmul_grad" and "patches" handle stride-1, undilated, ungrouped convolutions on NHWC inputs
 and HWIO kernels (what `nn.Conv` passes for such layers), with any padding; anything else falls
@@ -155,12 +155,12 @@ def _conv_bwd(padding, precision, preferred_element_type, residuals, g):
     # d rhs[u, v, c, o] = sum_{b,i,j} xpad[b, i+u, j+v, c] g[b, i, j, o]: one matmul whose
     # contraction runs over every output position.
     # Written as g^T @ patches: XLA then transposes g (B*H'*W' x O) rather than the patch
-    # matrix, which is kh*kw*C/O times larger (7.6 ms of a 55 ms CNN step, profiled).
+    # matrix, which is kh*kw*C/O times larger and whose transpose XLA would materialise.
     d_rhs = jnp.einsum("bhwo,bhwk->ok", g, patches, precision=precision).T  # (kh*kw*C, O)
     d_rhs = d_rhs.reshape(kh, kw, c, o).astype(rhs.dtype)
-    # d lhs: XLA's own transpose of the convolution (16 ms on the layer above, against 28 ms
-    # for the transpose of the patch slicing, and 17-24 ms for a forward conv with the
-    # flipped kernel or one matmul + col2im: all measured).
+    # d lhs: XLA's own transpose of the convolution, the fastest of the ways tried (the
+    # transpose of the patch slicing, a forward conv with the flipped kernel, one matmul +
+    # col2im: docs/performance.md, "Convolution variants").
     _, conv_vjp = jax.vjp(lambda x: _conv(x, rhs, padding, precision, None), lhs)
     (d_lhs,) = conv_vjp(g)
     return d_lhs, d_rhs
