@@ -176,76 +176,6 @@ class Components:
         return _metrics_shape(step, state, self.eval_source)
 
 
-def _check_config(cfg: config_lib.Config) -> None:
-    """Errors a user can cause, raised before anything is compiled."""
-    positive = {
-        "train.steps": cfg.train.steps,
-        "train.batch_size": cfg.train.batch_size,
-        "data.audit_max_examples": cfg.data.audit_max_examples,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise config_lib.ConfigError(f"{key}: expected a positive int, got {value}")
-    non_negative = {
-        "train.log_every": cfg.train.log_every,
-        "train.eval_every": cfg.train.eval_every,
-        "train.eval_batch_size": cfg.train.eval_batch_size,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "train.overfit_batches": cfg.train.overfit_batches,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise config_lib.ConfigError(f"{key}: expected an int >= 0, got {value}")
-    if cfg.data.prefetch < -1:
-        raise config_lib.ConfigError(
-            f"data.prefetch: expected an int >= 0, or -1 (auto), got {cfg.data.prefetch}"
-        )
-    choices = {
-        "train.nan_policy": (cfg.train.nan_policy, ("raise", "skip")),
-        "checkpoint.best_mode": (cfg.checkpoint.best_mode, ("min", "max")),
-        "data.last_batch": (cfg.data.last_batch, ("drop", "pad")),
-        "data.validate": (cfg.data.validate, ("error", "warn", "off")),
-        "data.audit": (cfg.data.audit, ("warn", "fail", "off")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise config_lib.ConfigError(
-                f"{key}: expected one of {' | '.join(allowed)}, got {value!r}"
-            )
-    if cfg.train.max_consecutive_nonfinite < 1:
-        raise config_lib.ConfigError(
-            "train.max_consecutive_nonfinite: expected an int >= 1, got "
-            f"{cfg.train.max_consecutive_nonfinite}"
-        )
-    if cfg.train.loss_spike_factor != 0 and cfg.train.loss_spike_factor <= 1:
-        raise config_lib.ConfigError(
-            "train.loss_spike_factor: expected 0 (off) or a float > 1, got "
-            f"{cfg.train.loss_spike_factor}"
-        )
-    if cfg.train.grad_accum_steps < 1:
-        raise config_lib.ConfigError(
-            f"train.grad_accum_steps: expected an int >= 1, got {cfg.train.grad_accum_steps}"
-        )
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise config_lib.ConfigError(
-            f"train.ema_decay: expected a float in [0, 1) (0 = off), got {cfg.train.ema_decay}"
-        )
-    if cfg.data.validation_examples < 0:
-        raise config_lib.ConfigError(
-            "data.validation_examples: expected an int >= 0 (0 = none), got "
-            f"{cfg.data.validation_examples}"
-        )
-    if cfg.data.train_examples < 0:
-        raise config_lib.ConfigError(
-            f"data.train_examples: expected an int >= 0 (0 = all), got {cfg.data.train_examples}"
-        )
-    if cfg.checkpoint.max_to_keep < 1:
-        raise config_lib.ConfigError(
-            f"checkpoint.max_to_keep: expected an int >= 1, got {cfg.checkpoint.max_to_keep}"
-        )
-    check_steps_per_dispatch(cfg)
-
-
 def compiler_options(cfg: config_lib.Config) -> dict[str, str]:
     """The XLA:CPU options of `train.xla_cpu_ynn_fusions`; a ConfigError if malformed."""
     try:
@@ -273,19 +203,19 @@ def build(
     Raises:
       ConfigError: a setting that cannot work, before anything is compiled.
     """
-    _check_config(cfg)
+    cfg.validate()
     policy = precision.get_policy(cfg.train.precision)
     if cfg.train.compilation_cache_dir:
         compute.enable_compilation_cache(cfg.train.compilation_cache_dir)
     strategy = _strategy(cfg, strategy)
     train_source, eval_source = _sources(cfg, train_source, eval_source)
     if module is None:
-        module = models.build(cfg.model.name, **cfg.model.options)
+        module = models.from_config(cfg.model)
     if policy.name != "float32":
         module = precision.apply_to_module(policy, module)
     module = module_for_data(module_for_strategy(module, strategy), train_source)
-    loss_fn = losses.make_loss(cfg.loss.name, label_smoothing=cfg.loss.label_smoothing)
-    tx, schedule = _optimizer(cfg)
+    loss_fn = losses.from_config(cfg.loss)
+    tx, schedule = optim.from_config(cfg.optim, cfg.train.steps)
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
     augment = _make_augment(cfg, strategy, train_source, loss_fn)
@@ -348,25 +278,6 @@ def _sources(cfg: config_lib.Config, train_source, eval_source) -> tuple[Any, An
     return train_source, eval_source
 
 
-def _optimizer(cfg: config_lib.Config):
-    """The Optax chain and its learning-rate schedule from `optim.*`."""
-    o = cfg.optim
-    return optim.make_optimizer(
-        o.name,
-        o.learning_rate,
-        total_steps=cfg.train.steps,
-        schedule=o.schedule,
-        warmup_steps=o.warmup_steps,
-        end_learning_rate_factor=o.end_learning_rate_factor,
-        momentum=o.momentum,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        grad_clip_norm=o.grad_clip_norm,
-    )
-
-
 def _make_augment(cfg, strategy, train_source, loss_fn) -> augment_lib.Augment | None:
     """The config's `data.*` augmentation, checked against the data before compiling."""
     d = cfg.data
@@ -424,51 +335,6 @@ def _num_outputs(c: Components) -> int | None:
         example,
     )
     return int(out.shape[-1]) if out.ndim >= 1 else None
-
-
-MAX_AUTO_UNROLL = 10
-
-
-def check_steps_per_dispatch(cfg: config_lib.Config) -> int:
-    """Validates `train.steps_per_dispatch` (K) against the run's cadences; returns K."""
-    k = cfg.train.steps_per_dispatch
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise config_lib.ConfigError(f"train.steps_per_dispatch: expected an int >= 1, got {k!r}")
-    scan_unroll(cfg)
-    if k == 1:
-        return k
-    cadences = {
-        "train.steps": cfg.train.steps,
-        "train.log_every": cfg.train.log_every,
-        "train.eval_every": cfg.train.eval_every,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-    }
-    for key, value in cadences.items():
-        if value % k:
-            raise config_lib.ConfigError(
-                f"{key}: expected a multiple of train.steps_per_dispatch={k} (the loop sees "
-                f"only every {k}th step), got {value}"
-            )
-    return k
-
-
-def scan_unroll(cfg: config_lib.Config) -> int:
-    """The K-step loop's unroll (`train.scan_unroll`), validated; 1 when K = 1."""
-    k = cfg.train.steps_per_dispatch
-    u = cfg.train.scan_unroll
-    if isinstance(u, bool) or not isinstance(u, int) or u < 0:
-        raise config_lib.ConfigError(
-            f"train.scan_unroll: expected an int >= 0 (0 = auto), got {u!r}"
-        )
-    if k == 1:
-        return 1
-    if u == 0:
-        return max(d for d in range(1, min(k, MAX_AUTO_UNROLL) + 1) if k % d == 0)
-    if k % u:
-        raise config_lib.ConfigError(
-            f"train.scan_unroll: expected a divisor of train.steps_per_dispatch={k}, got {u}"
-        )
-    return u
 
 
 def check_data(c: Components, log) -> None:

@@ -14,6 +14,7 @@ strategy. Its compute report (FLOPs, memory, state bytes) is read from the same 
 from typing import Any
 
 from dlkit import components, compute, parallel, step_wrappers
+from dlkit import config as config_lib
 from dlkit import metrics as metrics_lib
 
 
@@ -31,7 +32,7 @@ def compile_train(c: components.Components, state, acc_spec) -> tuple[Any, dict[
     """
     strategy, t = c.strategy, c.config.train
     k = t.steps_per_dispatch
-    unroll = components.scan_unroll(c.config)
+    unroll = config_lib.resolved_scan_unroll(t)
     program = step_wrappers.accumulating(c.train_step())
     state_shardings = strategy.state_shardings(state)
     if k > 1:

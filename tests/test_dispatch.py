@@ -127,7 +127,7 @@ def test_any_scan_unroll_gives_the_same_run_and_flops_per_step(single_every_4, u
 )
 def test_auto_scan_unroll_is_the_largest_divisor_of_k_up_to_10(k, expected):
     cfg = tiny_digits_config(**{"train.steps_per_dispatch": k})
-    assert dlkit.components.scan_unroll(cfg) == expected
+    assert dlkit.config.resolved_scan_unroll(cfg.train) == expected
 
 
 @pytest.mark.parametrize(

@@ -11,23 +11,7 @@ every package's `__init__` would close a cycle with its own submodules.
 import ast
 import pathlib
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "dlkit"
-
-# Cycles through the files the training-path redesign (issue 18) is rewriting; the lead removes
-# them there and then empties this list. Each is written as `_cycle` prints it.
-KNOWN_CYCLES_IN_LEAD_FILES = [
-    ("dlkit.callbacks", "dlkit.loop"),
-    ("dlkit.callbacks", "dlkit.loop", "dlkit.debugging"),
-]
-
-LEAD_FILES = {
-    f"dlkit.{name}"
-    for name in (
-        "loop parallel steps dispatch callbacks debugging state precision nonfinite compute"
-    ).split()
-}
 
 
 def _modules(root: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -112,16 +96,7 @@ def test_the_graph_reader_sees_every_kind_of_import(tmp_path):
     assert find_cycles(graph) == [("dlkit.a", "dlkit.b"), ("dlkit.sub", "dlkit.sub.c")]
 
 
-def test_known_cycles_all_go_through_the_lead_files():
-    for cycle in KNOWN_CYCLES_IN_LEAD_FILES:
-        assert set(cycle) & LEAD_FILES, f"{cycle} is not the lead's to remove"
-
-
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
-    new = [c for c in cycles if c not in KNOWN_CYCLES_IN_LEAD_FILES]
-    gone = [c for c in KNOWN_CYCLES_IN_LEAD_FILES if c not in cycles]
-    message = "import cycles:\n  " + "\n  ".join(" -> ".join(c + c[:1]) for c in cycles)
-    if new:
-        pytest.fail(f"{message}\nnot allowed: {new}")
-    assert not gone, f"{message}\nno longer cycles, remove from KNOWN_CYCLES_IN_LEAD_FILES: {gone}"
+    message = "\n  ".join(" -> ".join(c + c[:1]) for c in cycles)
+    assert not cycles, f"import cycles:\n  {message}"
