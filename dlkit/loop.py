@@ -40,6 +40,7 @@ from dlkit import (
     distributed,
     evaluation,
     interrupt,
+    precision,
     programs,
 )
 from dlkit import config as config_lib
@@ -332,8 +333,16 @@ class _Loop:
         return metrics
 
     def save(self, step: int) -> None:
-        """A checkpoint of `step`, never past a step that `train.nan_policy` rejects."""
+        """A checkpoint of `step`, never past a step that `train.nan_policy` rejects, and never
+        of a state holding NaN or Inf (one reduction on the device): retention would then
+        delete an older good step to make room for a poisoned one."""
         progress_lib.enforce_health(jax.device_get(self.state.guard), self.cfg)
+        if not bool(_finite_state(self.state)):
+            raise FloatingPointError(
+                f"step {step}: the state holds NaN or Inf values (params, optimizer or model "
+                "state); no checkpoint was written for it, and the older ones are kept. Lower "
+                "optim.learning_rate, set optim.grad_clip_norm, or check the data."
+            )
         self.ckpt.save(
             step,
             self.state,
@@ -341,3 +350,13 @@ class _Loop:
             config=self.cfg.to_dict(),
             metrics=self.last_eval,
         )
+
+
+@jax.jit
+def _finite_state(state) -> jax.Array:
+    """bool scalar: every float array of the state that a checkpoint holds is finite."""
+    arrays = (state.params, state.opt_state, state.model_state, state.ema_params)
+    leaves = [
+        x for x in jax.tree.leaves(arrays) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+    ]
+    return precision.all_finite(leaves)
