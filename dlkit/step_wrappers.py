@@ -154,11 +154,11 @@ def accumulating(step: Step) -> Callable[..., tuple[TrainState, Any]]:
     """`(state, acc, batch) -> (state, acc)`: `step` with its metrics added to `acc`, the
     running metric sums the loop reads on logging steps (`metrics.merge`)."""
 
-    def step_and_sum(state: TrainState, acc, batch):
+    def train_and_accumulate(state: TrainState, acc, batch):
         state, metrics = step(state, batch)
         return state, metrics_lib.merge(acc, metrics)
 
-    return step_and_sum
+    return train_and_accumulate
 
 
 def k_steps(step_and_sum: Callable, unroll: int = 1) -> Callable:

@@ -101,9 +101,8 @@ def test_mixed_loss_is_the_convex_combination_and_accuracy_uses_own_labels():
     batch["mask"] = np.ones((8,), np.float32)
     key = jax.random.key(0)
     mixed = c.augment(key, batch)
-    _, _, metrics = steps._grads_and_metrics(
-        state, state.model_state, mixed, key, 8.0, c.loss_fn, None
-    )
+    grad_fn = steps.gradients(c.loss_fn)
+    _, _, metrics = grad_fn(state, state.model_state, mixed, key, 8.0)
     logits = state.apply_fn({"params": state.params}, mixed["inputs"], train=True)
     ce = losses.SoftmaxCrossEntropy()
     w = mixed["mix_weight"]

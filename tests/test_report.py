@@ -202,8 +202,8 @@ def test_plots_without_matplotlib_say_how_to_install_once(monkeypatch, tmp_path,
     monkeypatch.setattr(report, "has_matplotlib", lambda: False)
     monkeypatch.setattr(report, "_warned_no_matplotlib", False)
     cfg = tiny_digits_config(**{"train.plots": True})
-    assert report._plots_factory(cfg, tmp_path) is None
-    assert report._plots_factory(cfg, tmp_path) is None
+    assert report.plots_from_config(cfg, tmp_path) is None
+    assert report.plots_from_config(cfg, tmp_path) is None
     out = capsys.readouterr().out
     assert out.count("pip install 'dlkit[plots]'") == 1
 
