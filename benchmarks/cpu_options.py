@@ -3,15 +3,20 @@
 Compiles the bench MLP's train step (what `fit` runs, K steps per call) once per variant and
 times them in one process, alternating rounds of the same pre-made batches, medians (steps/s
 and the ratio to the first variant). A variant is `NAME=SETTING,SETTING,...`, where a setting
-is a dlkit config override (`train.xla_cpu_vector_width=256`) or a raw XLA option added to
-dlkit's (`xla_cpu_enable_custom_matmul_tiling=true`; see XLA's DebugOptions). A raw option
-this jaxlib rejects makes that variant compile with XLA's defaults, with a warning.
+is a dlkit config override (`train.xla_cpu_ynn_fusions=none`) or a raw XLA option added to
+dlkit's (`xla_cpu_enable_custom_matmul_tiling=true`; see XLA's DebugOptions). A piece without
+`=` continues the previous setting's value, so `train.xla_cpu_ynn_fusions=individual_dot,reduce`
+is one setting. A raw option this jaxlib rejects makes that variant compile with XLA's
+defaults, with a warning.
 
-    python -m benchmarks.cpu_options                        # 256- vs 512-bit vectors
+    python -m benchmarks.cpu_options                        # the train.xla_cpu_ynn_fusions choices
     python -m benchmarks.cpu_options --k 1 --variant base= \
         --variant nomof=xla_cpu_use_multi_output_fusion=false
+    python -m benchmarks.cpu_options --variant base= \
+        --variant w512=xla_cpu_prefer_vector_width=512    # 256- vs 512-bit vectors
 
-The default variants are the ones behind `train.xla_cpu_vector_width` (docs/performance.md).
+The default variants are dlkit's `train.xla_cpu_ynn_fusions` default, no YNNPACK fusions, and
+XLA's own defaults (docs/performance.md).
 """
 
 import argparse
@@ -24,12 +29,13 @@ import dlkit
 import dlkit.data
 from benchmarks import mlp_breakdown as mb
 from benchmarks import workers
-from dlkit import loop as loop_lib
+from dlkit import components, programs
 
 STEPS = 3000
 DEFAULT_VARIANTS = (
-    "xla_default_width=train.xla_cpu_vector_width=256",
-    "width_512=train.xla_cpu_vector_width=512",
+    "ynn_default=train.xla_cpu_ynn_fusions=individual_dot,reduce",
+    "ynn_none=train.xla_cpu_ynn_fusions=none",
+    "xla=train.xla_cpu_ynn_fusions=xla",
 )
 
 
@@ -48,8 +54,14 @@ def parse_variant(spec: str) -> tuple[str, list[str], dict]:
     name, sep, settings = spec.partition("=")
     if not sep or not name:
         raise ValueError(f"--variant: expected NAME=SETTING,..., got {spec!r}")
+    settings_list: list[str] = []
+    for piece in filter(None, (s.strip() for s in settings.split(","))):
+        if "=" in piece or not settings_list:
+            settings_list.append(piece)
+        else:  # a comma inside a value: `train.xla_cpu_ynn_fusions=individual_dot,reduce`
+            settings_list[-1] += f",{piece}"
     overrides, raw = [], {}
-    for setting in filter(None, (s.strip() for s in settings.split(","))):
+    for setting in settings_list:
         key, eq, value = setting.partition("=")
         if not eq:
             raise ValueError(f"--variant {name}: expected KEY=VALUE, got {setting!r}")
@@ -82,14 +94,13 @@ def main() -> None:
     for spec in args.variant or DEFAULT_VARIANTS:
         name, overrides, raw = parse_variant(spec)
         cfg = mb._config(k, 0)  # noqa: SLF001
-        cfg.data.on_device = False
         dlkit.apply_overrides(cfg, overrides)
-        options = {**loop_lib._compiler_options(cfg), **raw}  # noqa: SLF001
+        options = {**components.compiler_options(cfg), **raw}
         strategy = dlkit.make_strategy("jit", num_devices=1, compiler_options=options)
         c = dlkit.build(cfg, train_source=source, eval_source=source, strategy=strategy)
         state = c.init_state()
         spec_ = c.abstract_metrics(state)
-        compiled, _ = loop_lib._compile_train(c, state, spec_)  # noqa: SLF001
+        compiled, _ = programs.compile_train(c, state, spec_)
         print(f"{name}: {strategy.compiler_options}", flush=True)
         runs[name] = [compiled, state, strategy.zeros(spec_)]
 

@@ -23,7 +23,7 @@ import numpy as np
 import dlkit
 import dlkit.data
 from benchmarks import workers
-from dlkit import loop as loop_lib
+from dlkit import programs
 
 STEPS = 3000
 WARMUP = 500
@@ -86,7 +86,7 @@ def main() -> None:
     c = dlkit.build(step_cfg, train_source=source, eval_source=source)
     state = c.init_state()
     spec = c.abstract_metrics(state)
-    compiled, _ = loop_lib._compile_train(c, state, spec)  # noqa: SLF001
+    compiled, _ = programs.compile_train(c, state, spec)
     ones = np.ones(groups[0][1].shape, np.float32)
     dbatches = [{"inputs": bx, "labels": by, "mask": ones} for bx, by in groups]
     held = [state, c.strategy.zeros(spec)]

@@ -3,10 +3,8 @@
 import json
 import time
 
-import jax
-
 import dlkit
-from dlkit import compute
+from dlkit import compute, step_wrappers
 
 out = {}
 
@@ -58,10 +56,9 @@ for name, sets in {
         cfg_of("fashion_mnist_cnn", **{"parallel.num_devices": 1, "train.batch_size": 256}, **sets)
     )
     st = c.abstract_state()
+    # The run's step (with `train.grad_accum_steps` micro-batches) summing its metrics.
     fn = c.strategy.compile_train(
-        c.loss_fn,
-        jax.tree.map(lambda x: x.sharding, st),
-        grad_accum_steps=c.config.train.grad_accum_steps,
+        step_wrappers.accumulating(c.train_step()), c.strategy.state_shardings(st)
     )
     comp = fn.lower(
         st, c.abstract_metrics(st), c.strategy.batch_spec(c.example_batch(), 256)

@@ -238,7 +238,7 @@ def find_batch_size(
     in about five probes. Every probe is an ahead-of-time compilation; nothing runs.
 
     Args:
-      components: a `dlkit.loop.Components` (from `dlkit.build(cfg)`).
+      components: a `dlkit.components.Components` (from `dlkit.build(cfg)`).
       memory_limit_bytes: per-device budget; None = `device_memory_limit`.
       max_batch_size: stop searching here.
     Returns:

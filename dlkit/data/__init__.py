@@ -29,23 +29,19 @@ from dlkit.data.loader import Loader, stacked
 from dlkit.data.prefetch import Prefetcher, prefetch
 from dlkit.data.sources import (
     ArraySource,
-    IndexSource,
     Subset,
     get_batch,
-    in_memory_arrays,
 )
 
 __all__ = [
     "DATASETS",
     "ArraySource",
-    "IndexSource",
     "Loader",
     "Prefetcher",
     "Subset",
     "available_datasets",
     "dataset_info",
     "get_batch",
-    "in_memory_arrays",
     "load_dataset",
     "prefetch",
     "read_idx",

@@ -23,7 +23,7 @@ key passed in, so it never enters the TrainState.
 
 BatchNorm under pmap: each device holds B/n rows, so per-device batch statistics would differ
 from jit's global-batch ones. Like `dlkit.models.ResNet`, the adapter has a `bn_axis_name`
-field that `dlkit.loop.module_for_strategy` sets to the mapped axis under pmap; `apply` then
+field that `dlkit.components.module_for_strategy` sets to the mapped axis under pmap; `apply` then
 sets `axis_name` on every `nnx.BatchNorm` in the merged module, so its statistics (and their
 gradients) are reduced across devices and both strategies compute the same numbers.
 """

@@ -9,8 +9,8 @@
 BatchNorm statistics are taken over the whole global batch under both strategies: under `jit`
 the batch is one global array, so `bn_axis_name=None` already reduces over all of it; under
 `pmap` each device holds B/n rows and `bn_axis_name="data"` makes BatchNorm average its
-statistics across devices. `dlkit.loop.build` sets the field for the strategy in use
-(`dlkit.loop.module_for_strategy`), so configs leave it at None.
+statistics across devices. `dlkit.components.build` sets the field for the strategy in use
+(`dlkit.components.module_for_strategy`), so configs leave it at None.
 
 `dtype` is the compute dtype (train.precision): the convolutions, BatchNorm outputs and the head
 compute in it (BatchNorm takes its statistics in float32), params and running statistics stay

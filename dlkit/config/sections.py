@@ -1,34 +1,23 @@
-"""Typed run configuration, `--set key=value` overrides, and loading experiments.
+"""The configuration tree: one dataclass per concern, each with a `check()`, and `Config`.
 
-A run is described by one `Config`: nested dataclasses, one per concern. Experiments are
-Python files `experiments/<name>.py` with a `config()` function returning a `Config`.
+    from dlkit import config as config_lib
+    cfg = config_lib.Config()
+    cfg.train.steps = 200
+    cfg.validate()          # each section's check(), then the checks across sections
 
-    import dlkit
-    cfg = dlkit.load_config("digits_mlp", overrides=["train.steps=200", "optim.learning_rate=3e-3"])
-    cfg.train.steps            # 200
-    dlkit.config.valid_keys(cfg)  # every key that `--set` accepts
-
-Model hyperparameters are the fields of the Flax module itself (`dlkit.models.MLP.hidden_sizes`),
-so `model.<field>` keys are checked against the module named by `model.name`: there is one place
-that defines a model's options and their defaults.
+Every field is commented with what it does and the values it accepts; model hyperparameters are
+the fields of the Flax module named by `model.name`, so they are `model.options` here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import math
-import os
-import pathlib
-import types
 import typing
 from typing import Any
 
-from dlkit import errors, losses, models, optim
-
-# --------------------------------------------------------------------------------------------
-# The configuration tree.
+from dlkit import errors, losses, optim
+from dlkit.config import overrides
 
 
 @dataclasses.dataclass
@@ -67,7 +56,7 @@ class DataConfig:
         _check_field_types(self, "data")
         _check_positive({"data.audit_max_examples": self.audit_max_examples})
         if self.prefetch < -1:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"data.prefetch: expected an int >= 0, or -1 (auto), got {self.prefetch}"
             )
         _check_choices(
@@ -78,12 +67,12 @@ class DataConfig:
             }
         )
         if self.validation_examples < 0:
-            raise ConfigError(
+            raise errors.ConfigError(
                 "data.validation_examples: expected an int >= 0 (0 = none), got "
                 f"{self.validation_examples}"
             )
         if self.train_examples < 0:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"data.train_examples: expected an int >= 0 (0 = all), got {self.train_examples}"
             )
 
@@ -103,18 +92,21 @@ class ModelConfig:
             non-finite float option.
         """
         _check_field_types(self, "model")
-        fields = _model_fields(self.name)
+        fields = overrides.model_fields(self.name)
         for option, value in self.options.items():
             key = f"model.{option}"
             if option not in fields:
-                raise ConfigError(
+                raise errors.ConfigError(
                     f"{key}: expected one of the fields of model.name={self.name!r} "
                     f"({', '.join(sorted(fields))}), got an unknown option {option!r}"
                 )
-            # Strict: `_coerce` would also turn the string "8" into 8, which set_value wants
-            # for the command line but a config built in Python should not need.
-            if _jsonable(_coerce(key, value, fields[option])) != _jsonable(value):
-                raise ConfigError(f"{key}: expected {_type_name(fields[option])}, got {value!r}")
+            # Strict: `overrides.coerce` would also turn the string "8" into 8, which
+            # `set_value` wants for the command line but a config built in Python should not need.
+            coerced = overrides.coerce(key, value, fields[option])
+            if overrides.jsonable(coerced) != overrides.jsonable(value):
+                raise errors.ConfigError(
+                    f"{key}: expected {overrides.type_name(fields[option])}, got {value!r}"
+                )
             _check_finite(key, value)
 
 
@@ -131,11 +123,11 @@ class LossConfig:
         """
         _check_field_types(self, "loss")
         if self.name not in losses.LOSSES:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"loss.name: expected one of {sorted(losses.LOSSES)}, got {self.name!r}"
             )
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"loss.label_smoothing: expected a float in [0, 1), got {self.label_smoothing}"
             )
 
@@ -164,15 +156,15 @@ class OptimConfig:
         """
         _check_field_types(self, "optim")
         if self.name not in optim.OPTIMIZERS:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"optim.name: expected one of {list(optim.OPTIMIZERS)}, got {self.name!r}"
             )
         if self.schedule not in optim.SCHEDULES:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"optim.schedule: expected one of {list(optim.SCHEDULES)}, got {self.schedule!r}"
             )
         if self.learning_rate <= 0:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"optim.learning_rate: expected a positive float, got {self.learning_rate}"
             )
         for key, value in {
@@ -180,7 +172,7 @@ class OptimConfig:
             "optim.grad_clip_norm": self.grad_clip_norm,
         }.items():
             if value < 0:
-                raise ConfigError(f"{key}: expected a float >= 0, got {value}")
+                raise errors.ConfigError(f"{key}: expected a float >= 0, got {value}")
 
 
 @dataclasses.dataclass
@@ -217,9 +209,9 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
     diagnosis: bool = True  # at the end, print and save diagnosis.json (dlkit.diagnosis)
     steps_per_dispatch: int = 1  # K optimizer steps per compiled call (lax.scan over K
-    #   batches); steps and every cadence must be multiples of K (see dlkit.dispatch)
+    #   batches); steps and every cadence must be multiples of K (see dlkit.step_wrappers.k_steps)
     scan_unroll: int = 0  # K > 1: steps per iteration of the compiled K-step loop; must
-    #   divide K; 0 = auto: the largest divisor of K up to 10 (see dlkit.dispatch)
+    #   divide K; 0 = auto: the largest divisor of K up to 10 (see resolved_scan_unroll)
 
     def check(self) -> None:
         """Checks the `train.*` values on their own; the cadences against
@@ -240,21 +232,21 @@ class TrainConfig:
         )
         _check_choices({"train.nan_policy": (self.nan_policy, ("raise", "skip"))})
         if self.max_consecutive_nonfinite < 1:
-            raise ConfigError(
+            raise errors.ConfigError(
                 "train.max_consecutive_nonfinite: expected an int >= 1, got "
                 f"{self.max_consecutive_nonfinite}"
             )
         if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
-            raise ConfigError(
+            raise errors.ConfigError(
                 "train.loss_spike_factor: expected 0 (off) or a float > 1, got "
                 f"{self.loss_spike_factor}"
             )
         if self.grad_accum_steps < 1:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"train.grad_accum_steps: expected an int >= 1, got {self.grad_accum_steps}"
             )
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"train.ema_decay: expected a float in [0, 1) (0 = off), got {self.ema_decay}"
             )
         _check_dispatch(self)
@@ -304,7 +296,7 @@ class CheckpointConfig:
         _check_non_negative({"checkpoint.every_steps": self.every_steps})
         _check_choices({"checkpoint.best_mode": (self.best_mode, ("min", "max"))})
         if self.max_to_keep < 1:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"checkpoint.max_to_keep: expected an int >= 1, got {self.max_to_keep}"
             )
 
@@ -330,11 +322,11 @@ class Config:
           ConfigError: the first bad key, with what it expects and what it got.
         """
         if not isinstance(self.name, str):
-            raise ConfigError(f"name: expected a string, got {self.name!r}")
+            raise errors.ConfigError(f"name: expected a string, got {self.name!r}")
         for section in ("data", "model", "loss", "optim", "train", "parallel", "checkpoint"):
             getattr(self, section).check()
         if not 0 <= self.optim.warmup_steps <= self.train.steps:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"optim.warmup_steps: expected an int in [0, train.steps={self.train.steps}], "
                 f"got {self.optim.warmup_steps}"
             )
@@ -343,7 +335,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `model` is flattened to `{"name": ..., <option>: ...}`."""
         out = dataclasses.asdict(self)
-        out["model"] = {"name": self.model.name, **_jsonable(self.model.options)}
+        out["model"] = {"name": self.model.name, **overrides.jsonable(self.model.options)}
         return out
 
     @classmethod
@@ -355,25 +347,13 @@ class Config:
                 value = dict(value)
                 cfg.model = ModelConfig(name=value.pop("name", "mlp"))
                 for opt, v in value.items():
-                    set_value(cfg, f"model.{opt}", v)
+                    overrides.set_value(cfg, f"model.{opt}", v)
             elif isinstance(value, dict):
                 for sub, v in value.items():
-                    set_value(cfg, f"{key}.{sub}", v)
+                    overrides.set_value(cfg, f"{key}.{sub}", v)
             else:
-                set_value(cfg, key, value)
+                overrides.set_value(cfg, key, value)
         return cfg
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, tuple | list):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    return x
-
-
-# Defined in dlkit.errors so the model registry can raise it without importing this module.
-ConfigError = errors.ConfigError
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,13 +380,13 @@ def _check_field_types(section: Any, prefix: str) -> None:
         if typ not in _SCALAR_TYPES:
             continue
         if typ is bool and not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+            raise errors.ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
         if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{key}: expected an int, got {value!r}")
+            raise errors.ConfigError(f"{key}: expected an int, got {value!r}")
         if typ is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigError(f"{key}: expected a float, got {value!r}")
+            raise errors.ConfigError(f"{key}: expected a float, got {value!r}")
         if typ is str and not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise errors.ConfigError(f"{key}: expected a string, got {value!r}")
         _check_finite(key, value)
 
 
@@ -417,36 +397,38 @@ def _check_finite(key: str, value: Any) -> None:
         for item in value:
             _check_finite(key, item)
     elif isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite float, got {value}")
+        raise errors.ConfigError(f"{key}: expected a finite float, got {value}")
 
 
 def _check_positive(values: dict[str, int]) -> None:
     for key, value in values.items():
         if value <= 0:
-            raise ConfigError(f"{key}: expected a positive int, got {value}")
+            raise errors.ConfigError(f"{key}: expected a positive int, got {value}")
 
 
 def _check_non_negative(values: dict[str, int]) -> None:
     for key, value in values.items():
         if value < 0:
-            raise ConfigError(f"{key}: expected an int >= 0, got {value}")
+            raise errors.ConfigError(f"{key}: expected an int >= 0, got {value}")
 
 
 def _check_choices(values: dict[str, tuple[str, tuple[str, ...]]]) -> None:
     for key, (value, allowed) in values.items():
         if value not in allowed:
-            raise ConfigError(f"{key}: expected one of {' | '.join(allowed)}, got {value!r}")
+            raise errors.ConfigError(f"{key}: expected one of {' | '.join(allowed)}, got {value!r}")
 
 
 def _check_dispatch(train: TrainConfig) -> None:
     """`train.steps_per_dispatch` (K) and `train.scan_unroll` on their own and together."""
     k, unroll = train.steps_per_dispatch, train.scan_unroll
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"train.steps_per_dispatch: expected an int >= 1, got {k!r}")
+        raise errors.ConfigError(f"train.steps_per_dispatch: expected an int >= 1, got {k!r}")
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0:
-        raise ConfigError(f"train.scan_unroll: expected an int >= 0 (0 = auto), got {unroll!r}")
+        raise errors.ConfigError(
+            f"train.scan_unroll: expected an int >= 0 (0 = auto), got {unroll!r}"
+        )
     if k > 1 and unroll and k % unroll:
-        raise ConfigError(
+        raise errors.ConfigError(
             f"train.scan_unroll: expected a divisor of train.steps_per_dispatch={k}, got {unroll}"
         )
 
@@ -465,7 +447,7 @@ def _check_cadences(cfg: Config) -> None:
     }
     for key, value in cadences.items():
         if value % k:
-            raise ConfigError(
+            raise errors.ConfigError(
                 f"{key}: expected a multiple of train.steps_per_dispatch={k} (the loop sees "
                 f"only every {k}th step), got {value}"
             )
@@ -492,253 +474,3 @@ def resolved_scan_unroll(train: TrainConfig) -> int:
     if unroll:
         return unroll
     return max(d for d in range(1, min(k, MAX_AUTO_SCAN_UNROLL) + 1) if k % d == 0)
-
-
-# --------------------------------------------------------------------------------------------
-# Keys, types and overrides.
-
-_SECTIONS = ("data", "loss", "optim", "train", "parallel", "checkpoint")
-
-
-def _model_fields(model_name: str) -> dict[str, Any]:
-    """The configurable fields of the Flax module `model_name`, with their types."""
-    module_cls = models.get_model_class(model_name)
-    hints = typing.get_type_hints(module_cls)
-    return {
-        f.name: hints.get(f.name, Any)
-        for f in dataclasses.fields(module_cls)
-        if f.name not in ("parent", "name") and f.init
-    }
-
-
-def valid_keys(cfg: Config) -> list[str]:
-    """Every key accepted by `set_value` / `--set` for this config (model keys depend on it)."""
-    keys = ["name"]
-    for section in _SECTIONS:
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(getattr(cfg, section))]
-    keys.append("model.name")
-    try:
-        keys += [f"model.{k}" for k in _model_fields(cfg.model.name)]
-    except ConfigError:
-        pass
-    return keys
-
-
-def _key_type(cfg: Config, key: str) -> Any:
-    parts = key.split(".")
-    if key == "name":
-        return str
-    if len(parts) == 2 and parts[0] == "model":
-        if parts[1] == "name":
-            return str
-        fields = _model_fields(cfg.model.name)
-        if parts[1] in fields:
-            return fields[parts[1]]
-    elif len(parts) == 2 and parts[0] in _SECTIONS:
-        section = getattr(cfg, parts[0])
-        hints = typing.get_type_hints(type(section))
-        if parts[1] in hints:
-            return hints[parts[1]]
-    raise ConfigError(f"unknown config key {key!r}. Valid keys:\n  " + "\n  ".join(valid_keys(cfg)))
-
-
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Converts `value` (a Python value, or a string from the command line) to `typ`."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if typ is Any:
-        return _parse_literal(value) if isinstance(value, str) else value
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(typ)}, got {value!r}")
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            text = value.strip()
-            value = (
-                _parse_literal(text)
-                if text.startswith(("[", "("))
-                else ([v for v in text.split(",") if v.strip()] if text else [])
-            )
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected {_type_name(typ)}, got {value!r}")
-        item_type = args[0] if args else Any
-        items = [_coerce(key, v, item_type) for v in value]
-        return tuple(items) if origin is tuple else items
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an int, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an int, got {value!r}")
-    if typ is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a float, got {value!r}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if isinstance(value, typ):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(typ)}, got {value!r}")
-
-
-def _type_name(typ: Any) -> str:
-    return getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
-
-
-def _parse_literal(text: str) -> Any:
-    try:
-        return json.loads(text.replace("(", "[").replace(")", "]"))
-    except json.JSONDecodeError:
-        return text
-
-
-def set_value(cfg: Config, key: str, value: Any) -> None:
-    """Sets `key` (e.g. "train.steps") on `cfg` in place, converting `value` to the key's type.
-
-    Raises:
-      ConfigError: unknown key (the message lists the valid keys) or a value of the wrong type.
-    """
-    typ = _key_type(cfg, key)
-    value = _coerce(key, value, typ)
-    if key == "name":
-        cfg.name = value
-        return
-    section, field = key.split(".")
-    if section == "model":
-        if field == "name":
-            if value != cfg.model.name:
-                _model_fields(value)  # validates the name
-                cfg.model = ModelConfig(name=value)
-        else:
-            cfg.model.options[field] = value
-    else:
-        setattr(getattr(cfg, section), field, value)
-
-
-def apply_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
-    """Applies "key=value" strings (the CLI's `--set`) in order, in place; returns `cfg`."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        set_value(cfg, key.strip(), value.strip())
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Experiments.
-
-
-def experiment_dirs() -> list[pathlib.Path]:
-    """Where experiment names are looked up, in order."""
-    dirs = []
-    if os.environ.get("DLKIT_EXPERIMENTS_DIR"):
-        dirs.append(pathlib.Path(os.environ["DLKIT_EXPERIMENTS_DIR"]))
-    # The repository's experiments/ next to the package (an editable install), then the cwd's.
-    dirs.append(pathlib.Path(__file__).resolve().parent.parent / "experiments")
-    dirs.append(pathlib.Path.cwd() / "experiments")
-    seen, out = set(), []
-    for d in dirs:
-        if d.resolve() not in seen and d.is_dir():
-            seen.add(d.resolve())
-            out.append(d)
-    return out
-
-
-def find_experiment(name_or_path: str) -> pathlib.Path:
-    """Resolves an experiment name (`digits_mlp`) or a path to a .py file."""
-    path = pathlib.Path(name_or_path)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise ConfigError(f"experiment: no such file {str(path)!r}")
-        return path
-    for d in experiment_dirs():
-        candidate = d / f"{name_or_path}.py"
-        if candidate.is_file():
-            return candidate
-    known = [n for n, _ in list_experiments()]
-    raise ConfigError(
-        f"experiment: expected a name from {known} or a path to a .py file, got {name_or_path!r}"
-    )
-
-
-def _load_module(path: pathlib.Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"dlkit_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "config", None)):
-        raise ConfigError(f"experiment {str(path)!r}: expected a function config(), found none")
-    return module
-
-
-def load_config(name_or_path: str, overrides: typing.Iterable[str] = ()) -> Config:
-    """Loads an experiment's `config()` and applies "key=value" overrides.
-
-    Args:
-      name_or_path: a name under experiments/ (see `dlkit list`) or a path to a .py file.
-      overrides: "key=value" strings, applied in order.
-    Returns:
-      The `Config`; its `name` is the experiment's file name unless the experiment set one.
-    """
-    path = find_experiment(name_or_path)
-    cfg = _load_module(path).config()
-    if not isinstance(cfg, Config):
-        raise ConfigError(
-            f"experiment {str(path)!r}: config() must return dlkit.Config, got {type(cfg)}"
-        )
-    if cfg.name == "unnamed":
-        cfg.name = path.stem
-    return apply_overrides(cfg, overrides)
-
-
-def list_experiments() -> list[tuple[str, str]]:
-    """(name, first line of the docstring) for every experiment found."""
-    found: dict[str, str] = {}
-    for d in experiment_dirs():
-        for path in sorted(d.glob("*.py")):
-            if path.stem.startswith("_") or path.stem in found:
-                continue
-            found[path.stem] = _docstring_summary(path)
-    return sorted(found.items())
-
-
-def _docstring_summary(path: pathlib.Path) -> str:
-    import ast
-
-    try:
-        doc = ast.get_docstring(ast.parse(path.read_text()))
-    except SyntaxError:
-        return "(does not parse)"
-    return doc.strip().splitlines()[0] if doc else ""
