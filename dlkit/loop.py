@@ -765,7 +765,6 @@ def fit(
             best_metric=cfg.checkpoint.best_metric,
             best_mode=cfg.checkpoint.best_mode,
             async_save=cfg.checkpoint.async_save,
-            async_write_share=cfg.checkpoint.async_write_share,
             log=log,
         )
     bar = batches = None
