@@ -780,6 +780,10 @@ def fit(
                 state, position = c.init_state(), 0
         else:
             state, position = c.init_state(), 0
+        if position == 0 and cfg.checkpoint.init_from:  # a fresh run: fine-tuning starts here
+            state = checkpoint_lib.init_from.apply(
+                state, cfg.checkpoint.init_from, cfg.checkpoint.init_from_map, log=log
+            )
         start = int(jax.device_get(state.step))
         k = dispatch.check_config(cfg, start)
         bar = _Progress(show, total, min(start, total), is_main)

@@ -490,3 +490,46 @@ def test_an_object_storage_url_is_refused_not_written_to_a_local_directory(tmp_p
         with pytest.raises(ValueError, match=r"checkpoint directory: expected a local"):
             dlkit.Checkpointer(directory)
     assert not pathlib.Path(url.split(":")[0] + ":").exists()
+
+
+def _replace_with_plain_orbax_step(ckpt_dir, step, tree):
+    """What a user of plain Orbax leaves: one step with one "state" item, no dlkit files."""
+    import orbax.checkpoint as ocp
+
+    shutil.rmtree(ckpt_dir)
+    manager = ocp.CheckpointManager(ckpt_dir)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+    manager.close()
+
+
+def test_a_trainstate_saved_by_plain_orbax_resumes_like_a_dlkit_step(tmp_path, capsys):
+    first = dlkit.fit(tiny_digits_config(), tmp_path / "orbax")
+    shutil.copytree(tmp_path / "orbax", tmp_path / "dlkit")
+    _replace_with_plain_orbax_step(tmp_path / "orbax" / "checkpoints", 12, first.state)
+    capsys.readouterr()
+    more = tiny_digits_config(**{"train.steps": 18})
+    from_orbax = dlkit.fit(more, tmp_path / "orbax")
+    out = capsys.readouterr().out
+    assert "step 12" in out and "was not written by dlkit" in out
+    assert "resuming from step 12" in out
+    from_dlkit = dlkit.fit(more, tmp_path / "dlkit")
+    assert int(from_orbax.state.step) == 18
+    assert_bitwise_equal(from_dlkit.state, from_orbax.state)
+    assert not (tmp_path / "orbax" / "checkpoints" / ".quarantine").exists()
+
+
+def test_a_foreign_step_that_does_not_fit_stops_the_run_naming_the_step_and_what_is_missing(
+    tmp_path,
+):
+    first = dlkit.fit(tiny_digits_config(), tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    _replace_with_plain_orbax_step(ckpt_dir, 12, {"params": first.state.params})
+    with pytest.raises(
+        dlkit.checkpoint.CheckpointError,
+        match=r"step 12 in .* does not fit this model:\n  guard/.*: in this model, not in the "
+        r"checkpoint",
+    ) as raised:
+        dlkit.fit(tiny_digits_config(**{"train.steps": 18}), tmp_path)
+    assert "opt_state/" in str(raised.value) or "more" in str(raised.value)
+    assert (ckpt_dir / "12" / "state").is_dir()  # left where it was: not quarantined, not redone
+    assert not (ckpt_dir / ".quarantine").exists()

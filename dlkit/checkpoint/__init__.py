@@ -19,7 +19,7 @@ Parts:
 - `init_from`: initialising a new run's params from another run or tool (fine-tuning).
 """
 
-from dlkit.checkpoint import init_from
+from dlkit.checkpoint import init_from, store
 from dlkit.checkpoint.checkpointer import Checkpointer, abstract_with_shardings
 from dlkit.checkpoint.commit import (
     CHUNK_BYTES,

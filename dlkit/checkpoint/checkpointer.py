@@ -195,7 +195,9 @@ class Checkpointer:
     def _before_publish(self, tmp_dir: epath.Path, final_dir: epath.Path) -> None:
         """Writes the manifest inside Orbax's temporary directory (see `commit`)."""
         metrics = self._pending[1] if self._pending else {}
-        commit.write_manifest(tmp_dir, int(final_dir.name), metrics)
+        commit.write_manifest(
+            tmp_dir, int(final_dir.name), metrics, parallel=not self.async_save
+        )
 
     def save(
         self,

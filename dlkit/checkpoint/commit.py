@@ -74,16 +74,22 @@ def _chunk_crc32(path: epath.Path, offset: int, length: int) -> int:
 
 
 def chunk_crcs(
-    paths: dict[str, tuple[epath.Path, int]], chunk: int = CHUNK_BYTES
+    paths: dict[str, tuple[epath.Path, int]], chunk: int = CHUNK_BYTES, parallel: bool = True
 ) -> dict[str, list[int]]:
-    """The CRC-32 of each `chunk`-byte piece of files, all pieces checksummed in parallel.
+    """The CRC-32 of each `chunk`-byte piece of files.
 
     Args:
       paths: {name: (path, size in bytes)}.
       chunk: bytes per piece; an empty file has no pieces.
+      parallel: checksum all pieces on a thread per core, or one after another here.
     Returns:
       {name: [CRC-32 of each piece, in order]}.
     """
+    if not parallel:
+        return {
+            name: [_chunk_crc32(path, off, min(chunk, size - off)) for off in range(0, size, chunk)]
+            for name, (path, size) in paths.items()
+        }
     futures = {
         name: [
             _pool().submit(_chunk_crc32, path, off, min(chunk, size - off))
@@ -114,17 +120,21 @@ def write_json_atomic(path: epath.Path, payload: dict) -> None:
     tmp.rename(path)
 
 
-def write_manifest(step_dir, step: int, metrics: dict | None = None) -> None:
+def write_manifest(
+    step_dir, step: int, metrics: dict | None = None, *, parallel: bool = True
+) -> None:
     """Records the size and the chunk CRC-32s of every file under `step_dir` in its manifest.
 
     Args:
       step_dir: a step directory (or Orbax's temporary directory of one).
       step: the step number, recorded for the reader.
       metrics: numbers that rank steps for retention (`keep_best`).
+      parallel: checksum on a thread per core. An async save passes False: its checksums
+        then share the cores with the training steps it overlaps instead of taking them all.
     """
     step_dir = epath.Path(step_dir)
     paths = _files(step_dir)
-    crcs = chunk_crcs(paths)
+    crcs = chunk_crcs(paths, parallel=parallel)
     payload = {
         "version": 2,
         "step": step,
@@ -183,9 +193,6 @@ def verify_step(step_dir) -> list[str]:
         problems.append(f"{STEP_METADATA}: missing")
     elif read_json(step_dir / STEP_METADATA) is None:
         problems.append(f"{STEP_METADATA}: not valid JSON")
-    chunk = manifest.get("chunk_bytes")
-    if not isinstance(chunk, int) or chunk < 1:
-        return problems + [f"{MANIFEST}: chunk_bytes is {chunk!r}, not a positive int"]
     to_check = {}
     for rel, expected in manifest["files"].items():
         path = step_dir / rel
@@ -193,8 +200,16 @@ def verify_step(step_dir) -> list[str]:
             problems.append(f"{rel}: missing")
         elif path.stat().length != expected["size"]:
             problems.append(f"{rel}: size {path.stat().length} bytes, expected {expected['size']}")
+        elif isinstance(expected["crc32"], int):  # version 1: one CRC of the whole file
+            if chunk_crcs({rel: (path, expected["size"])}, max(expected["size"], 1))[rel] != (
+                [expected["crc32"]] if expected["size"] else []
+            ):
+                problems.append(f"{rel}: CRC-32 mismatch (the bytes changed after saving)")
         else:
             to_check[rel] = (path, expected["size"])
+    chunk = manifest.get("chunk_bytes", CHUNK_BYTES)
+    if to_check and (not isinstance(chunk, int) or chunk < 1):
+        return problems + [f"{MANIFEST}: chunk_bytes is {chunk!r}, not a positive int"]
     for rel, got in chunk_crcs(to_check, chunk).items():
         want = manifest["files"][rel]["crc32"]
         if len(want) != len(got):  # the sizes matched: the manifest itself is damaged
