@@ -117,7 +117,7 @@ def write_json_atomic(path: epath.Path, payload: dict) -> None:
     """Writes `payload` to `path` whole or not at all (a rename of a temporary file)."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(json.dumps(payload))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def write_manifest(
