@@ -171,8 +171,8 @@ def measure(mib: int = 100, repeats: int = 5, sweep: bool = False) -> dict:
                 add(f"{name}/async_durable", durable)
                 add(f"{name}/steps_during_async", during)
                 if sweep and name == "few":
-                    for label, options in SWEEP.items():
-                        add(f"sweep/{label}", _orbax_save(state, tmp / f"o{len(r)}", options))
+                    for j, (label, options) in enumerate(SWEEP.items()):
+                        add(f"sweep/{label}", _orbax_save(state, tmp / f"orbax{j}", options))
     return out | {k: statistics.median(v) for k, v in r.items()}
 
 
