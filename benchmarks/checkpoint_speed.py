@@ -36,7 +36,11 @@ SWEEP = {
         "use_zarr3": True,
         "use_compression": False,
     },
-    "no OCDBT, zarr2, uncompressed": {"use_ocdbt": False, "use_zarr3": False, "use_compression": False},
+    "no OCDBT, zarr2, uncompressed": {
+        "use_ocdbt": False,
+        "use_zarr3": False,
+        "use_compression": False,
+    },
     "OCDBT, zarr3, uncompressed": {"use_ocdbt": True, "use_zarr3": True, "use_compression": False},
     "Orbax default: OCDBT, zarr2, zstd": {},
     "no OCDBT, zarr3, zstd": {"use_ocdbt": False, "use_zarr3": True, "use_compression": True},
@@ -138,7 +142,11 @@ def measure(mib: int = 100, repeats: int = 5, sweep: bool = False) -> dict:
     def add(key, value):
         r.setdefault(key, []).append(value)
 
-    out = {"mib": mib, "repeats": repeats, "leaves": {k: len(jax.tree.leaves(s)) for k, s in states.items()}}
+    out = {
+        "mib": mib,
+        "repeats": repeats,
+        "leaves": {k: len(jax.tree.leaves(s)) for k, s in states.items()},
+    }
     bench_dir = os.environ.get("BENCH_CKPT_DIR")
     with tempfile.TemporaryDirectory(dir=bench_dir) as tmp:  # one-time costs, timed apart
         tmp = pathlib.Path(tmp)
@@ -176,7 +184,9 @@ def measure(mib: int = 100, repeats: int = 5, sweep: bool = False) -> dict:
     return out | {k: statistics.median(v) for k, v in r.items()}
 
 
-def report(quick: bool = False, mib: int = 100, repeats: int | None = None, sweep: bool = False) -> str:
+def report(
+    quick: bool = False, mib: int = 100, repeats: int | None = None, sweep: bool = False
+) -> str:
     repeats = repeats or (2 if quick else 5)
     m = measure(mib, repeats, sweep)
     rate = lambda s: f"{mib / s:.0f} MiB/s"  # noqa: E731
@@ -189,7 +199,7 @@ def report(quick: bool = False, mib: int = 100, repeats: int | None = None, swee
     ]
     for name in ("few", "many"):
         label = f"{name} leaves ({m['leaves'][name]})"
-        g = lambda k: m[f"{name}/{k}"]  # noqa: E731
+        g = lambda k, name=name: m[f"{name}/{k}"]  # noqa: E731
         lines += [
             f"| {label} | np.save + fsync | {g('np_save'):.3f} | {rate(g('np_save'))} | 1.00x |",
             f"| {label} | dlkit sync save | {g('sync_save'):.3f} | {rate(g('sync_save'))} | "

@@ -312,9 +312,7 @@ def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
             ckpt.wait()
         except Exception as e:  # noqa: BLE001 - either way it names the step and the cause
             error = e
-        assert "No space left on device" in str(error) or "No space left" in repr(
-            error.__cause__
-        )
+        assert "No space left on device" in str(error) or "No space left" in repr(error.__cause__)
         ckpt.wait()  # raised once, not again
         monkeypatch.undo()
         assert ckpt.all_steps() == [1]  # step 2 was never published

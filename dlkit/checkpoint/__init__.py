@@ -19,8 +19,8 @@ Parts:
 - `init_from`: initialising a new run's params from another run or tool (fine-tuning).
 """
 
-from dlkit.checkpoint import init_from, store
-from dlkit.checkpoint.checkpointer import Checkpointer, abstract_with_shardings
+from dlkit.checkpoint import commit, init_from, retention, store
+from dlkit.checkpoint.checkpointer import Checkpointer
 from dlkit.checkpoint.commit import (
     CHUNK_BYTES,
     COMMIT_MARKER,
@@ -31,6 +31,7 @@ from dlkit.checkpoint.commit import (
     write_manifest,
 )
 from dlkit.checkpoint.retention import QUARANTINE, TRASH
+from dlkit.checkpoint.store import abstract_with_shardings
 
 __all__ = [
     "CHUNK_BYTES",
@@ -42,7 +43,10 @@ __all__ = [
     "CheckpointError",
     "Checkpointer",
     "abstract_with_shardings",
+    "commit",
     "init_from",
+    "retention",
+    "store",
     "verify_step",
     "write_manifest",
 ]

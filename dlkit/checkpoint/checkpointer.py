@@ -195,9 +195,7 @@ class Checkpointer:
     def _before_publish(self, tmp_dir: epath.Path, final_dir: epath.Path) -> None:
         """Writes the manifest inside Orbax's temporary directory (see `commit`)."""
         metrics = self._pending[1] if self._pending else {}
-        commit.write_manifest(
-            tmp_dir, int(final_dir.name), metrics, parallel=not self.async_save
-        )
+        commit.write_manifest(tmp_dir, int(final_dir.name), metrics, parallel=not self.async_save)
 
     def save(
         self,
@@ -218,7 +216,9 @@ class Checkpointer:
           metrics: numbers recorded in the manifest; `best_metric` among them ranks steps.
         """
         if self.read_only:
-            raise commit.CheckpointError(f"save: this Checkpointer on {self.directory} is read-only")
+            raise commit.CheckpointError(
+                f"save: this Checkpointer on {self.directory} is read-only"
+            )
         self.wait()
         step_dir = self.directory / str(step)
         if step_dir.exists():
@@ -230,7 +230,9 @@ class Checkpointer:
                 if path.name.startswith(f"{step}{retention.ORBAX_TMP}"):
                     path.rmtree(missing_ok=True)
         if self._saver is None:
-            self._saver = store.make_saver(async_save=self.async_save, on_commit=self._before_publish)
+            self._saver = store.make_saver(
+                async_save=self.async_save, on_commit=self._before_publish
+            )
         self._pending = (step, dict(metrics or {}))
         try:
             store.save(
@@ -266,8 +268,7 @@ class Checkpointer:
                 self._saver.wait_until_finished()
             except Exception as e:
                 raise commit.CheckpointError(
-                    f"async save of step {step} to {self.directory} failed: "
-                    f"{type(e).__name__}: {e}"
+                    f"async save of step {step} to {self.directory} failed: {type(e).__name__}: {e}"
                 ) from e
             finally:
                 self._pending = None
@@ -302,28 +303,13 @@ class Checkpointer:
         return path
 
     def _check_fits(self, step: int, path: epath.Path, abstract_state) -> None:
-        """Raises CheckpointError naming the leaves missing on either side or of another shape,
-        compared by the names Orbax stores them under."""
+        """Raises CheckpointError naming the leaves missing on either side or of another shape."""
         try:
-            saved = {m.name: m for m in jax.tree.leaves(store.saved_tree(path)) if hasattr(m, "name")}
+            problems = store.misfits(path, abstract_state)
         except Exception as e:  # noqa: BLE001 - an unreadable item is reported, not raised raw
             raise commit.CheckpointError(
                 f"restore: step {step} in {self.directory}: its state metadata is unreadable: {e}"
             ) from e
-        flat = store.flat_leaves(abstract_state)
-        want = {key.replace("/", "."): leaf for key, leaf in flat.items()}
-        label = {key.replace("/", "."): key for key in flat}
-        problems = []
-        for name in sorted(want.keys() - saved.keys()):
-            problems.append(f"{label[name]}: in this model, not in the checkpoint")
-        for name in sorted(saved.keys() - want.keys()):
-            problems.append(f"{name.replace('.', '/')}: in the checkpoint, not in this model")
-        for name in sorted(want.keys() & saved.keys()):
-            if tuple(want[name].shape) != tuple(saved[name].shape):
-                problems.append(
-                    f"{label[name]}: this model expects shape {tuple(want[name].shape)}, "
-                    f"the checkpoint has {tuple(saved[name].shape)}"
-                )
         if problems:
             listed = "\n  ".join(problems[:8])
             more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
@@ -412,17 +398,3 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def abstract_with_shardings(abstract_state, shardings):
-    """Attaches a sharding to each `ShapeDtypeStruct` leaf (a restore target).
-
-    Args:
-      abstract_state: a pytree of `jax.ShapeDtypeStruct`.
-      shardings: the same structure, of `jax.sharding.Sharding`.
-    Returns:
-      the pytree of `ShapeDtypeStruct` with `sharding` set.
-    """
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
-    )

@@ -48,7 +48,11 @@ def make_saver(*, async_save: bool, on_commit) -> ocp.AsyncCheckpointer | ocp.Ch
       the checkpointer; its `save(step_dir, args=...)` is called by `save` below.
     """
     handler = ocp.CompositeCheckpointHandler(
-        **{STATE: _state_handler(), DATA: ocp.JsonCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+        **{
+            STATE: _state_handler(),
+            DATA: ocp.JsonCheckpointHandler(),
+            CONFIG: ocp.JsonCheckpointHandler(),
+        }
     )
     tmp_class = commit.temporary_path_class(on_commit)
     if async_save:
@@ -93,6 +97,37 @@ def saved_tree(path: epath.Path):
     return _state_handler().metadata(path).tree
 
 
+def misfits(path: epath.Path, abstract_state) -> list[str]:
+    """How a saved state item and a restore target differ, compared by the names Orbax stores
+    leaves under ("params.Dense_0.kernel"), shown as paths ("params/Dense_0/kernel").
+
+    Args:
+      path: the item directory (`state_path`).
+      abstract_state: the restore target (leaves with `.shape`).
+    Returns:
+      one line per leaf missing on either side or of another shape; [] when it fits.
+    """
+    saved = {m.name: m for m in jax.tree.leaves(saved_tree(path)) if hasattr(m, "name")}
+    flat = flat_leaves(abstract_state)
+    want = {key.replace("/", "."): leaf for key, leaf in flat.items()}
+    label = {key.replace("/", "."): key for key in flat}
+    problems = [
+        f"{label[name]}: in this model, not in the checkpoint"
+        for name in sorted(want.keys() - saved.keys())
+    ]
+    problems += [
+        f"{name.replace('.', '/')}: in the checkpoint, not in this model"
+        for name in sorted(saved.keys() - want.keys())
+    ]
+    for name in sorted(want.keys() & saved.keys()):
+        if tuple(want[name].shape) != tuple(saved[name].shape):
+            problems.append(
+                f"{label[name]}: this model expects shape {tuple(want[name].shape)}, "
+                f"the checkpoint has {tuple(saved[name].shape)}"
+            )
+    return problems
+
+
 def restore_state(path: epath.Path, abstract_state):
     """Reads a state item onto the shardings of `abstract_state`'s leaves.
 
@@ -134,3 +169,17 @@ def flat_leaves(tree) -> dict[str, Any]:
     """{"a/b/c": leaf} of a pytree: TrainState fields, dict keys and indices joined by "/"."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {"/".join(key_name(e) for e in path): leaf for path, leaf in flat}
+
+
+def abstract_with_shardings(abstract_state, shardings):
+    """Attaches a sharding to each `ShapeDtypeStruct` leaf (a restore target).
+
+    Args:
+      abstract_state: a pytree of `jax.ShapeDtypeStruct`.
+      shardings: the same structure, of `jax.sharding.Sharding`.
+    Returns:
+      the pytree of `ShapeDtypeStruct` with `sharding` set.
+    """
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    )
