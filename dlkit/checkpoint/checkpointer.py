@@ -18,13 +18,13 @@ for checkpointers a user forgot to close.
 """
 
 import atexit
+
+# Importing the executor registers concurrent.futures' exit hook before ours (see below).
+import concurrent.futures  # noqa: F401
 import os
 import re
 import threading
 import weakref
-
-# Importing the executor registers concurrent.futures' exit hook before ours (see below).
-from concurrent.futures import ThreadPoolExecutor  # noqa: F401
 from typing import Any
 
 import jax
