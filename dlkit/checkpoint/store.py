@@ -125,7 +125,8 @@ def misfits(path: epath.Path, abstract_state) -> list[str]:
                 f"{label[name]}: this model expects shape {tuple(want[name].shape)}, "
                 f"the checkpoint has {tuple(saved[name].shape)}"
             )
-    return problems
+    # The params first: they name the layer that differs; optimizer leaves only mirror them.
+    return sorted(problems, key=lambda line: not line.startswith("params/"))
 
 
 def restore_state(path: epath.Path, abstract_state):
