@@ -137,7 +137,7 @@ def fit(
             resources.enter_context(ckpt)
         # From here on a signal only asks the loop to stop after a step (see dlkit.interrupt).
         stop = resources.enter_context(interrupt.StopRequests())
-        state, position = _restore_or_init(c, ckpt)
+        state, position = _restore_or_init(c, ckpt, log)
         start = int(jax.device_get(state.step))
         _check_resume_step(cfg, start)
         bar = resources.enter_context(
@@ -205,19 +205,25 @@ def _open_checkpointer(cfg, workdir, is_main: bool, log) -> checkpoint_lib.Check
         best_metric=cfg.checkpoint.best_metric,
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
-        async_write_share=cfg.checkpoint.async_write_share,
         log=log,
     )
 
 
-def _restore_or_init(c: components.Components, ckpt) -> tuple[state_lib.TrainState, int]:
-    """(state, data position): from the newest valid checkpoint, or fresh at position 0."""
+def _restore_or_init(c: components.Components, ckpt, log) -> tuple[state_lib.TrainState, int]:
+    """(state, data position): from the newest valid checkpoint, or fresh at position 0,
+    with `checkpoint.init_from`'s params when it names a run to fine-tune from."""
     if ckpt is not None and ckpt.latest_step() is not None:
         try:
             return ckpt.restore(c.abstract_state())
         except FileNotFoundError:  # every step was corrupt and quarantined
             pass
-    return c.init_state(), 0
+    state = c.init_state()
+    ckpt_cfg = c.config.checkpoint
+    if ckpt_cfg.init_from:
+        state = checkpoint_lib.init_from.apply(
+            state, ckpt_cfg.init_from, ckpt_cfg.init_from_map, log=log
+        )
+    return state, 0
 
 
 def _check_resume_step(cfg: config_lib.Config, start: int) -> None:

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import flax
@@ -15,6 +16,7 @@ from conftest import abstract_of, assert_bitwise_equal, tiny_digits_config
 
 import dlkit
 from dlkit import cli
+from dlkit.checkpoint import store
 
 
 def test_resume_in_process_is_bitwise_identical(tmp_path):
@@ -113,11 +115,10 @@ def test_checkpoint_holds_state_data_position_and_config(tmp_path):
     cfg = tiny_digits_config()
     dlkit.fit(cfg, tmp_path)
     step_dir = tmp_path / "checkpoints" / "12"
-    # One Orbax item: the position and the config are JSON files beside the arrays.
-    assert "state" in {p.name for p in step_dir.iterdir()}
-    assert not (step_dir / "data").exists() and not (step_dir / "config").exists()
-    assert json.loads((step_dir / "state" / "data.json").read_text()) == {"position": 12}
-    assert json.loads((step_dir / "state" / "config.json").read_text()) == cfg.to_dict()
+    # Three Orbax items: the state (PyTree), the data position and the config (JSON).
+    assert {"state", "data", "config"} <= {p.name for p in step_dir.iterdir()}
+    assert json.loads((step_dir / "data" / "metadata").read_text()) == {"position": 12}
+    assert json.loads((step_dir / "config" / "metadata").read_text()) == cfg.to_dict()
     with dlkit.Checkpointer(tmp_path / "checkpoints") as ckpt:
         assert ckpt.restore_config(12) == cfg.to_dict()
         c = dlkit.build(cfg)
@@ -185,22 +186,25 @@ def test_a_checkpoint_written_compressed_by_orbax_standard_handler_restores(tmp_
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_run_writes_the_state_as_raw_bytes(tmp_path):
-    """No compression, no container: each leaf's bytes sit in the data file at the offset its
-    index entry names (weights barely compress, and decompressing halved restore speed)."""
+def test_a_run_writes_the_state_uncompressed_in_zarr3_without_ocdbt(tmp_path):
+    """The options chosen by measurement (dlkit.checkpoint.store): one zarr3 array per leaf, no
+    OCDBT database, no compression, so each kernel's bytes sit in its chunk file as they are."""
     result = dlkit.fit(tiny_digits_config(), tmp_path)
     state_dir = tmp_path / "checkpoints" / "12" / "state"
-    index = json.loads((state_dir / "index.p0.json").read_text())
-    data = (state_dir / "data.p0.bin").read_bytes()
-    pieces = index["pieces"]
-    kernels = [p for p in pieces if p["key"][0] == "params" and p["key"][-1] == "kernel"]
+    assert not (state_dir / "ocdbt.process_0").exists() and not list(state_dir.glob("d/*"))
+    flat = flax.traverse_util.flatten_dict(dict(result.state.params), sep=".")
+    kernels = [k for k in flat if k.endswith("kernel")]
     assert kernels
-    flat = flax.traverse_util.flatten_dict(dict(result.state.params))
-    for piece in kernels:
-        (start, stop), (c0, c1) = piece["index"]  # a replicated (whole) 2-D kernel
-        want = np.asarray(flat[tuple(piece["key"][1:])])
-        assert (stop - start, c1 - c0) == want.shape
-        assert data[piece["offset"] : piece["offset"] + piece["nbytes"]] == want.tobytes()
+    for key in kernels:
+        array_dir = state_dir / f"params.{key}"
+        meta = json.loads((array_dir / "zarr.json").read_text())
+        assert meta["zarr_format"] == 3 and "zstd" not in json.dumps(meta["codecs"])
+        rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        want = np.asarray(flat[key]).astype("<f4")
+        chunks = sorted((array_dir / "c").glob("*/0"), key=lambda p: int(p.parent.name))
+        assert len(chunks) == -(-want.shape[0] // rows)
+        for i, chunk in enumerate(chunks):  # each chunk file: its rows' raw bytes, then an index
+            assert chunk.read_bytes().startswith(want[i * rows : (i + 1) * rows].tobytes())
 
 
 def test_an_async_save_outlives_the_donation_of_the_state_it_was_given(tmp_path):
@@ -232,19 +236,19 @@ def test_retention_removes_old_steps_off_the_loop_and_close_leaves_no_trash(
     import threading
 
     import jax.numpy as jnp
-
-    from dlkit import checkpoint as checkpoint_lib
+    from etils import epath
 
     gate = threading.Event()
-    real_rmtree = shutil.rmtree
+    path_class = type(epath.Path(tmp_path))
+    real_rmtree = path_class.rmtree
 
-    def held_rmtree(path, *args, **kwargs):
+    def held_rmtree(self, *args, **kwargs):
         assert gate.wait(60), "the test never opened the gate"
-        real_rmtree(path, *args, **kwargs)
+        real_rmtree(self, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_lib.shutil, "rmtree", held_rmtree)
     state = {"w": jnp.arange(1024.0)}
     ckpt = dlkit.Checkpointer(tmp_path, max_to_keep=1, async_save=async_save)
+    monkeypatch.setattr(path_class, "rmtree", held_rmtree)
     for step in (1, 2, 3):
         ckpt.save(step, state, data_position=step)  # returns while the removal is held
         ckpt.wait()
@@ -277,15 +281,16 @@ def test_a_step_number_deleted_by_retention_can_be_saved_again(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16.0) * 2)
 
 
-@pytest.mark.parametrize("where", ["write_manifest", "arraystore._write_task"])
+@pytest.mark.parametrize("where", ["write_manifest", "arrays"])
 def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
     tmp_path, monkeypatch, where
 ):
-    """The disk fills up while step 2 is written: in the arrays' writer, or in the manifest."""
+    """The disk fills up while step 2 is written: in Orbax's array writer, or in the
+    manifest."""
     import jax.numpy as jnp
+    import orbax.checkpoint as ocp
 
-    from dlkit import arraystore
-    from dlkit import checkpoint as checkpoint_lib
+    from dlkit.checkpoint import commit
 
     state = {"w": jnp.arange(12.0)}
     with dlkit.Checkpointer(tmp_path, async_save=True, log=lambda s: None) as ckpt:
@@ -295,20 +300,22 @@ def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
         def disk_full(*args, **kwargs):
             raise OSError(28, "No space left on device")
 
+        async def disk_full_async(*args, **kwargs):
+            disk_full()
+
         if where == "write_manifest":
-            monkeypatch.setattr(checkpoint_lib, "write_manifest", disk_full)
+            monkeypatch.setattr(commit, "write_manifest", disk_full)
         else:
-            monkeypatch.setattr(arraystore, "_write_task", disk_full)
-        ckpt.save(2, state, data_position=2)  # fails on its thread
-        with pytest.raises(
-            checkpoint_lib.CheckpointError,
-            match=r"async save of step 2 .*"
-            r"failed: OSError: .*No space left on device",
-        ):
+            monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", disk_full_async)
+        try:
+            ckpt.save(2, state, data_position=2)  # fails on its thread (or here)
             ckpt.wait()
+        except Exception as e:  # noqa: BLE001 - either way it names the step and the cause
+            error = e
+        assert "No space left on device" in str(error) or "No space left" in repr(error.__cause__)
         ckpt.wait()  # raised once, not again
         monkeypatch.undo()
-        assert ckpt.all_steps() == [1]  # step 2 has no manifest: not a step
+        assert ckpt.all_steps() == [1]  # step 2 was never published
         restored, position = ckpt.restore(abstract_of(state))
     assert position == 1
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(12.0))
@@ -334,100 +341,110 @@ def _small_state(scale=1):
 
 
 @pytest.mark.parametrize("async_save", [True, False])
-def test_a_step_dlkit_writes_is_listed_and_restored_by_a_plain_orbax_manager(tmp_path, async_save):
-    """Single-process steps are written by dlkit itself, not by Orbax's manager, in the layout
-    that manager writes: users (and dlkit's own restore, which goes through Orbax) rely on a
-    plain `ocp.CheckpointManager` with dlkit's handler listing such a step, reading its
-    metadata and restoring it bit for bit."""
+def test_a_step_dlkit_writes_is_what_a_plain_orbax_manager_writes(tmp_path, async_save):
+    """The same files as Orbax's own CheckpointManager writes for the same items, plus the
+    manifest; a plain manager, told nothing about handlers, lists and restores it."""
     import orbax.checkpoint as ocp
 
-    from dlkit import arraystore
-
     state = _small_state()
-    abstract = abstract_of(state)
     ckpt_dir = tmp_path / "dlkit"
     with dlkit.Checkpointer(ckpt_dir, async_save=async_save) as ckpt:
         ckpt.save(7, state, data_position=7, config={"lr": 0.1})
-    # What Orbax's own manager writes for the same item, to compare the layout with.
-    reference = ocp.CheckpointManager(
-        tmp_path / "orbax",
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-        item_handlers={"state": arraystore.StateHandler()},
+    reference = ocp.CheckpointManager(tmp_path / "orbax")
+    reference.save(
+        7,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state),
+            data=ocp.args.JsonSave({"position": 7}),
+            config=ocp.args.JsonSave({"lr": 0.1}),
+        ),
     )
-    reference.save(7, args=ocp.args.Composite(state=arraystore.StateSave(state)))
     reference.close()
-
     step_dir = ckpt_dir / "7"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["7"]  # renamed into place, no tmp dir
     orbax_names = {p.name for p in (tmp_path / "orbax" / "7").iterdir()}
     assert {p.name for p in step_dir.iterdir()} == orbax_names | {"dlkit_manifest.json"}
-    assert orbax_names == {"_CHECKPOINT_METADATA", "commit_success.txt", "state"}
     meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
     orbax_meta = json.loads((tmp_path / "orbax" / "7" / "_CHECKPOINT_METADATA").read_text())
-    assert meta["item_handlers"] == {"state": "dlkit.arraystore.StateHandler"}
     assert meta["item_handlers"] == orbax_meta["item_handlers"]
-    assert set(meta) == set(orbax_meta)
-    assert meta["init_timestamp_nsecs"] <= meta["commit_timestamp_nsecs"]
-    assert (step_dir / "commit_success.txt").read_text() == (
-        f"Checkpoint commit was successful to {step_dir}"
-    )
+    assert meta["custom_metadata"] == {"dlkit": {"version": 1}}
 
-    manager = ocp.CheckpointManager(
-        ckpt_dir,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={"state": arraystore.StateHandler()},
-    )
+    manager = ocp.CheckpointManager(ckpt_dir)
     try:
         assert manager.all_steps() == [7]
-        saved = manager.item_metadata(7)["state"]
-        assert jax.tree.structure(saved) == jax.tree.structure(abstract)
-        for got, want in zip(jax.tree.leaves(saved), jax.tree.leaves(abstract), strict=True):
-            assert (tuple(got.shape), got.dtype) == (want.shape, want.dtype)
-        restored = manager.restore(
-            7, args=ocp.args.Composite(state=arraystore.StateRestore(abstract))
-        )["state"]
+        restored = manager.restore(7)
     finally:
         manager.close()
-    assert_bitwise_equal(state, restored)
+    assert_bitwise_equal(state, restored["state"])
+    assert restored["data"] == {"position": 7} and restored["config"] == {"lr": 0.1}
 
 
-@pytest.mark.parametrize(
-    "fails_at", ["index.p0.json", "_CHECKPOINT_METADATA", "commit_success.txt"]
-)
+def test_plain_orbax_without_dlkit_restores_what_load_checkpoint_returns(tmp_path):
+    """The recipe in README.md, run in a process that never imports dlkit."""
+    dlkit.fit(tiny_digits_config(), tmp_path)
+    script = f"""
+import sys
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+items = ocp.CheckpointManager({str(tmp_path / "checkpoints")!r}).restore(12)
+standard = ocp.StandardCheckpointer().restore({str(tmp_path / "checkpoints" / "12" / "state")!r})
+assert not any(name.split(".")[0] == "dlkit" for name in sys.modules)
+def name(path):
+    return "/".join(str(getattr(e, "key", getattr(e, "name", getattr(e, "idx", e)))) for e in path)
+flat = {{"position": np.asarray(items["data"]["position"])}}
+for prefix, tree in (("manager", items["state"]), ("standard", standard)):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat[prefix + ":" + name(path)] = np.asarray(leaf)
+np.savez({str(tmp_path / "plain.npz")!r}, **flat)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300, cwd="/")
+    state, _ = dlkit.load_checkpoint(tmp_path)
+    want = {k: np.asarray(v) for k, v in store.flat_leaves(state).items()}
+    got = np.load(tmp_path / "plain.npz")
+    assert int(got["position"]) == 12
+    for prefix in ("manager", "standard"):
+        leaves = {k.split(":", 1)[1]: got[k] for k in got.files if k.startswith(prefix + ":")}
+        assert sorted(leaves) == sorted(want)
+        for key, value in want.items():
+            assert leaves[key].dtype == value.dtype, key
+            np.testing.assert_array_equal(leaves[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("fails_at", ["manifest", "arrays"])
 def test_a_save_that_fails_midway_leaves_no_step_and_the_next_save_of_that_step_succeeds(
     tmp_path, monkeypatch, fails_at
 ):
-    """The disk fills up during a sync save, after the arrays' data file is written (at the
-    state's index, the step's metadata, or the commit marker): the step must not be listed,
-    older steps must still restore, and saving the same step again must work even though the
-    failed save left its `<step>.orbax-checkpoint-tmp` directory behind."""
+    """The disk fills up during a sync save (in the arrays, or at the manifest just before the
+    step is published): the step must not be listed, by dlkit or Orbax, older steps must still
+    restore, and saving the same step again must work although the failed save left its
+    temporary directory behind."""
     import orbax.checkpoint as ocp
 
-    from dlkit import arraystore
+    from dlkit.checkpoint import commit
 
     first, second, retry = _small_state(1), _small_state(2), _small_state(3)
-    real_write_bytes = arraystore.write_bytes
 
-    def disk_full_at(path, data):
-        if os.path.basename(path) == fails_at:
-            raise OSError(28, "No space left on device")
-        return real_write_bytes(path, data)
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
 
-    tmp_dir = tmp_path / "2.orbax-checkpoint-tmp"
+    async def disk_full_async(*args, **kwargs):
+        disk_full()
+
     with dlkit.Checkpointer(tmp_path, async_save=False, log=lambda s: None) as ckpt:
         ckpt.save(1, first, data_position=1)
-        monkeypatch.setattr(arraystore, "write_bytes", disk_full_at)
+        if fails_at == "manifest":
+            monkeypatch.setattr(commit, "write_manifest", disk_full)
+        else:
+            monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", disk_full_async)
         with pytest.raises(OSError, match="No space left on device"):
             ckpt.save(2, second, data_position=2)
         monkeypatch.undo()
-        assert (tmp_dir / "state" / "data.p0.bin").exists()  # it failed after the data file
+        assert [p.name for p in tmp_path.glob("2.orbax-checkpoint-tmp*")]
         assert not (tmp_path / "2").exists()
         assert ckpt.all_steps() == [1]
-        manager = ocp.CheckpointManager(
-            tmp_path,
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_handlers={"state": arraystore.StateHandler()},
-        )
+        manager = ocp.CheckpointManager(tmp_path)
         assert manager.all_steps() == [1]  # nor by Orbax
         manager.close()
         restored, position = ckpt.restore(abstract_of(first))
@@ -436,7 +453,7 @@ def test_a_save_that_fails_midway_leaves_no_step_and_the_next_save_of_that_step_
 
         ckpt.save(2, retry, data_position=2)  # the leftover tmp directory must not block it
         assert ckpt.all_steps() == [1, 2]
-        assert not tmp_dir.exists()
+        assert not list(tmp_path.glob("2.orbax-checkpoint-tmp*"))
         restored, position = ckpt.restore(abstract_of(retry))
         assert position == 2
         assert_bitwise_equal(retry, restored)
@@ -446,8 +463,8 @@ def test_a_save_that_fails_midway_leaves_no_step_and_the_next_save_of_that_step_
 
 
 def test_a_plain_dict_state_with_params_restores_and_a_misfit_names_the_leaf(tmp_path):
-    """`restore` compares saved and expected params by name before reading; a plain dict
-    state (not a TrainState) with a "params" entry goes through the same check."""
+    """`restore` compares saved and expected leaves by name before reading; a plain dict
+    state (not a TrainState) goes through the same check."""
     state = _small_state()
     with dlkit.Checkpointer(tmp_path) as ckpt:
         ckpt.save(7, state, data_position=7)
@@ -461,3 +478,56 @@ def test_a_plain_dict_state_with_params_restores_and_a_misfit_names_the_leaf(tmp
             match=r"params/dense/bias: this model expects shape \(5,\), the checkpoint has \(4,\)",
         ):
             ckpt.restore(misfit)
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
+def test_an_object_storage_url_is_refused_not_written_to_a_local_directory(tmp_path, url):
+    import pathlib
+
+    for directory in (url, pathlib.Path(url)):  # pathlib turns gs:// into gs:/
+        with pytest.raises(ValueError, match=r"checkpoint directory: expected a local"):
+            dlkit.Checkpointer(directory)
+    assert not pathlib.Path(url.split(":")[0] + ":").exists()
+
+
+def _replace_with_plain_orbax_step(ckpt_dir, step, tree):
+    """What a user of plain Orbax leaves: one step with one "state" item, no dlkit files."""
+    import orbax.checkpoint as ocp
+
+    shutil.rmtree(ckpt_dir)
+    manager = ocp.CheckpointManager(ckpt_dir)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+    manager.close()
+
+
+def test_a_trainstate_saved_by_plain_orbax_resumes_like_a_dlkit_step(tmp_path, capsys):
+    first = dlkit.fit(tiny_digits_config(), tmp_path / "orbax")
+    shutil.copytree(tmp_path / "orbax", tmp_path / "dlkit")
+    _replace_with_plain_orbax_step(tmp_path / "orbax" / "checkpoints", 12, first.state)
+    capsys.readouterr()
+    more = tiny_digits_config(**{"train.steps": 18})
+    from_orbax = dlkit.fit(more, tmp_path / "orbax")
+    out = capsys.readouterr().out
+    assert "step 12" in out and "was not written by dlkit" in out
+    assert "resuming from step 12" in out
+    from_dlkit = dlkit.fit(more, tmp_path / "dlkit")
+    assert int(from_orbax.state.step) == 18
+    assert_bitwise_equal(from_dlkit.state, from_orbax.state)
+    assert not (tmp_path / "orbax" / "checkpoints" / ".quarantine").exists()
+
+
+def test_a_foreign_step_that_does_not_fit_stops_the_run_naming_the_step_and_what_is_missing(
+    tmp_path,
+):
+    first = dlkit.fit(tiny_digits_config(), tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    _replace_with_plain_orbax_step(ckpt_dir, 12, {"params": first.state.params})
+    with pytest.raises(
+        dlkit.checkpoint.CheckpointError,
+        match=r"step 12 in .* does not fit this model:\n  guard/.*: in this model, not in the "
+        r"checkpoint",
+    ) as raised:
+        dlkit.fit(tiny_digits_config(**{"train.steps": 18}), tmp_path)
+    assert "opt_state/" in str(raised.value) or "more" in str(raised.value)
+    assert (ckpt_dir / "12" / "state").is_dir()  # left where it was: not quarantined, not redone
+    assert not (ckpt_dir / ".quarantine").exists()

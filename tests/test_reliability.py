@@ -46,8 +46,9 @@ def _copy(reference, tmp_path) -> pathlib.Path:
 
 
 def _data_file(step_dir: pathlib.Path) -> pathlib.Path:
-    (path,) = step_dir.glob("state/data.p*.bin")  # arraystore: one data file per process
-    return path
+    """The largest array file of the state item (Orbax's zarr3 chunk files under state/)."""
+    files = [p for p in step_dir.glob("state/*/c/**/*") if p.is_file()]
+    return max(files, key=lambda p: (p.stat().st_size, str(p)))
 
 
 def _truncate(path):
@@ -70,8 +71,8 @@ CORRUPTIONS = {
     "bitflip_data": (lambda d: _flip(_data_file(d)), "CRC-32 mismatch"),
     "delete_data": (lambda d: _data_file(d).unlink(), "missing"),
     "delete_index": (
-        lambda d: (d / "state" / "index.p0.json").unlink(),
-        "state/index.p0.json: missing",
+        lambda d: (d / "state" / "_METADATA").unlink(),
+        "state/_METADATA: missing",
     ),
     "delete_step_metadata": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(), "missing"),
     "delete_manifest": (lambda d: (d / ckpt_lib.MANIFEST).unlink(), "not committed"),

@@ -278,13 +278,15 @@ class CheckpointConfig:
     every_steps: int = 500  # save every N steps (and always at the end); 0 = only at the end
     max_to_keep: int = 3  # keep the newest N checkpoints
     async_save: bool = True  # write in the background; always waited for before returning
-    async_write_share: float = 0.05  # an async save writes this share of the time and sleeps
-    #   the rest, so the steps it overlaps keep their speed; waiting for it lifts this; 1 = flat out
     keep_best: int = 0  # also keep the best N steps by best_metric (0 = off)
     best_metric: str = "eval/loss"  # metric ranking steps for keep_best
     best_mode: str = "min"  # min | max
     archive_mismatched: bool = False  # a workdir holding another experiment's checkpoints:
     #   False = refuse to start; True = move them to checkpoints.archived-<time>/ and start over
+    init_from: str = ""  # fine-tuning: initialise params (and model_state) of a fresh run from a
+    #   dlkit workdir, a dlkit step directory or an Orbax PyTree directory; "" = off
+    init_from_map: str = ""  # "REGEX=REPLACEMENT;..." renames of the saved leaves' paths
+    #   (e.g. params/Dense_0/kernel) to this model's; an empty replacement drops a leaf
 
     def check(self) -> None:
         """Checks the `checkpoint.*` values on their own.

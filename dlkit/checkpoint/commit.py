@@ -1,0 +1,242 @@
+"""Commit rules: when a step directory counts, its checksum manifest, and its verification.
+
+    commit.write_manifest(tmp_dir, step, metrics)     # inside the temporary directory
+    problems = commit.verify_step(step_dir)           # [] = the step may be restored
+    commit.is_foreign(step_dir)                        # written by plain Orbax, not dlkit
+
+A step written by dlkit counts only when Orbax's commit marker (`commit_success.txt`) AND
+dlkit's manifest (`dlkit_manifest.json`: the size of every file and a CRC-32 of each
+CHUNK_BYTES of it) are both present. Both are written inside Orbax's temporary directory before
+the one rename that publishes the step (`TemporaryPath` below), so they appear together.
+
+Why a manifest of our own: without compression, TensorStore's zarr3 files carry a CRC-32C of
+the shard index only, not of the array bytes, and Orbax has no public option that adds one to
+the data; a flipped byte in an array file would restore silently. The manifest is checked before
+any value is read.
+
+Every path operation goes through `etils.epath`, as Orbax's own do.
+"""
+
+import json
+import threading
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+from etils import epath
+from orbax.checkpoint import path as ocp_path
+
+MANIFEST = "dlkit_manifest.json"
+COMMIT_MARKER = "commit_success.txt"
+# Orbax rewrites this file while committing (timestamps), after the manifest is written, so it
+# is checked for being present and well-formed rather than by checksum.
+STEP_METADATA = "_CHECKPOINT_METADATA"
+# The key of the step metadata's `custom_metadata` that marks a step dlkit wrote: a step
+# without it and without a manifest is another tool's (`is_foreign`), not a damaged one.
+WRITER_KEY = "dlkit"
+CHUNK_BYTES = 1 << 23  # the manifest has one CRC-32 per 8 MiB of each file
+_READ_BYTES = 1 << 22  # checksums read files 4 MiB at a time
+_UNCHECKED = (MANIFEST, COMMIT_MARKER, STEP_METADATA)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: corrupt, incomplete, or not this run's."""
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads for checksums: reading and `zlib.crc32` release the GIL, so the chunks of a
+    step are checksummed on all cores at once."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            import os
+
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="crc")
+        return _POOL
+
+
+def _chunk_crc32(path: epath.Path, offset: int, length: int) -> int:
+    """CRC-32 of `length` bytes of `path` from `offset`."""
+    crc, done = 0, 0
+    with path.open("rb") as f:
+        f.seek(offset)
+        while done < length:
+            data = f.read(min(length - done, _READ_BYTES))
+            if not data:
+                break  # the file shrank: the caller's size check reports it
+            crc = zlib.crc32(data, crc)
+            done += len(data)
+    return crc
+
+
+def chunk_crcs(
+    paths: dict[str, tuple[epath.Path, int]], chunk: int = CHUNK_BYTES, parallel: bool = True
+) -> dict[str, list[int]]:
+    """The CRC-32 of each `chunk`-byte piece of files.
+
+    Args:
+      paths: {name: (path, size in bytes)}.
+      chunk: bytes per piece; an empty file has no pieces.
+      parallel: checksum all pieces on a thread per core, or one after another here.
+    Returns:
+      {name: [CRC-32 of each piece, in order]}.
+    """
+    if not parallel:
+        return {
+            name: [_chunk_crc32(path, off, min(chunk, size - off)) for off in range(0, size, chunk)]
+            for name, (path, size) in paths.items()
+        }
+    futures = {
+        name: [
+            _pool().submit(_chunk_crc32, path, off, min(chunk, size - off))
+            for off in range(0, size, chunk)
+        ]
+        for name, (path, size) in paths.items()
+    }
+    return {name: [f.result() for f in fs] for name, fs in futures.items()}
+
+
+def _files(step_dir: epath.Path) -> dict[str, tuple[epath.Path, int]]:
+    """{relative path: (path, size)} of every file the manifest covers."""
+    out = {}
+    for root, _, names in step_dir.walk():
+        for name in names:
+            path = root / name
+            rel = path.relative_to(step_dir).as_posix()
+            if name in _UNCHECKED or rel.endswith(".tmp"):
+                continue
+            out[rel] = (path, path.stat().length)
+    return dict(sorted(out.items()))
+
+
+def write_json_atomic(path: epath.Path, payload: dict) -> None:
+    """Writes `payload` to `path` whole or not at all (a rename of a temporary file)."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
+def write_manifest(
+    step_dir, step: int, metrics: dict | None = None, *, parallel: bool = True
+) -> None:
+    """Records the size and the chunk CRC-32s of every file under `step_dir` in its manifest.
+
+    Args:
+      step_dir: a step directory (or Orbax's temporary directory of one).
+      step: the step number, recorded for the reader.
+      metrics: numbers that rank steps for retention (`keep_best`).
+      parallel: checksum on a thread per core. An async save passes False: its checksums
+        then share the cores with the training steps it overlaps instead of taking them all.
+    """
+    step_dir = epath.Path(step_dir)
+    paths = _files(step_dir)
+    crcs = chunk_crcs(paths, parallel=parallel)
+    payload = {
+        "version": 2,
+        "step": step,
+        "chunk_bytes": CHUNK_BYTES,
+        "files": {rel: {"size": size, "crc32": crcs[rel]} for rel, (_, size) in paths.items()},
+        "metrics": metrics or {},
+    }
+    write_json_atomic(step_dir / MANIFEST, payload)
+
+
+def read_json(path: epath.Path) -> dict | None:
+    """The JSON object at `path`, or None when it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_manifest(step_dir: epath.Path) -> dict:
+    return read_json(step_dir / MANIFEST) or {}
+
+
+def is_foreign(step_dir) -> bool:
+    """True when another tool (plain Orbax) wrote the step: no manifest and no dlkit mark in
+    its step metadata. A dlkit step that lost its manifest is damaged, not foreign."""
+    step_dir = epath.Path(step_dir)
+    if (step_dir / MANIFEST).exists():
+        return False
+    meta = read_json(step_dir / STEP_METADATA) or {}
+    return WRITER_KEY not in (meta.get("custom_metadata") or {})
+
+
+def verify_step(step_dir) -> list[str]:
+    """Problems that make the dlkit step `step_dir` unusable ([] = valid): markers, then
+    every checksum.
+
+    Args:
+      step_dir: the step's directory.
+    Returns:
+      one line per problem, naming the file and what is wrong.
+    """
+    step_dir = epath.Path(step_dir)
+    if not step_dir.is_dir() or not any(step_dir.iterdir()):
+        return ["the step directory is empty"]
+    problems = []
+    if not (step_dir / COMMIT_MARKER).exists():
+        problems.append(f"{COMMIT_MARKER} is missing (Orbax never committed this step)")
+    if not (step_dir / MANIFEST).exists():
+        return problems + [f"{MANIFEST} is missing (dlkit never committed this step)"]
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return problems + [f"{MANIFEST} is unreadable: {e}"]
+    if not (step_dir / STEP_METADATA).exists():
+        problems.append(f"{STEP_METADATA}: missing")
+    elif read_json(step_dir / STEP_METADATA) is None:
+        problems.append(f"{STEP_METADATA}: not valid JSON")
+    to_check = {}
+    for rel, expected in manifest["files"].items():
+        path = step_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().length != expected["size"]:
+            problems.append(f"{rel}: size {path.stat().length} bytes, expected {expected['size']}")
+        elif isinstance(expected["crc32"], int):  # version 1: one CRC of the whole file
+            if chunk_crcs({rel: (path, expected["size"])}, max(expected["size"], 1))[rel] != (
+                [expected["crc32"]] if expected["size"] else []
+            ):
+                problems.append(f"{rel}: CRC-32 mismatch (the bytes changed after saving)")
+        else:
+            to_check[rel] = (path, expected["size"])
+    chunk = manifest.get("chunk_bytes", CHUNK_BYTES)
+    if to_check and (not isinstance(chunk, int) or chunk < 1):
+        return problems + [f"{MANIFEST}: chunk_bytes is {chunk!r}, not a positive int"]
+    for rel, got in chunk_crcs(to_check, chunk).items():
+        want = manifest["files"][rel]["crc32"]
+        if len(want) != len(got):  # the sizes matched: the manifest itself is damaged
+            problems.append(f"{rel}: {len(want)} chunk CRCs in {MANIFEST}, expected {len(got)}")
+            continue
+        bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+        if bad:
+            end = min((bad[0] + 1) * chunk, to_check[rel][1])
+            problems.append(
+                f"{rel}: CRC-32 mismatch at bytes {bad[0] * chunk}-{end} "
+                "(the bytes changed after saving)"
+            )
+    return problems
+
+
+def temporary_path_class(on_commit):
+    """An Orbax temporary-path class that calls `on_commit(tmp_dir, final_dir)` just before
+    Orbax writes its commit marker and renames the step into place.
+
+    Orbax's async post-finalization callback runs at that point for async saves only; a
+    temporary-path class is honoured by sync and async saves alike, so the manifest is inside
+    the step before it is published in both.
+    """
+
+    class DlkitTemporaryPath(ocp_path.atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self, *args, **kwargs):
+            on_commit(self.get(), self.get_final())
+            return await super().finalize(*args, **kwargs)
+
+    return DlkitTemporaryPath

@@ -1,0 +1,140 @@
+"""Retention and housekeeping of a checkpoint directory: which steps stay, crash-safe deletion,
+quarantine of unusable steps, and the cleaning of what interrupted saves and deletions left.
+
+    keep = retention.steps_to_keep(steps, directory, max_to_keep=3, keep_best=1, ...)
+    trash = retention.Trash(directory); trash.delete(step); trash.wait()
+    retention.quarantine(directory, step, reason, log)
+
+Deletion is a rename into `.trash/` followed by removal on a background thread: a step is either
+listed whole or not at all, and a kill between the two leaves `.trash/`, which the next
+Checkpointer empties (`clean_leftovers`). Retention runs inside `save`, in the training loop,
+and unlinking a large step's files is slow, hence the thread.
+
+Retention is dlkit's, not Orbax's: keep the newest `max_to_keep` steps, plus the best
+`keep_best` by a metric recorded in each step's manifest, and never delete the newest step.
+"""
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from etils import epath
+
+from dlkit.checkpoint import commit
+
+TRASH = ".trash"
+QUARANTINE = ".quarantine"
+ORBAX_TMP = ".orbax-checkpoint-tmp"
+
+
+def step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
+    """{step: path} of every directory named by a step number."""
+    return {int(p.name): p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
+
+
+def steps_to_keep(
+    steps: list[int],
+    directory: epath.Path,
+    *,
+    max_to_keep: int | None,
+    keep_best: int,
+    best_metric: str,
+    best_mode: str,
+) -> set[int]:
+    """The steps retention keeps.
+
+    Args:
+      steps: the committed steps, oldest first.
+      directory: where they are (their manifests hold the metrics that rank them).
+      max_to_keep: the newest N stay; None keeps all.
+      keep_best: the best N by `best_metric` also stay.
+      best_metric: the manifest metric that ranks steps.
+      best_mode: "min" or "max".
+    Returns:
+      the steps to keep; the newest is always among them.
+    """
+    keep = set(steps if max_to_keep is None else steps[-max_to_keep:])
+    if keep_best:
+        scored = []
+        for step in steps:
+            value = commit.read_manifest(directory / str(step)).get("metrics", {})
+            value = value.get(best_metric)
+            if isinstance(value, int | float):
+                scored.append((value if best_mode == "min" else -value, step))
+        keep.update(step for _, step in sorted(scored)[:keep_best])
+    if steps:
+        keep.add(steps[-1])
+    return keep
+
+
+def quarantine(directory: epath.Path, step: int, reason: str, log) -> epath.Path:
+    """Moves step `step` out of the listing into `.quarantine/` (kept, never deleted) and
+    says so through `log`."""
+    dst_dir = directory / QUARANTINE
+    dst_dir.mkdir(exist_ok=True)
+    dst = dst_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    (directory / str(step)).rename(dst)
+    log(f"checkpoint: step {step} is unusable: {reason}; moved to {dst}")
+    return dst
+
+
+def clean_leftovers(directory: epath.Path, log) -> None:
+    """Finishes interrupted deletions, removes what interrupted saves left, removes empty step
+    directories, and quarantines dlkit steps that were never committed. Steps another tool
+    wrote (`commit.is_foreign`) are left alone."""
+    trash = directory / TRASH
+    if trash.exists():
+        trash.rmtree(missing_ok=True)
+    for path in directory.iterdir():
+        if ORBAX_TMP in path.name:
+            log(f"checkpoint: removing {path.name}, left by an interrupted save")
+            path.rmtree(missing_ok=True)
+    for step, path in sorted(step_dirs(directory).items()):
+        if not any(path.iterdir()):
+            log(f"checkpoint: removing empty step directory {path}")
+            path.rmdir()
+            continue
+        if commit.is_foreign(path):
+            continue
+        missing = [m for m in (commit.COMMIT_MARKER, commit.MANIFEST) if not (path / m).exists()]
+        if missing:
+            quarantine(directory, step, f"not committed ({', '.join(missing)} missing)", log)
+
+
+class Trash:
+    """Crash-safe deletion of steps: an atomic rename now, the removal on a background thread.
+
+    Args:
+      directory: the checkpoint directory.
+    """
+
+    def __init__(self, directory: epath.Path):
+        self.directory = directory
+        self._lock = threading.Lock()  # the thread's rmdir of `.trash/` vs the next rename
+        self._deleter: ThreadPoolExecutor | None = None
+
+    def delete(self, step: int) -> None:
+        """Takes `step` out of the listing now and queues the removal of its files."""
+        with self._lock:
+            trash = self.directory / TRASH
+            trash.mkdir(exist_ok=True)
+            dst = trash / f"{step}-{uuid.uuid4().hex}"
+            (self.directory / str(step)).rename(dst)
+        if self._deleter is None:
+            self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlkit-delete")
+        self._deleter.submit(self._remove, dst)
+
+    def _remove(self, path: epath.Path) -> None:
+        path.rmtree(missing_ok=True)
+        with self._lock:
+            try:
+                path.parent.rmdir()  # leave no trace once empty
+            except OSError:
+                pass
+
+    def wait(self) -> None:
+        """Blocks until every queued step is removed from disk."""
+        if self._deleter is not None:
+            self._deleter.shutdown(wait=True)
+            self._deleter = None
