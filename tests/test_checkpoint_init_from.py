@@ -10,7 +10,7 @@ from conftest import assert_bitwise_equal
 
 import dlkit
 from dlkit.checkpoint import init_from
-from dlkit.data import sources
+from dlkit.data import datasets, sources
 
 FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(
@@ -44,8 +44,8 @@ def _config(num_classes: int, steps: int, **overrides) -> dlkit.Config:
 
 @pytest.fixture(scope="module")
 def data():
-    train = sources.load_dataset("fashion_mnist", "train")
-    test = sources.load_dataset("fashion_mnist", "test")
+    train = datasets.load_dataset("fashion_mnist", "train")
+    test = datasets.load_dataset("fashion_mnist", "test")
 
     def cut(source, n, relabel, start=0):
         arrays = {k: np.asarray(v[start : start + n]) for k, v in source.arrays.items()}
