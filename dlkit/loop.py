@@ -262,18 +262,12 @@ def _train_batches(c: components.Components, loader: data_lib.Loader):
 
 
 class _Loop:
-    """`fit`'s loop over calls of the train program: the state, the metric accumulator, the
-    latest eval metrics, and what stopped the run."""
+    """`fit`'s loop over calls of the train program: the state, the data position it started
+    from, the latest eval metrics, and what stopped the run."""
 
     def __init__(self, c, ckpt, stop, run, rows, train_fn, train_shape, state, start, position):
-        self.c, self.cfg, self.ckpt, self.stop, self.run, self.rows = (
-            c,
-            c.config,
-            ckpt,
-            stop,
-            run,
-            rows,
-        )
+        self.c, self.cfg = c, c.config
+        self.ckpt, self.stop, self.run, self.rows = ckpt, stop, run, rows
         self.train_fn, self.train_shape = train_fn, train_shape
         self.state, self.start, self.position = state, start, position
         self.stopped: str | None = None
