@@ -10,7 +10,6 @@ import pytest
 from conftest import tiny_digits_config
 
 import dlkit
-from dlkit import finite_json
 from dlkit import metrics as metrics_lib
 
 
@@ -74,6 +73,8 @@ def test_a_diverged_run_writes_strict_json_everywhere(tmp_path):
 
 
 def test_finite_json_round_trips_nested_values():
+    from dlkit import finite_json
+
     value = {"a": [1.0, math.nan, {"b": -math.inf}], "c": "text", "d": 3}
     back = finite_json.loads(finite_json.dumps(value))
     assert math.isnan(back["a"][1]) and back["a"][2]["b"] == -math.inf

@@ -476,9 +476,11 @@ def test_retention_never_deletes_the_newest_good_step_for_a_worse_one(tmp_path):
 def test_a_nan_metric_never_ranks_as_the_best_step(tmp_path):
     state = {"w": np.arange(4.0)}
     with dlkit.Checkpointer(tmp_path, max_to_keep=1, keep_best=1) as c:
-        for step, loss in [(1, 0.3), (2, float("nan")), (3, 0.9), (4, 0.8)]:
+        for step, loss in [(1, float("nan")), (2, 0.3), (3, 0.9), (4, 0.8)]:
             c.save(step, state, data_position=step, metrics={"eval/loss": loss})
-        c.wait()
-        assert c.all_steps() == [1, 4]
-    manifest = (tmp_path / "4" / ckpt_lib.MANIFEST).read_text()
+            c.wait()
+        assert c.all_steps() == [2, 4]
+    with dlkit.Checkpointer(tmp_path / "nan", max_to_keep=2) as c:
+        c.save(1, state, data_position=1, metrics={"eval/loss": float("nan")})
+    manifest = (tmp_path / "nan" / "1" / ckpt_lib.MANIFEST).read_text()
     json.loads(manifest, parse_constant=lambda token: pytest.fail(f"bare {token}"))
