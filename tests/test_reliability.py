@@ -457,6 +457,9 @@ def test_eval_and_load_checkpoint_say_which_step_they_skip_and_why(
     state, _ = dlkit.load_checkpoint(workdir)
     assert int(state.step) == 6
     assert "skipping step 12" in capsys.readouterr().out
+    confusion, step = dlkit.report.confusion_matrix(workdir)  # what `dlkit report` draws
+    assert step == 6 and int(confusion.sum()) > 0
+    assert "skipping step 12" in capsys.readouterr().out
     assert (workdir / "checkpoints" / "12").is_dir()  # a reader moves nothing
 
 

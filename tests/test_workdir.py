@@ -198,3 +198,20 @@ def test_a_run_that_fails_on_the_lock_leaves_checkpoints_untouched(finished, tmp
         _fit_fails_before_compiling(workdir, "is in use by another run")
         assert lock_file.exists()
     assert _hashes(workdir) == before
+
+
+def test_in_a_multi_host_run_only_process_0_takes_the_lock(tmp_path):
+    from dlkit import loop
+
+    cfg = tiny_digits_config()
+    with workdir_lib.lock(tmp_path):  # stands for process 0 of the job
+        with contextlib.ExitStack() as resources:  # another process of the same job
+            ckpt = loop._open_checkpointer(cfg, tmp_path, False, print, resources)
+            assert ckpt.directory.name == "checkpoints"
+        with contextlib.ExitStack() as resources, pytest.raises(workdir_lib.WorkdirError):
+            loop._open_checkpointer(cfg, tmp_path, True, print, resources)
+    with contextlib.ExitStack() as resources:
+        loop._open_checkpointer(cfg, tmp_path, True, print, resources)
+        holder = json.loads((tmp_path / workdir_lib.LOCK).read_text())
+        assert holder["pid"] == os.getpid()
+    assert not (tmp_path / workdir_lib.LOCK).exists()
