@@ -164,6 +164,7 @@ def _start_distributed(args) -> None:
 def _train(args) -> int:
     _start_distributed(args)
     import dlkit
+    from dlkit import finite_json
 
     cfg = dlkit.load_config(args.experiment, args.overrides)
     if args.find_batch_size:
@@ -179,7 +180,8 @@ def _train(args) -> int:
     for row in result.history:
         final.update(row)
     if dlkit.distributed.is_main_process():  # only process 0 of a multi-host job prints
-        print(json.dumps({"workdir": None if workdir is None else str(workdir), **final}))
+        workdir_text = None if workdir is None else str(workdir)
+        print(finite_json.dumps({"workdir": workdir_text, **final}))
     return 0
 
 
@@ -230,9 +232,10 @@ def _find_batch_size(cfg, args) -> int:
 
 def _eval(args) -> int:
     import dlkit
+    from dlkit import finite_json
 
     result = dlkit.evaluate(args.workdir, args.step, split=args.split)
-    print(json.dumps(result))
+    print(finite_json.dumps(result))
     return 0
 
 

@@ -17,11 +17,10 @@ weights when `train.ema_decay` > 0); so with strong regularisation a negative ga
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
-from dlkit import callbacks
+from dlkit import callbacks, finite_json
 
 
 def _series(history, key: str) -> tuple[list[int], list[float]]:
@@ -182,7 +181,9 @@ class Diagnosis(callbacks.Callback):
         text = format_diagnosis(self.report)
         run.log(text)
         if run.is_main and run.workdir is not None:
-            (run.workdir / "diagnosis.json").write_text(json.dumps(self.report, indent=2) + "\n")
+            (run.workdir / "diagnosis.json").write_text(
+                finite_json.dumps(self.report, indent=2) + "\n"
+            )
             (run.workdir / "diagnosis.txt").write_text(text + "\n")
         return None
 

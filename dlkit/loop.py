@@ -23,8 +23,8 @@ and all three go into every checkpoint.
 
 import contextlib
 import dataclasses
-import json
 import pathlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +39,7 @@ from dlkit import (
     default_callbacks,
     distributed,
     evaluation,
+    finite_json,
     interrupt,
     precision,
     programs,
@@ -132,12 +133,10 @@ def fit(
     show = (cfg.train.progress if progress is None else progress) and is_main
     with contextlib.ExitStack() as resources:
         # 1. Open the run.
-        ckpt = _open_checkpointer(cfg, workdir, is_main, log)
-        if ckpt is not None:
-            resources.enter_context(ckpt)
+        ckpt = _open_checkpointer(cfg, workdir, is_main, log, resources)
         # From here on a signal only asks the loop to stop after a step (see dlkit.interrupt).
         stop = resources.enter_context(interrupt.StopRequests())
-        state, position = _restore_or_init(c, ckpt, log)
+        state, position = _restore_or_init(c, ckpt, log, workdir if is_main else None)
         start = int(jax.device_get(state.step))
         _check_resume_step(cfg, start)
         bar = resources.enter_context(
@@ -151,7 +150,7 @@ def fit(
         if is_main:
             bar.write(compute.format_report(report))
             if workdir is not None:
-                (workdir / "compute.json").write_text(json.dumps(report, indent=2) + "\n")
+                (workdir / "compute.json").write_text(finite_json.dumps(report, indent=2) + "\n")
         run = callbacks_lib.Run(
             config=cfg,
             components=c,
@@ -188,17 +187,23 @@ def fit(
     return result
 
 
-def _open_checkpointer(cfg, workdir, is_main: bool, log) -> checkpoint_lib.Checkpointer | None:
-    """The run's Checkpointer on `workdir`/checkpoints (None without a workdir), after the
-    workdir is created and claimed for this config."""
+def _open_checkpointer(
+    cfg, workdir, is_main: bool, log, resources: contextlib.ExitStack
+) -> checkpoint_lib.Checkpointer | None:
+    """The run's Checkpointer on `workdir`/checkpoints (None without a workdir), entered into
+    `resources`, after process 0 has checked that it can write the workdir, locked it for
+    this run (released when `resources` closes) and claimed it for this config."""
     if workdir is None:
         return None
-    workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
+        workdir_lib.check_writable(workdir)
+        resources.enter_context(workdir_lib.lock(workdir, log=log))
         workdir_lib.claim(
             workdir, cfg, archive_mismatched=cfg.checkpoint.archive_mismatched, log=log
         )
-    return checkpoint_lib.Checkpointer(
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint_lib.Checkpointer(
         workdir / "checkpoints",
         max_to_keep=cfg.checkpoint.max_to_keep,
         keep_best=cfg.checkpoint.keep_best,
@@ -207,16 +212,26 @@ def _open_checkpointer(cfg, workdir, is_main: bool, log) -> checkpoint_lib.Check
         async_save=cfg.checkpoint.async_save,
         log=log,
     )
+    return resources.enter_context(ckpt)
 
 
-def _restore_or_init(c: components.Components, ckpt, log) -> tuple[state_lib.TrainState, int]:
+def _restore_or_init(
+    c: components.Components, ckpt, log, workdir
+) -> tuple[state_lib.TrainState, int]:
     """(state, data position): from the newest valid checkpoint, or fresh at position 0,
-    with `checkpoint.init_from`'s params when it names a run to fine-tune from."""
+    with `checkpoint.init_from`'s params when it names a run to fine-tune from.
+
+    With no usable step left but quarantined ones, the run stops (CheckpointError listing
+    them) unless `checkpoint.on_no_valid_step=restart`; then the old metrics.jsonl is moved
+    aside (on process 0, whose `workdir` is given) and training starts from step 0.
+    """
     if ckpt is not None and ckpt.latest_step() is not None:
         try:
             return ckpt.restore(c.abstract_state())
         except FileNotFoundError:  # every step was corrupt and quarantined
             pass
+    if ckpt is not None and ckpt.quarantined():
+        _no_valid_step(c.config, ckpt, log, workdir)
     state = c.init_state()
     ckpt_cfg = c.config.checkpoint
     if ckpt_cfg.init_from:
@@ -224,6 +239,26 @@ def _restore_or_init(c: components.Components, ckpt, log) -> tuple[state_lib.Tra
             state, ckpt_cfg.init_from, ckpt_cfg.init_from_map, log=log
         )
     return state, 0
+
+
+def _no_valid_step(cfg, ckpt, log, workdir) -> None:
+    """Stops the run, or (with on_no_valid_step=restart) archives its metric history."""
+    listed = "\n  ".join(f"{name}: {reason}" for name, reason in ckpt.quarantined())
+    if cfg.checkpoint.on_no_valid_step != "restart":
+        raise checkpoint_lib.CheckpointError(
+            f"no usable checkpoint is left in {ckpt.directory}; these steps are quarantined "
+            f"in {ckpt.directory / checkpoint_lib.QUARANTINE}:\n  {listed}\nNothing was "
+            "trained. To start over from step 0, --set checkpoint.on_no_valid_step=restart."
+        )
+    log(
+        f"checkpoint: no usable step left in {ckpt.directory} (quarantined:\n  {listed}\n); "
+        "checkpoint.on_no_valid_step=restart: training from step 0"
+    )
+    metrics_path = None if workdir is None else workdir / "metrics.jsonl"
+    if metrics_path is not None and metrics_path.exists():
+        dst = workdir / f"metrics.archived-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        metrics_path.rename(dst)
+        log(f"workdir: moved the previous run's metrics.jsonl to {dst.name}")
 
 
 def _check_resume_step(cfg: config_lib.Config, start: int) -> None:
@@ -243,7 +278,7 @@ def _open_records(cfg, workdir, is_main: bool, start: int, audit_report, bar):
     if workdir is None or not is_main:
         return metrics_lib.History(), None
     writer = metrics_lib.JsonlWriter(workdir / "metrics.jsonl")
-    history = writer.truncate_after(start)
+    history = writer.truncate_after(start, log=bar.write)
     workdir_lib.write_config(workdir, cfg, bar.write)
     if audit_report is not None:
         audit_report.write(workdir / "audit.json")

@@ -28,7 +28,6 @@ Nothing of a run is touched: no checkpoint is read or written, only `lr_find.jso
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any
 
@@ -36,7 +35,7 @@ import jax
 import numpy as np
 import optax
 
-from dlkit import components, optim, precision, step_wrappers
+from dlkit import components, finite_json, optim, precision, step_wrappers
 from dlkit import config as config_lib
 from dlkit import metrics as metrics_lib
 
@@ -254,5 +253,5 @@ def _write(result: LRFindResult, out_dir: pathlib.Path) -> list[str]:
         plt.close(fig)
         files.append(str(png))
     result.files = files
-    json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    json_path.write_text(finite_json.dumps(result.to_dict(), indent=2) + "\n")
     return files

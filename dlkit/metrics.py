@@ -28,6 +28,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dlkit import finite_json
+
 
 @flax.struct.dataclass
 class Mean:
@@ -163,50 +165,92 @@ def _matplotlib_figure():
     return matplotlib.figure.Figure
 
 
-def read_history(workdir: str | os.PathLike) -> History:
+def read_history(workdir: str | os.PathLike, log=None) -> History:
     """The metric rows of a run, read from `workdir/metrics.jsonl`.
 
+    Args:
+      workdir: the run's directory.
+      log: told about each unreadable line, which is skipped (default: print).
     Raises:
       FileNotFoundError: the workdir has no metrics.jsonl.
     """
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"read_history: no metrics.jsonl in {workdir}")
-    return JsonlWriter(path).read()
+    return JsonlWriter(path).read(log=log)
 
 
 class JsonlWriter:
-    """Appends metric rows to `path`, one JSON object per line, flushed on every write."""
+    """Appends metric rows to `path`, one JSON object per line, flushed on every write.
+
+    NaN and Inf values are written as the strings "NaN", "Infinity", "-Infinity" (valid JSON,
+    see `dlkit.finite_json`) and read back as floats.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def read(self) -> History:
-        """Rows already in the file (a missing file is empty; a torn last line is ignored)."""
+    @property
+    def unreadable_path(self) -> pathlib.Path:
+        """Where `truncate_after` keeps the lines it could not parse."""
+        return self.path.with_name(self.path.name + ".unreadable")
+
+    def _parse(self) -> tuple[History, list[tuple[int, str]]]:
+        """(readable rows, [(line number, text)] of the lines that are not a JSON object)."""
+        rows, bad = History(), []
         if not self.path.exists():
-            return History()
-        rows = History()
-        for line in self.path.read_text().splitlines():
+            return rows, bad
+        text = self.path.read_text(errors="replace")
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
+                row = finite_json.loads(line)
             except json.JSONDecodeError:
-                break  # a line cut by a crash: everything after it is unreliable
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            else:
+                bad.append((number, line))
+        return rows, bad
+
+    def read(self, log=None) -> History:
+        """Rows in the file (a missing file is empty). A line that is not a JSON row (torn by a
+        crash, or damaged) is skipped, said through `log` (default: print), and every row
+        after it is still read."""
+        rows, bad = self._parse()
+        _report_unreadable(self.path, bad, log or print)
         return rows
 
-    def truncate_after(self, step: int) -> History:
+    def truncate_after(self, step: int, log=None) -> History:
         """Keeps the rows with step <= `step` and returns them.
 
         A resumed run restarts from its last checkpoint; rows a killed run wrote past that
-        point are redone, so they are dropped rather than duplicated. Written to a temporary
-        file and renamed, so a crash here leaves either the old or the new file.
+        point are redone, so they are dropped rather than duplicated. Lines that cannot be
+        parsed are appended to `metrics.jsonl.unreadable` (never dropped) and said through
+        `log`; the rows after them are kept. Written to a temporary file and renamed, so a
+        crash here leaves either the old or the new file.
         """
-        rows = History(r for r in self.read() if r.get("step", 0) <= step)
+        rows, bad = self._parse()
+        if bad:
+            with self.unreadable_path.open("a") as f:
+                f.writelines(line + "\n" for _, line in bad)
+            _report_unreadable(self.path, bad, log or print, kept=self.unreadable_path)
+        rows = History(r for r in rows if r["step"] <= step)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.write_text("".join(finite_json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.path)
         return rows
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(finite_json.dumps(row) + "\n")
+
+
+def _report_unreadable(path, bad: list[tuple[int, str]], log, kept=None) -> None:
+    if not bad:
+        return
+    numbers = ", ".join(str(n) for n, _ in bad[:10]) + (" ..." if len(bad) > 10 else "")
+    where = f"; kept in {kept}" if kept is not None else "; skipped"
+    log(f"warning: {path}: {len(bad)} unreadable line(s) (line {numbers}){where}")

@@ -284,3 +284,37 @@ def test_failing_run_never_deletes_a_good_checkpoint(tmp_path):
     for step in (6, 12):
         assert ckpt_lib.verify_step(tmp_path / "checkpoints" / str(step)) == []
     shutil.rmtree(tmp_path)
+
+
+def test_one_dimensional_inputs_are_an_error_naming_the_expected_shape():
+    x, y = _digits()
+    _fit_fails(
+        r"inputs \(train split\): expected a batch axis and a feature axis, shape \(N, F\) .*"
+        r"got shape \(\d+,\)",
+        train_source=_source(x[:, 2, 3, 0].copy(), y),
+    )
+
+
+def test_unscaled_float_images_warn_like_uint8_ones():
+    x, y = _digits()
+    warnings = validate.check_split(
+        _source((x * 255).astype(np.float64), y), "train", num_outputs=10, classification=True
+    )
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        "inputs (train split): expected floats scaled to about [0, 1], got float64 images "
+        "with values in [0, 255]"
+    )
+    assert validate.check_split(_source(x, y), "train", num_outputs=10, classification=True) == []
+
+
+def test_token_ids_of_a_language_model_are_not_warned_about():
+    tokens = np.random.default_rng(0).integers(0, 50, size=(16, 9)).astype(np.int32)
+    lm = _source(tokens[:, :-1], tokens[:, 1:])
+    assert validate.check_split(lm, "train", num_outputs=None, classification=False) == []
+    # Integer images still are.
+    x, y = _digits()
+    warned = validate.check_split(
+        _source((x * 255).astype(np.uint8), y), "train", num_outputs=10, classification=True
+    )
+    assert len(warned) == 1 and "got uint8" in warned[0]

@@ -10,3 +10,12 @@ def test_chaos_quick(tmp_path):
     assert summary["resume_checks"] >= 2
     assert summary["final_params_identical"] == 3
     assert summary["leftovers"] == 0
+
+
+def test_chaos_two_writers_case(tmp_path):
+    """The one fault case that needs two real processes; the others are tested in-process
+    (tests/test_workdir.py, test_metrics.py, test_reliability.py, test_bad_input.py)."""
+    from dlkit import chaos_cases
+
+    summary = chaos_cases.run_cases(tmp_path, only=["two_writers"])
+    assert summary == {"two_writers": [1, 1]}

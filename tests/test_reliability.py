@@ -394,3 +394,96 @@ def test_train_rows_read_one_call_late_equal_rows_read_at_once():
             late.history.series(key)[1], at_once.history.series(key)[1], err_msg=key
         )
     assert all(r > 0 for r in late.history.series("perf/steps_per_s")[1])
+
+
+# ---- issue 21: no progress lost without a word; every fall-back said -----------------------
+
+
+def test_with_every_step_corrupt_the_run_stops_listing_the_quarantined_steps(reference, tmp_path):
+    workdir = _copy(reference, tmp_path)
+    for step in ("6", "12"):
+        _flip(_data_file(workdir / "checkpoints" / step))
+    rows_before = (workdir / "metrics.jsonl").read_text()
+    strategy = dlkit.make_strategy("jit", num_devices=1)
+    pattern = r"no usable checkpoint is left .*\n  6-\S+: .*CRC-32 mismatch.*\n  12-\S+: .*CRC-32"
+    with pytest.raises(ckpt_lib.CheckpointError, match=pattern):
+        dlkit.fit(tiny_digits_config(), workdir, strategy=strategy)
+    assert dict(strategy.trace_counts) == {}
+    assert (workdir / "metrics.jsonl").read_text() == rows_before  # history untouched
+    # A rerun does not quietly start over either: the quarantined steps still count.
+    with pytest.raises(ckpt_lib.CheckpointError, match="on_no_valid_step=restart"):
+        dlkit.fit(tiny_digits_config(), workdir)
+
+
+def test_on_no_valid_step_restart_trains_from_0_and_keeps_the_old_history(
+    reference, tmp_path, capsys
+):
+    workdir = _copy(reference, tmp_path)
+    rows_before = (workdir / "metrics.jsonl").read_text()
+    for step in ("6", "12"):
+        (workdir / "checkpoints" / step / ckpt_lib.MANIFEST).unlink()
+    cfg = tiny_digits_config(**{"checkpoint.on_no_valid_step": "restart"})
+    result = dlkit.fit(cfg, workdir)
+    out = capsys.readouterr().out
+    assert "checkpoint.on_no_valid_step=restart: training from step 0" in out
+    assert _same(result.state, reference[1].state)  # a fresh run, bitwise the reference
+    archived = list(workdir.glob("metrics.archived-*.jsonl"))
+    assert len(archived) == 1 and archived[0].read_text() == rows_before
+
+
+def test_on_no_valid_step_is_checked():
+    with pytest.raises(dlkit.ConfigError, match=r"checkpoint.on_no_valid_step: expected one of"):
+        tiny_digits_config(**{"checkpoint.on_no_valid_step": "ignore"}).validate()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda d: (d / ckpt_lib.MANIFEST).unlink(), "not committed (dlkit_manifest.json missing)"),
+        (lambda d: (shutil.rmtree(d), d.mkdir()), "the step directory is empty"),
+        (lambda d: _flip(_data_file(d)), "CRC-32 mismatch"),
+    ],
+    ids=["manifest_deleted", "step_emptied", "bit_flipped"],
+)
+def test_eval_and_load_checkpoint_say_which_step_they_skip_and_why(
+    reference, tmp_path, capsys, damage, reason
+):
+    workdir = _copy(reference, tmp_path)
+    damage(workdir / "checkpoints" / "12")
+    assert cli.main(["eval", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out.splitlines()[-1])["step"] == 6
+    assert "skipping step 12" in out and reason in out, out
+    state, _ = dlkit.load_checkpoint(workdir)
+    assert int(state.step) == 6
+    assert "skipping step 12" in capsys.readouterr().out
+    confusion, step = dlkit.report.confusion_matrix(workdir)  # what `dlkit report` draws
+    assert step == 6 and int(confusion.sum()) > 0
+    assert "skipping step 12" in capsys.readouterr().out
+    assert (workdir / "checkpoints" / "12").is_dir()  # a reader moves nothing
+
+
+def test_retention_never_deletes_the_newest_good_step_for_a_worse_one(tmp_path):
+    state = {"w": np.arange(4.0)}
+    with dlkit.Checkpointer(tmp_path, max_to_keep=1) as c:
+        c.save(1, state, data_position=1, metrics={"eval/loss": 0.4})
+        c.save(2, state, data_position=2, metrics={"eval/loss": float("nan")})
+        c.save(3, state, data_position=3, metrics={"eval/loss": float("inf")})
+        c.wait()
+        assert c.all_steps() == [1, 3]  # the newest, and the newest with finite metrics
+        c.save(4, state, data_position=4, metrics={"eval/loss": 0.5})
+        c.wait()
+        assert c.all_steps() == [4]
+
+
+def test_a_nan_metric_never_ranks_as_the_best_step(tmp_path):
+    state = {"w": np.arange(4.0)}
+    with dlkit.Checkpointer(tmp_path, max_to_keep=1, keep_best=1) as c:
+        for step, loss in [(1, float("nan")), (2, 0.3), (3, 0.9), (4, 0.8)]:
+            c.save(step, state, data_position=step, metrics={"eval/loss": loss})
+            c.wait()
+        assert c.all_steps() == [2, 4]
+    with dlkit.Checkpointer(tmp_path / "nan", max_to_keep=2) as c:
+        c.save(1, state, data_position=1, metrics={"eval/loss": float("nan")})
+    manifest = (tmp_path / "nan" / "1" / ckpt_lib.MANIFEST).read_text()
+    json.loads(manifest, parse_constant=lambda token: pytest.fail(f"bare {token}"))

@@ -110,6 +110,7 @@ class Checkpointer:
         self._pending: tuple[int, dict] | None = None  # the save in flight: (step, metrics)
         self._verified: set[int] = set()  # steps whose checksums passed in this process
         self._warned_foreign: set[int] = set()
+        self._reported: set[int] = set()  # uncommitted steps a reader has said it skips
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
         if self._primary:
@@ -132,6 +133,10 @@ class Checkpointer:
             elif (path / commit.COMMIT_MARKER).exists() and (path / commit.MANIFEST).exists():
                 out.append(step)
         return sorted(out)
+
+    def quarantined(self) -> list[tuple[str, str]]:
+        """[(directory name, reason)] of the steps moved to `.quarantine/` (see `retention`)."""
+        return retention.quarantined(self.directory)
 
     def latest_step(self) -> int | None:
         """The newest step, or None."""
@@ -161,6 +166,8 @@ class Checkpointer:
           CheckpointError: an explicitly requested step is corrupt.
         """
         candidates = [self.resolve_step(step)] if step is not None else self.all_steps()[::-1]
+        if step is None:
+            self._report_uncommitted(candidates[0] if candidates else None)
         if not candidates:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         for candidate in candidates:
@@ -189,6 +196,26 @@ class Checkpointer:
             else:
                 self._log(f"checkpoint: skipping step {candidate}: {reason}")
         raise FileNotFoundError(f"no valid checkpoint in {self.directory}")
+
+    def _report_uncommitted(self, newest: int | None) -> None:
+        """Says which step directories newer than `newest` are passed over, and why. The
+        primary cleaned them when it opened (and said so); a reader leaves them and tells."""
+        if self._primary:
+            return
+        for candidate, path in sorted(retention.step_dirs(self.directory).items(), reverse=True):
+            if (newest is not None and candidate <= newest) or candidate in self._reported:
+                continue
+            if not any(path.iterdir()):
+                reason = "the step directory is empty"
+            elif commit.is_foreign(path):
+                continue
+            else:
+                missing = [
+                    m for m in (commit.COMMIT_MARKER, commit.MANIFEST) if not (path / m).exists()
+                ]
+                reason = f"not committed ({', '.join(missing)} missing)"
+            self._reported.add(candidate)
+            self._log(f"checkpoint: skipping step {candidate} in {self.directory}: {reason}")
 
     # ---- save --------------------------------------------------------------------------------
 

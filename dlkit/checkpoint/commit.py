@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from etils import epath
 from orbax.checkpoint import path as ocp_path
 
+from dlkit import finite_json
+
 MANIFEST = "dlkit_manifest.json"
 COMMIT_MARKER = "commit_success.txt"
 # Orbax rewrites this file while committing (timestamps), after the manifest is written, so it
@@ -116,7 +118,7 @@ def _files(step_dir: epath.Path) -> dict[str, tuple[epath.Path, int]]:
 def write_json_atomic(path: epath.Path, payload: dict) -> None:
     """Writes `payload` to `path` whole or not at all (a rename of a temporary file)."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(payload))
+    tmp.write_text(finite_json.dumps(payload))
     tmp.replace(path)
 
 

@@ -11,9 +11,12 @@ Checkpointer empties (`clean_leftovers`). Retention runs inside `save`, in the t
 and unlinking a large step's files is slow, hence the thread.
 
 Retention is dlkit's, not Orbax's: keep the newest `max_to_keep` steps, plus the best
-`keep_best` by a metric recorded in each step's manifest, and never delete the newest step.
+`keep_best` by a metric recorded in each step's manifest, and never delete the newest step nor
+the newest good one (every metric in its manifest finite): a run whose latest evals diverged
+keeps the last step it could go back to. A NaN metric never ranks as best.
 """
 
+import math
 import threading
 import time
 import uuid
@@ -21,11 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from etils import epath
 
+from dlkit import finite_json
 from dlkit.checkpoint import commit
 
 TRASH = ".trash"
 QUARANTINE = ".quarantine"
 ORBAX_TMP = ".orbax-checkpoint-tmp"
+REASON = "dlkit_quarantine_reason.txt"  # inside a quarantined step: why it was moved there
 
 
 def step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
@@ -52,20 +57,37 @@ def steps_to_keep(
       best_metric: the manifest metric that ranks steps.
       best_mode: "min" or "max".
     Returns:
-      the steps to keep; the newest is always among them.
+      the steps to keep; the newest, and the newest whose metrics are all finite, are always
+      among them.
     """
     keep = set(steps if max_to_keep is None else steps[-max_to_keep:])
+    metrics = {s: _metrics(directory / str(s)) for s in steps}
     if keep_best:
         scored = []
         for step in steps:
-            value = commit.read_manifest(directory / str(step)).get("metrics", {})
-            value = value.get(best_metric)
-            if isinstance(value, int | float):
+            value = metrics[step].get(best_metric)
+            if _finite(value):
                 scored.append((value if best_mode == "min" else -value, step))
         keep.update(step for _, step in sorted(scored)[:keep_best])
     if steps:
         keep.add(steps[-1])
+    good = [s for s in steps if all(_finite(v) for v in metrics[s].values())]
+    if good:
+        keep.add(good[-1])
     return keep
+
+
+def _metrics(step_dir: epath.Path) -> dict:
+    value = finite_json.decode(commit.read_manifest(step_dir).get("metrics", {}))
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
 
 
 def quarantine(directory: epath.Path, step: int, reason: str, log) -> epath.Path:
@@ -75,8 +97,27 @@ def quarantine(directory: epath.Path, step: int, reason: str, log) -> epath.Path
     dst_dir.mkdir(exist_ok=True)
     dst = dst_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     (directory / str(step)).rename(dst)
+    try:
+        (dst / REASON).write_text(reason + "\n")
+    except OSError:
+        pass  # the move is what matters; the reason is also in the log
     log(f"checkpoint: step {step} is unusable: {reason}; moved to {dst}")
     return dst
+
+
+def quarantined(directory: epath.Path) -> list[tuple[str, str]]:
+    """[(name, reason)] of the steps in `.quarantine/`, oldest step first."""
+    root = directory / QUARANTINE
+    if not root.is_dir():
+        return []
+    out = []
+    for path in root.iterdir():
+        try:
+            reason = (path / REASON).read_text().strip()
+        except OSError:
+            reason = "reason not recorded"
+        out.append((path.name, reason))
+    return sorted(out, key=lambda item: (int(item[0].split("-")[0]), item[0]))
 
 
 def clean_leftovers(directory: epath.Path, log) -> None:

@@ -287,6 +287,8 @@ class CheckpointConfig:
     #   dlkit workdir, a dlkit step directory or an Orbax PyTree directory; "" = off
     init_from_map: str = ""  # "REGEX=REPLACEMENT;..." renames of the saved leaves' paths
     #   (e.g. params/Dense_0/kernel) to this model's; an empty replacement drops a leaf
+    on_no_valid_step: str = "error"  # every step is corrupt (quarantined): error = stop, listing
+    #   them; restart = train from step 0 (the old metrics.jsonl is moved aside)
 
     def check(self) -> None:
         """Checks the `checkpoint.*` values on their own.
@@ -296,7 +298,12 @@ class CheckpointConfig:
         """
         _check_field_types(self, "checkpoint")
         _check_non_negative({"checkpoint.every_steps": self.every_steps})
-        _check_choices({"checkpoint.best_mode": (self.best_mode, ("min", "max"))})
+        _check_choices(
+            {
+                "checkpoint.best_mode": (self.best_mode, ("min", "max")),
+                "checkpoint.on_no_valid_step": (self.on_no_valid_step, ("error", "restart")),
+            }
+        )
         if self.max_to_keep < 1:
             raise errors.ConfigError(
                 f"checkpoint.max_to_keep: expected an int >= 1, got {self.max_to_keep}"

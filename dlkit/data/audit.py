@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from dlkit import finite_json
 from dlkit.data import sources
 from dlkit.data.validate import DataError
 
@@ -152,7 +153,7 @@ class AuditReport:
     def write(self, path: str | pathlib.Path) -> pathlib.Path:
         """Writes `to_dict()` as JSON to `path`; returns the path."""
         path = pathlib.Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(finite_json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
 

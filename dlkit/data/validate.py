@@ -33,6 +33,14 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.argmax(mask.reshape(mask.shape[0], -1).any(axis=1)))
 
 
+def _token_ids(source, x: np.ndarray, y: np.ndarray) -> bool:
+    """Integer inputs that index a vocabulary (a language model's tokens), not pixel values:
+    the source has a vocabulary, or the labels are next-token ids shaped like the inputs."""
+    if getattr(source, "vocab_size", None) is not None or hasattr(source, "vocab"):
+        return True
+    return x.ndim == 2 and y.shape == x.shape and np.issubdtype(y.dtype, np.integer)
+
+
 def check_split(source, split: str, *, num_outputs: int | None, classification: bool) -> list[str]:
     """Checks one split; returns warnings, raises DataError on errors."""
     warnings = []
@@ -52,13 +60,19 @@ def check_split(source, split: str, *, num_outputs: int | None, classification: 
     x, y = np.asarray(arrays["inputs"]), np.asarray(arrays["labels"])
 
     # Inputs: layout, scale, finiteness.
+    if x.ndim < 2:
+        raise DataError(
+            f"inputs ({split} split): expected a batch axis and a feature axis, shape (N, F) "
+            f"(or (N, H, W, C) images, (N, T) tokens), got shape {x.shape}; a single feature "
+            "per example is x[:, None]"
+        )
     if x.ndim == 4 and x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
         raise DataError(
             f"inputs ({split} split): expected channels-last images (N, H, W, C), got shape "
             f"{x.shape}, which looks channels-first (N, C, H, W); use "
             f"np.transpose(x, (0, 2, 3, 1))"
         )
-    if np.issubdtype(x.dtype, np.integer):
+    if np.issubdtype(x.dtype, np.integer) and not _token_ids(source, x, y):
         warnings.append(
             f"inputs ({split} split): expected floats scaled to about [0, 1], got {x.dtype} "
             f"values in [{x.min()}, {x.max()}] that reach the model unscaled; divide by "
@@ -72,6 +86,13 @@ def check_split(source, split: str, *, num_outputs: int | None, classification: 
                 f"inputs ({split} split): expected finite values, got {int(bad.sum())} NaN/Inf "
                 f"values in {int(bad.reshape(len(x), -1).any(axis=1).sum())} examples, the "
                 f"first at index {_first_bad(bad)}"
+            )
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        if x.ndim >= 3 and lo >= 0 and 2 < hi <= 255:  # images still in pixel units
+            warnings.append(
+                f"inputs ({split} split): expected floats scaled to about [0, 1], got {x.dtype} "
+                f"images with values in [{lo:g}, {hi:g}] that reach the model unscaled; "
+                "divide by 255"
             )
 
     # Labels: type, shape, range.
