@@ -58,6 +58,48 @@ def module_for_strategy(module, strategy: parallel.Strategy):
     return module if module.bn_axis_name == axis_name else module.clone(bn_axis_name=axis_name)
 
 
+def resolve_model(model, module=None):
+    """The module `fit`/`build` train for `fit(model=...)` (or its older name `module=`): a
+    Linen module as it is, an `nnx.Module` instance wrapped once by `NNXAdapter.from_module`."""
+    import flax.linen as nn
+    import flax.nnx as nnx
+
+    from dlkit.models.nnx_adapter import NNXAdapter
+
+    if model is not None and module is not None:
+        raise config_lib.ConfigError(
+            "fit(model=..., module=...): expected one of them (module is the older name of "
+            f"model), got both: {type(model).__name__} and {type(module).__name__}"
+        )
+    model = module if model is None else model
+    if model is None or isinstance(model, (nn.Module, NNXAdapter)):
+        return model
+    if isinstance(model, nnx.Module):
+        return NNXAdapter.from_module(model)
+    if isinstance(model, type) and issubclass(model, (nn.Module, nnx.Module)):
+        raise config_lib.ConfigError(
+            f"model: expected a module instance, got the class {model.__name__}; pass "
+            f"{model.__name__}(...)"
+            + (" with rngs=nnx.Rngs(0)" if issubclass(model, nnx.Module) else "")
+        )
+    raise config_lib.ConfigError(
+        f"model: expected a flax.linen.Module or an nnx.Module instance, got {type(model).__name__}"
+    )
+
+
+def trained_model(module, state):
+    """What `FitResult.model` holds: for an NNX model a new `nnx.Module` with `state`'s weights
+    and statistics; for a Linen module the module itself."""
+    from dlkit.models.nnx_adapter import NNXAdapter
+
+    if not isinstance(module, NNXAdapter):
+        return module
+    variables = {"params": state.params}
+    if state.model_state and "state" in state.model_state:
+        variables["state"] = state.model_state["state"]
+    return module.to_module(variables)
+
+
 def module_for_data(module, source):
     """`module` with `vocab_size` taken from a text source when it is 0 ("from the data").
 

@@ -10,6 +10,7 @@ once, padding masked, metrics summed on the device and fetched once at the end.
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from dlkit import checkpoint as checkpoint_lib
@@ -72,6 +73,7 @@ def load_checkpoint(
     *,
     strategy: parallel.Strategy | None = None,
     weights: str = "ema",
+    model=None,
 ) -> tuple[state_lib.TrainState, config_lib.Config]:
     """Loads a run's checkpoint onto this machine, e.g. into a notebook.
 
@@ -83,6 +85,10 @@ def load_checkpoint(
       weights: "ema" = when the run kept an EMA of the weights (`train.ema_decay` > 0),
         `state.params` are the EMA weights (what the run evaluated); "raw" = the trained
         weights as saved (the state to continue training from).
+      model: the model the run trained when it was your own (`fit(model=...)`): a Linen
+        module, or an `nnx.Module` instance of the same structure, which is updated in place
+        with the checkpoint's weights and BatchNorm statistics (`nnx.update`) and set to eval
+        mode. None = the run's `config.model`.
     Returns:
       (state, config): the TrainState and the run's Config.
     """
@@ -93,9 +99,15 @@ def load_checkpoint(
         step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
         strategy = strategy or parallel.make_strategy("jit", num_devices=1)
-        c = components.build(cfg, strategy=strategy)
+        c = components.build(cfg, module=components.resolve_model(model), strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
-    return (ema_view(state) if weights == "ema" else state), cfg
+    state = ema_view(state) if weights == "ema" else state
+    if model is not None and not isinstance(model, nn.Module):
+        import flax.nnx as nnx
+
+        nnx.update(model, nnx.state(components.trained_model(c.module, state)))
+        model.eval()
+    return state, cfg
 
 
 def evaluate(
@@ -104,9 +116,11 @@ def evaluate(
     *,
     split: str | None = None,
     strategy: parallel.Strategy | None = None,
+    model=None,
 ) -> dict[str, Any]:
     """Evaluates a run's checkpoint on its eval split (or `split`), with its EMA weights when
-    it kept them (as the run's own `eval/` metrics).
+    it kept them (as the run's own `eval/` metrics). `model`: the run's own model, as for
+    `load_checkpoint`.
 
     Returns:
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
@@ -122,7 +136,7 @@ def evaluate(
             sync_every_step=cfg.parallel.sync_every_step,
             compiler_options=components.compiler_options(cfg),
         )
-        c = components.build(cfg, strategy=strategy)
+        c = components.build(cfg, module=components.resolve_model(model), strategy=strategy)
         state, _ = ckpt.restore(c.abstract_state(), step)
     eval_fn = programs.compile_eval(c)
     result = run_eval(c, ema_view(state), eval_fn, c.abstract_eval_metrics(state))

@@ -72,6 +72,9 @@ class FitResult:
         "early_stopping").
       compute_report: FLOPs per step, memory analysis and state bytes per device of the
         compiled train step (see `dlkit.compute`); also in the workdir's compute.json.
+      model: the trained model: for an NNX model a new `nnx.Module` holding the final weights
+        (EMA weights when the run kept them, as evaluated) and BatchNorm statistics, in eval
+        mode; for a Linen model the module itself (its weights are `state.params`).
     """
 
     state: state_lib.TrainState
@@ -80,12 +83,14 @@ class FitResult:
     trace_counts: dict[str, int]
     stopped: str | None = None
     compute_report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: Any = None
 
 
 def fit(
     config: config_lib.Config,
     workdir: str | pathlib.Path | None = None,
     *,
+    model=None,
     module=None,
     train_source=None,
     eval_source=None,
@@ -99,8 +104,10 @@ def fit(
       config: the run's `Config`.
       workdir: where config.json, metrics.jsonl and checkpoints/ go. If it holds checkpoints,
         training resumes from the newest valid one. None = keep nothing on disk.
+      model: your own model in place of `config.model`: a Linen module, or an `nnx.Module`
+        instance (trained from its current weights; `result.model` is the trained module).
       module, train_source, eval_source, strategy: replace the config's choice (see
-        `dlkit.components.build`).
+        `dlkit.components.build`); `module` is the older name of `model`.
       progress: show a progress bar; None = `config.train.progress`.
       callbacks: extra `dlkit.Callback`s, run after those the config turns on
         (`dlkit.default_callbacks`).
@@ -118,6 +125,7 @@ def fit(
     """
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
+    module = components.resolve_model(model, module)
     c = components.build(
         cfg, module=module, train_source=train_source, eval_source=eval_source, strategy=strategy
     )
@@ -180,6 +188,7 @@ def fit(
     if trace_counts.get("train", 0) > 1 and is_main:
         print(f"warning: the train step was compiled {trace_counts['train']} times")
     result = FitResult(loop.state, history, workdir, trace_counts, loop.stopped, report)
+    result.model = components.trained_model(c.module, evaluation.ema_view(loop.state))
     for cb in cbs:
         result = cb.on_train_end(run, result) or result
     if fast_dev_tmp is not None:
