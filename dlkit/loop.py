@@ -42,6 +42,7 @@ from dlkit import (
     interrupt,
     precision,
     programs,
+    run_record,
 )
 from dlkit import config as config_lib
 from dlkit import data as data_lib
@@ -125,6 +126,9 @@ def fit(
     """
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
+    record = run_record.describe(
+        cfg, model if model is not None else module, train_source, eval_source
+    )
     module = components.resolve_model(model, module)
     c = components.build(
         cfg, module=module, train_source=train_source, eval_source=eval_source, strategy=strategy
@@ -152,6 +156,9 @@ def fit(
             progress_lib.ProgressBar(show, cfg.train.steps, min(start, cfg.train.steps), is_main)
         )
         history, writer = _open_records(cfg, workdir, is_main, start, audit_report, bar)
+        bar.write(f"eval data: {run_record.summary(record['eval'])}")
+        if workdir is not None and is_main:
+            run_record.write(workdir, record)
         # 2. Compile.
         distributed.barrier("fit_start", cfg.parallel.barrier_timeout_s)
         train_shape = c.abstract_metrics(state)
