@@ -292,13 +292,10 @@ def _sources(cfg: config_lib.Config, train_source, eval_source) -> tuple[Any, An
     data_options = {"data_dir": d.data_dir or None, "path": d.path or None, "seq_len": d.seq_len}
     held_out = d.validation_examples
     if train_source is not None and eval_source is None and not held_out:
-        # The config's dataset would be another data set than the one trained on.
-        raise config_lib.ConfigError(
-            f"eval_source: expected your own eval data beside train_source, or "
-            f"data.validation_examples=N to hold out the last N examples of train_source; got "
-            f"neither (the config's data.name={d.name!r} is other data, so it is not used)"
-        )
-    if held_out and eval_source is None and (d.eval_split == "validation" or train_source):
+        # The config's dataset is other data than train_source: evaluate on a held-out tenth
+        # of train_source instead (fit names it in the log), never on the config's dataset.
+        held_out = max(1, len(train_source) // 10)
+    if held_out and eval_source is None and (d.eval_split == "validation" or train_source is not None):
         full = train_source or data_lib.load_dataset(d.name, "train", **data_options)
         eval_source = data_lib.Subset(
             full, held_out, len(full) - held_out, what="data.validation_examples"

@@ -72,8 +72,13 @@ def test_report_numbers_agree(python_run):
 def test_fit_without_eval_source_never_borrows_the_configs_dataset(capsys):
     train, _ = _own_data()
     cfg = tiny_digits_config()
-    with pytest.raises(dlkit.ConfigError, match="eval_source: .*data.validation_examples"):
-        dlkit.fit(cfg, train_source=train)
+    result = dlkit.fit(cfg, train_source=train)  # no eval_source: a tenth of train_source
+    assert "eval data: the last 143 examples of train_source" in capsys.readouterr().out
+    state = result.state
+    variables = {"params": state.params, **state.model_state}
+    logits = state.apply_fn(variables, train.arrays["inputs"][-143:], train=False)
+    expected = float(np.mean(np.argmax(logits, -1) == train.arrays["labels"][-143:]))
+    assert result.history.last("eval/accuracy") == pytest.approx(expected, abs=1e-6)
     cfg = tiny_digits_config()
     cfg.data.validation_examples = 200
     result = dlkit.fit(cfg, train_source=train)
