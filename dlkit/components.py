@@ -294,8 +294,18 @@ def _sources(cfg: config_lib.Config, train_source, eval_source) -> tuple[Any, An
     if train_source is not None and eval_source is None and not held_out:
         # The config's dataset is other data than train_source: evaluate on a held-out tenth
         # of train_source instead (fit names it in the log), never on the config's dataset.
-        held_out = max(1, len(train_source) // 10)
-    if held_out and eval_source is None and (d.eval_split == "validation" or train_source is not None):
+        held_out = len(train_source) // 10
+        if not held_out:
+            raise config_lib.ConfigError(
+                f"eval_source: expected your own eval data, or data.validation_examples=N; got "
+                f"neither, and train_source has {len(train_source)} examples, too few to hold "
+                "out a tenth (the config's dataset is other data, so it is not used)"
+            )
+    if (
+        held_out
+        and eval_source is None
+        and (d.eval_split == "validation" or train_source is not None)
+    ):
         full = train_source or data_lib.load_dataset(d.name, "train", **data_options)
         eval_source = data_lib.Subset(
             full, held_out, len(full) - held_out, what="data.validation_examples"

@@ -56,7 +56,7 @@ def describe(cfg: config_lib.Config, model, train_source, eval_source) -> dict[s
     import flax.nnx as nnx
 
     if train_source is not None and eval_source is None:
-        held_out = cfg.data.validation_examples or max(1, len(train_source) // 10)
+        held_out = cfg.data.validation_examples or len(train_source) // 10
         eval_record = {**_python(train_source), "held_out_last": held_out}
     else:
         eval_record = (

@@ -94,8 +94,8 @@ def test_fit_without_eval_source_never_borrows_the_configs_dataset(capsys):
 def test_a_changed_data_file_is_refused(tmp_path):
     text = tmp_path / "tiny.txt"
     text.write_text("abc " * 200)
-    cfg = dlkit.load_config("digits_mlp")
-    cfg.data.path = str(text)
+    cfg = dlkit.load_config("kjv_char_lm")
+    cfg.data.name, cfg.data.path = "text", str(text)
     record = run_record.describe(cfg, None, None, None)
     assert record["train"]["bytes"] == 800
     (tmp_path / "w").mkdir()
@@ -104,3 +104,9 @@ def test_a_changed_data_file_is_refused(tmp_path):
     text.write_text("abd " * 200)
     with pytest.raises(run_record.RecordError, match="data.path: .*sha256"):
         run_record.check(tmp_path / "w")
+
+
+def test_a_path_the_dataset_ignores_is_an_error():
+    cfg = dlkit.load_config("kjv_char_lm", overrides=["data.path=/tmp/some.txt"])
+    with pytest.raises(dlkit.ConfigError, match="data.path: .*data.name='kjv', which ignores it"):
+        cfg.validate()
