@@ -289,7 +289,12 @@ def _sources(cfg: config_lib.Config, train_source, eval_source) -> tuple[Any, An
     """The train and eval sources: the config's datasets unless given, with the held-out
     validation split, `data.train_examples` and `train.overfit_batches` applied."""
     d = cfg.data
-    data_options = {"data_dir": d.data_dir or None, "path": d.path or None, "seq_len": d.seq_len}
+    data_options = {
+        "data_dir": d.data_dir or None,
+        "path": d.path or None,
+        "seq_len": d.seq_len,
+        "scale": d.scale,
+    }
     held_out = d.validation_examples
     if train_source is not None and eval_source is None and not held_out:
         # The config's dataset is other data than train_source: evaluate on a held-out tenth

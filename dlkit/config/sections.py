@@ -24,10 +24,13 @@ _PATH_DATASETS = ("text", "arrays")  # the datasets that read data.path
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "digits"  # dataset: digits | fashion_mnist | text | kjv
+    name: str = "digits"  # dataset: digits | fashion_mnist | text | kjv | spoken_digits | arrays
     data_dir: str = ""  # directory with the dataset's files; "" = the dataset's default search
     path: str = ""  # text: the UTF-8 file; arrays: FILE.npz or X.npy (see dlkit.data.arrays)
     seq_len: int = 256  # text and kjv: characters per example
+    scale: str = (
+        "uint8"  # arrays: "uint8" = uint8 inputs / 255 -> float32 [0, 1]; "none" = as stored
+    )
     eval_split: str = "test"  # split evaluated periodically and by `dlkit eval`
     shuffle: bool = True  # shuffle training batches, by (seed, epoch)
     last_batch: str = "drop"  # training loader's last partial batch: drop | pad
@@ -66,6 +69,7 @@ class DataConfig:
                 "data.last_batch": (self.last_batch, ("drop", "pad")),
                 "data.validate": (self.validate, ("error", "warn", "off")),
                 "data.audit": (self.audit, ("warn", "fail", "off")),
+                "data.scale": (self.scale, ("uint8", "none")),
             }
         )
         if self.path and self.name not in _PATH_DATASETS:
