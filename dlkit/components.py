@@ -233,6 +233,8 @@ def build(
     train_source=None,
     eval_source=None,
     strategy: parallel.Strategy | None = None,
+    loss_fn=None,
+    metrics=None,
 ) -> Components:
     """Makes the run's pieces from `cfg`; any piece passed in replaces the config's choice.
 
@@ -242,6 +244,9 @@ def build(
       train_source, eval_source: random-access datasets (dicts with "inputs" and "labels")
         instead of `cfg.data`.
       strategy: a `parallel.Strategy` instead of `cfg.parallel`.
+      loss_fn, metrics: your own loss `loss_fn(outputs, labels) -> (B,)` instead of
+        `cfg.loss`, and metrics {name: fn(outputs, labels) -> (B,)}
+        (see `dlkit.losses.CustomLoss`); checked on the model's output shapes by `check_loss`.
     Raises:
       ConfigError: a setting that cannot work, before anything is compiled.
     """
@@ -256,7 +261,7 @@ def build(
     if policy.name != "float32":
         module = precision.apply_to_module(policy, module)
     module = module_for_data(module_for_strategy(module, strategy), train_source)
-    loss_fn = losses.from_config(cfg.loss)
+    loss_fn = losses.custom(loss_fn, metrics, default=losses.from_config(cfg.loss))
     tx, schedule = optim.from_config(cfg.optim, cfg.train.steps)
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
@@ -264,6 +269,38 @@ def build(
     return Components(
         cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
     )
+
+
+def check_loss(c: "Components") -> None:
+    """Raises ConfigError, before anything compiles, when a custom loss or metric cannot take
+    the model's outputs and the labels or does not return one value per example."""
+    if not isinstance(c.loss_fn, losses.CustomLoss):
+        return
+    # Two examples, so a batch axis is told apart from a size-1 axis.
+    batch = data_lib.get_batch(c.train_source, np.arange(min(2, len(c.train_source))))
+    state = c.abstract_state()
+
+    def outputs_of(state, x):
+        return state.apply_fn({"params": state.params, **state.model_state}, x, train=False)
+
+    outputs = jax.eval_shape(outputs_of, state, batch["inputs"])
+    labels = jax.ShapeDtypeStruct(batch["labels"].shape, batch["labels"].dtype)
+    checks = [("loss_fn", c.loss_fn.loss_fn)] + list(c.loss_fn.metric_fns)
+    for name, fn in checks:
+        where = (
+            f"{name}(outputs {outputs.shape} {outputs.dtype}, labels {labels.shape} {labels.dtype})"
+        )
+        try:
+            result = jax.eval_shape(fn, outputs, labels)
+        except Exception as e:  # any error of the user's function, before compiling
+            raise config_lib.ConfigError(f"{name}: calling {where} failed: {e}") from e
+        shape = getattr(result, "shape", None)
+        if shape is None or shape not in {labels.shape, labels.shape[:1]}:
+            raise config_lib.ConfigError(
+                f"{name}: expected one value per example, shape {labels.shape[:1]} (or "
+                f"{labels.shape}, one per label), from {where}; got "
+                f"{shape if shape is not None else type(result).__name__}"
+            )
 
 
 def _strategy(cfg: config_lib.Config, strategy: parallel.Strategy | None) -> parallel.Strategy:

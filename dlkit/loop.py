@@ -96,6 +96,8 @@ def fit(
     train_source=None,
     eval_source=None,
     strategy=None,
+    loss_fn=None,
+    metrics=None,
     progress: bool | None = None,
     callbacks: Sequence[callbacks_lib.Callback] = (),
 ) -> FitResult:
@@ -109,6 +111,10 @@ def fit(
         instance (trained from its current weights; `result.model` is the trained module).
       module, train_source, eval_source, strategy: replace the config's choice (see
         `dlkit.components.build`); `module` is the older name of `model`.
+      loss_fn: your own loss in place of `config.loss`: `loss_fn(outputs, labels) -> (B,)`,
+        one value per example, jax-traceable (see `dlkit.losses.CustomLoss`).
+      metrics: {name: fn(outputs, labels) -> (B,)}, logged as train/<name> and eval/<name>.
+        Both are called on the model's output shapes before anything compiles.
       progress: show a progress bar; None = `config.train.progress`.
       callbacks: extra `dlkit.Callback`s, run after those the config turns on
         (`dlkit.default_callbacks`).
@@ -131,8 +137,15 @@ def fit(
     )
     module = components.resolve_model(model, module)
     c = components.build(
-        cfg, module=module, train_source=train_source, eval_source=eval_source, strategy=strategy
+        cfg,
+        module=module,
+        train_source=train_source,
+        eval_source=eval_source,
+        strategy=strategy,
+        loss_fn=loss_fn,
+        metrics=metrics,
     )
+    components.check_loss(c)
     is_main = c.strategy.process_index == 0
     log = (lambda text: print(text, flush=True)) if is_main else (lambda text: None)
     components.check_data(c, log)
