@@ -110,3 +110,15 @@ def test_a_path_the_dataset_ignores_is_an_error():
     cfg = dlkit.load_config("kjv_char_lm", overrides=["data.path=/tmp/some.txt"])
     with pytest.raises(dlkit.ConfigError, match="data.path: .*data.name='kjv', which ignores it"):
         cfg.validate()
+
+
+def test_token_ids_are_not_warned_about_but_uint8_images_are(tmp_path):
+    from dlkit.data import text, validate
+
+    path = tmp_path / "t.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    tokens = text.load_text(str(path), "train", seq_len=16)
+    assert validate.check_split(tokens, "train", num_outputs=None, classification=True) == []
+    images = ArraySource(inputs=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros((4,), np.int32))
+    warned = validate.check_split(images, "train", num_outputs=10, classification=True)
+    assert any("divide by 255" in w for w in warned)

@@ -58,7 +58,9 @@ def check_split(source, split: str, *, num_outputs: int | None, classification: 
             f"{x.shape}, which looks channels-first (N, C, H, W); use "
             f"np.transpose(x, (0, 2, 3, 1))"
         )
-    if np.issubdtype(x.dtype, np.integer):
+    # A text source's integer inputs are token ids, for an embedding: they are not scaled.
+    token_ids = getattr(source, "vocab_size", None) is not None
+    if np.issubdtype(x.dtype, np.integer) and not token_ids:
         warnings.append(
             f"inputs ({split} split): expected floats scaled to about [0, 1], got {x.dtype} "
             f"values in [{x.min()}, {x.max()}] that reach the model unscaled; divide by "
