@@ -5,6 +5,7 @@
     dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
     dlkit train [EXPERIMENT] --fast-dev-run      # 1 step, 1 eval batch, checkpoint checked
     dlkit eval WORKDIR [--step N] [--split NAME]
+    dlkit sample WORKDIR --prompt TEXT --length N [--temperature T]   # exactly N new characters
     dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
     dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
     dlkit report WORKDIR [--no-plots]
@@ -87,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("workdir")
     ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
+
+    sm = sub.add_parser("sample", help="print exactly N new characters from a language model run")
+    sm.add_argument("workdir")
+    sm.add_argument("--prompt", required=True, help="the text to continue")
+    sm.add_argument("--length", type=int, required=True, help="new characters to print")
+    sm.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sm.add_argument("--top-k", type=int, default=20, help="0 = all tokens (default 20)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
 
     audit = sub.add_parser(
         "audit", help="audit an experiment's data: duplicates, leakage, labels, NaN, ranges"
@@ -236,6 +246,22 @@ def _eval(args) -> int:
     return 0
 
 
+def _sample(args) -> int:
+    import dlkit
+
+    text = dlkit.sample(
+        args.workdir,
+        args.prompt,
+        args.length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        step=args.step,
+    )
+    sys.stdout.write(text + "\n")
+    return 0
+
+
 def _report(args) -> int:
     import dlkit
 
@@ -272,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "train": _train,
             "eval": _eval,
+            "sample": _sample,
             "audit": _audit,
             "lr-find": _lr_find,
             "report": _report,
