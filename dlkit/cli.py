@@ -4,7 +4,7 @@
     dlkit train [EXPERIMENT] --find-batch-size [--memory-limit-mb MB]
     dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
     dlkit train [EXPERIMENT] --fast-dev-run      # 1 step, 1 eval batch, checkpoint checked
-    dlkit eval WORKDIR [--step N] [--split NAME]
+    dlkit eval WORKDIR [--step N] [--split NAME] [--model MODULE:FUNCTION]   # your own model
     dlkit sample WORKDIR --prompt TEXT --length N [--temperature T]   # exactly N new characters
     dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
     dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("workdir")
     ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
+    ev.add_argument(
+        "--model",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="for a run of your own model (fit(model=...)): a function returning an instance "
+        "of it, e.g. mypkg.models:make_cnn (imported from the current directory too)",
+    )
 
     sm = sub.add_parser("sample", help="print exactly N new characters from a language model run")
     sm.add_argument("workdir")
@@ -241,9 +248,29 @@ def _find_batch_size(cfg, args) -> int:
 def _eval(args) -> int:
     import dlkit
 
-    result = dlkit.evaluate(args.workdir, args.step, split=args.split)
+    model = _model_from(args.model) if args.model else None
+    result = dlkit.evaluate(args.workdir, args.step, split=args.split, model=model)
     print(json.dumps(result))
     return 0
+
+
+def _model_from(spec: str):
+    """The instance `MODULE:FUNCTION` returns (`--model`)."""
+    import importlib
+
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise ValueError(
+            f"--model: expected MODULE:FUNCTION, e.g. mypkg.models:make_cnn, got {spec!r}"
+        )
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    factory = getattr(importlib.import_module(module_name), function, None)
+    if not callable(factory):
+        raise ValueError(
+            f"--model: expected a function {function} in {module_name}, got {factory!r}"
+        )
+    return factory()
 
 
 def _sample(args) -> int:

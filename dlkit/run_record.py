@@ -108,7 +108,8 @@ def check(workdir, *, eval_source=None, model=None, need_data: bool = True) -> N
         raise RecordError(
             f"model: {workdir} was trained with your own {m['kind']} model {m['class']} "
             "(fit(model=...)); it cannot be rebuilt from the workdir. Pass model= (an "
-            "instance of that class) to dlkit.evaluate / dlkit.load_checkpoint from Python"
+            "instance of that class) to dlkit.evaluate / dlkit.load_checkpoint from Python, "
+            "or --model MODULE:FUNCTION (a function returning one) to dlkit eval"
         )
     if not need_data or eval_source is not None:
         return

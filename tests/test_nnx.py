@@ -217,3 +217,33 @@ def test_result_model_and_load_checkpoint_give_the_runs_numbers(tmp_path):
     np.testing.assert_allclose(fresh(jnp.asarray(x)), expected, atol=1e-6)
     metrics = dlkit.evaluate(tmp_path / "run", model=NNXCNN(rngs=nnx.Rngs(3)))
     assert metrics["accuracy"] == pytest.approx(result.history.last("eval/accuracy"), abs=1e-6)
+
+
+def test_dlkit_eval_on_an_nnx_run(tmp_path, monkeypatch, capsys):
+    import json
+    import textwrap
+
+    from dlkit import cli
+
+    cfg = _cnn_config()
+    cfg.parallel.num_devices = 1
+    result = dlkit.fit(cfg, tmp_path / "run", model=NNXCNN(rngs=nnx.Rngs(1)))
+    capsys.readouterr()
+    # Without the model: an error naming it, not the config's MLP.
+    assert cli.main(["eval", str(tmp_path / "run")]) == 2
+    assert "--model MODULE:FUNCTION" in capsys.readouterr().err
+    (tmp_path / "my_models.py").write_text(
+        textwrap.dedent(
+            """
+            import flax.nnx as nnx
+            from test_nnx import NNXCNN
+
+            def make_cnn():
+                return NNXCNN(rngs=nnx.Rngs(5))
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["eval", str(tmp_path / "run"), "--model", "my_models:make_cnn"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["accuracy"] == pytest.approx(result.history.last("eval/accuracy"), abs=1e-6)
