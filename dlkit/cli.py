@@ -189,7 +189,8 @@ def _train(args) -> int:
         cfg.train.fast_dev_run = True
     default_workdir = None if cfg.train.fast_dev_run else pathlib.Path("runs") / cfg.name
     workdir = args.workdir or default_workdir
-    result = dlkit.fit(cfg, workdir, progress=False if args.no_progress else None)
+    own = dlkit.config.experiments.fit_arguments(args.experiment)  # loss_fn, metrics
+    result = dlkit.fit(cfg, workdir, progress=False if args.no_progress else None, **own)
     final = {"step": result.history[-1]["step"]} if result.history else {}
     if result.stopped:
         final["stopped"] = result.stopped

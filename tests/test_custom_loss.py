@@ -44,3 +44,34 @@ def test_bad_loss_is_refused_before_compiling(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dlkit.fit(tiny_digits_config(), strategy=strategy, **kwargs)
     assert dict(strategy.trace_counts) == {}
+
+
+def test_an_experiment_file_brings_its_own_loss_and_metrics(tmp_path, capsys):
+    import json
+    import textwrap
+
+    from dlkit import cli
+
+    path = tmp_path / "my_exp.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import jax.numpy as jnp
+            from conftest import tiny_digits_config
+
+            def config():
+                return tiny_digits_config()
+
+            def loss_fn(logits, labels):
+                return jnp.sum((logits - jnp.eye(10)[labels]) ** 2, axis=-1)  # (B,)
+
+            metrics = {"max_logit": lambda logits, labels: logits.max(axis=-1)}
+            """
+        )
+    )
+    assert cli.main(["train", str(path), "--workdir", str(tmp_path / "run"), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "eval/max_logit" in printed and "train/max_logit" in printed
+    # The file's squared-error loss, not the config's cross-entropy: compare one of each.
+    built_in = dlkit.fit(tiny_digits_config())
+    assert printed["eval/loss"] != pytest.approx(built_in.history.last("eval/loss"), rel=1e-3)
