@@ -49,6 +49,7 @@ from dlkit.evaluation import evaluate, load_checkpoint
 from dlkit.loop import FitResult, fit
 from dlkit.metrics import read_history
 from dlkit.parallel import make_strategy
+from dlkit.sampling import sample_text as sample
 from dlkit.state import TrainState, create_train_state
 from dlkit.step_wrappers import make_train_step
 from dlkit.steps import eval_step, train_step
@@ -87,6 +88,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "read_history",
+    "sample",
     "losses",
     "lr_finder",
     "make_strategy",

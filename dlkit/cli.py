@@ -4,7 +4,8 @@
     dlkit train [EXPERIMENT] --find-batch-size [--memory-limit-mb MB]
     dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
     dlkit train [EXPERIMENT] --fast-dev-run      # 1 step, 1 eval batch, checkpoint checked
-    dlkit eval WORKDIR [--step N] [--split NAME]
+    dlkit eval WORKDIR [--step N] [--split NAME] [--model MODULE:FUNCTION]   # your own model
+    dlkit sample WORKDIR --prompt TEXT --length N [--temperature T]   # exactly N new characters
     dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
     dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
     dlkit report WORKDIR [--no-plots]
@@ -87,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("workdir")
     ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
+    ev.add_argument(
+        "--model",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="for a run of your own model (fit(model=...)): a function returning an instance "
+        "of it, e.g. mypkg.models:make_cnn (imported from the current directory too)",
+    )
+
+    sm = sub.add_parser("sample", help="print exactly N new characters from a language model run")
+    sm.add_argument("workdir")
+    sm.add_argument("--prompt", required=True, help="the text to continue")
+    sm.add_argument("--length", type=int, required=True, help="new characters to print")
+    sm.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sm.add_argument("--top-k", type=int, default=20, help="0 = all tokens (default 20)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
 
     audit = sub.add_parser(
         "audit", help="audit an experiment's data: duplicates, leakage, labels, NaN, ranges"
@@ -173,7 +190,8 @@ def _train(args) -> int:
         cfg.train.fast_dev_run = True
     default_workdir = None if cfg.train.fast_dev_run else pathlib.Path("runs") / cfg.name
     workdir = args.workdir or default_workdir
-    result = dlkit.fit(cfg, workdir, progress=False if args.no_progress else None)
+    own = dlkit.config.experiments.fit_arguments(args.experiment)  # loss_fn, metrics
+    result = dlkit.fit(cfg, workdir, progress=False if args.no_progress else None, **own)
     final = {"step": result.history[-1]["step"]} if result.history else {}
     if result.stopped:
         final["stopped"] = result.stopped
@@ -234,8 +252,44 @@ def _eval(args) -> int:
     import dlkit
     from dlkit import finite_json
 
-    result = dlkit.evaluate(args.workdir, args.step, split=args.split)
+    model = _model_from(args.model) if args.model else None
+    result = dlkit.evaluate(args.workdir, args.step, split=args.split, model=model)
     print(finite_json.dumps(result))
+    return 0
+
+
+def _model_from(spec: str):
+    """The instance `MODULE:FUNCTION` returns (`--model`)."""
+    import importlib
+
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise ValueError(
+            f"--model: expected MODULE:FUNCTION, e.g. mypkg.models:make_cnn, got {spec!r}"
+        )
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    factory = getattr(importlib.import_module(module_name), function, None)
+    if not callable(factory):
+        raise ValueError(
+            f"--model: expected a function {function} in {module_name}, got {factory!r}"
+        )
+    return factory()
+
+
+def _sample(args) -> int:
+    import dlkit
+
+    text = dlkit.sample(
+        args.workdir,
+        args.prompt,
+        args.length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        step=args.step,
+    )
+    sys.stdout.write(text + "\n")
     return 0
 
 
@@ -275,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "train": _train,
             "eval": _eval,
+            "sample": _sample,
             "audit": _audit,
             "lr-find": _lr_find,
             "report": _report,

@@ -58,6 +58,48 @@ def module_for_strategy(module, strategy: parallel.Strategy):
     return module if module.bn_axis_name == axis_name else module.clone(bn_axis_name=axis_name)
 
 
+def resolve_model(model, module=None):
+    """The module `fit`/`build` train for `fit(model=...)` (or its older name `module=`): a
+    Linen module as it is, an `nnx.Module` instance wrapped once by `NNXAdapter.from_module`."""
+    import flax.linen as nn
+    import flax.nnx as nnx
+
+    from dlkit.models.nnx_adapter import NNXAdapter
+
+    if model is not None and module is not None:
+        raise config_lib.ConfigError(
+            "fit(model=..., module=...): expected one of them (module is the older name of "
+            f"model), got both: {type(model).__name__} and {type(module).__name__}"
+        )
+    model = module if model is None else model
+    if model is None or isinstance(model, (nn.Module, NNXAdapter)):
+        return model
+    if isinstance(model, nnx.Module):
+        return NNXAdapter.from_module(model)
+    if isinstance(model, type) and issubclass(model, (nn.Module, nnx.Module)):
+        raise config_lib.ConfigError(
+            f"model: expected a module instance, got the class {model.__name__}; pass "
+            f"{model.__name__}(...)"
+            + (" with rngs=nnx.Rngs(0)" if issubclass(model, nnx.Module) else "")
+        )
+    raise config_lib.ConfigError(
+        f"model: expected a flax.linen.Module or an nnx.Module instance, got {type(model).__name__}"
+    )
+
+
+def trained_model(module, state):
+    """What `FitResult.model` holds: for an NNX model a new `nnx.Module` with `state`'s weights
+    and statistics; for a Linen module the module itself."""
+    from dlkit.models.nnx_adapter import NNXAdapter
+
+    if not isinstance(module, NNXAdapter):
+        return module
+    variables = {"params": state.params}
+    if state.model_state and "state" in state.model_state:
+        variables["state"] = state.model_state["state"]
+    return module.to_module(variables)
+
+
 def module_for_data(module, source):
     """`module` with `vocab_size` taken from a text source when it is 0 ("from the data").
 
@@ -191,6 +233,8 @@ def build(
     train_source=None,
     eval_source=None,
     strategy: parallel.Strategy | None = None,
+    loss_fn=None,
+    metrics=None,
 ) -> Components:
     """Makes the run's pieces from `cfg`; any piece passed in replaces the config's choice.
 
@@ -200,6 +244,9 @@ def build(
       train_source, eval_source: random-access datasets (dicts with "inputs" and "labels")
         instead of `cfg.data`.
       strategy: a `parallel.Strategy` instead of `cfg.parallel`.
+      loss_fn, metrics: your own loss `loss_fn(outputs, labels) -> (B,)` instead of
+        `cfg.loss`, and metrics {name: fn(outputs, labels) -> (B,)}
+        (see `dlkit.losses.CustomLoss`); checked on the model's output shapes by `check_loss`.
     Raises:
       ConfigError: a setting that cannot work, before anything is compiled.
     """
@@ -214,7 +261,7 @@ def build(
     if policy.name != "float32":
         module = precision.apply_to_module(policy, module)
     module = module_for_data(module_for_strategy(module, strategy), train_source)
-    loss_fn = losses.from_config(cfg.loss)
+    loss_fn = losses.custom(loss_fn, metrics, default=losses.from_config(cfg.loss))
     tx, schedule = optim.from_config(cfg.optim, cfg.train.steps)
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
@@ -222,6 +269,38 @@ def build(
     return Components(
         cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
     )
+
+
+def check_loss(c: "Components") -> None:
+    """Raises ConfigError, before anything compiles, when a custom loss or metric cannot take
+    the model's outputs and the labels or does not return one value per example."""
+    if not isinstance(c.loss_fn, losses.CustomLoss):
+        return
+    # Two examples, so a batch axis is told apart from a size-1 axis.
+    batch = data_lib.get_batch(c.train_source, np.arange(min(2, len(c.train_source))))
+    state = c.abstract_state()
+
+    def outputs_of(state, x):
+        return state.apply_fn({"params": state.params, **state.model_state}, x, train=False)
+
+    outputs = jax.eval_shape(outputs_of, state, batch["inputs"])
+    labels = jax.ShapeDtypeStruct(batch["labels"].shape, batch["labels"].dtype)
+    checks = [("loss_fn", c.loss_fn.loss_fn)] + list(c.loss_fn.metric_fns)
+    for name, fn in checks:
+        where = (
+            f"{name}(outputs {outputs.shape} {outputs.dtype}, labels {labels.shape} {labels.dtype})"
+        )
+        try:
+            result = jax.eval_shape(fn, outputs, labels)
+        except Exception as e:  # any error of the user's function, before compiling
+            raise config_lib.ConfigError(f"{name}: calling {where} failed: {e}") from e
+        shape = getattr(result, "shape", None)
+        if shape is None or shape not in {labels.shape, labels.shape[:1]}:
+            raise config_lib.ConfigError(
+                f"{name}: expected one value per example, shape {labels.shape[:1]} (or "
+                f"{labels.shape}, one per label), from {where}; got "
+                f"{shape if shape is not None else type(result).__name__}"
+            )
 
 
 def _strategy(cfg: config_lib.Config, strategy: parallel.Strategy | None) -> parallel.Strategy:
@@ -247,9 +326,28 @@ def _sources(cfg: config_lib.Config, train_source, eval_source) -> tuple[Any, An
     """The train and eval sources: the config's datasets unless given, with the held-out
     validation split, `data.train_examples` and `train.overfit_batches` applied."""
     d = cfg.data
-    data_options = {"data_dir": d.data_dir or None, "path": d.path or None, "seq_len": d.seq_len}
+    data_options = {
+        "data_dir": d.data_dir or None,
+        "path": d.path or None,
+        "seq_len": d.seq_len,
+        "scale": d.scale,
+    }
     held_out = d.validation_examples
-    if held_out and d.eval_split == "validation" and eval_source is None:
+    if train_source is not None and eval_source is None and not held_out:
+        # The config's dataset is other data than train_source: evaluate on a held-out tenth
+        # of train_source instead (fit names it in the log), never on the config's dataset.
+        held_out = len(train_source) // 10
+        if not held_out:
+            raise config_lib.ConfigError(
+                f"eval_source: expected your own eval data, or data.validation_examples=N; got "
+                f"neither, and train_source has {len(train_source)} examples, too few to hold "
+                "out a tenth (the config's dataset is other data, so it is not used)"
+            )
+    if (
+        held_out
+        and eval_source is None
+        and (d.eval_split == "validation" or train_source is not None)
+    ):
         full = train_source or data_lib.load_dataset(d.name, "train", **data_options)
         eval_source = data_lib.Subset(
             full, held_out, len(full) - held_out, what="data.validation_examples"

@@ -10,10 +10,11 @@ once, padding masked, metrics summed on the device and fetched once at the end.
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from dlkit import checkpoint as checkpoint_lib
-from dlkit import components, parallel, programs
+from dlkit import components, parallel, programs, run_record
 from dlkit import config as config_lib
 from dlkit import data as data_lib
 from dlkit import metrics as metrics_lib
@@ -66,12 +67,32 @@ def open_existing(workdir: pathlib.Path) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(directory, max_to_keep=None, read_only=True)
 
 
+def build_for(workdir, cfg, strategy, *, eval_source=None, model=None, need_data=True):
+    """The run's Components for evaluating `workdir`: its recorded data and model (see
+    `dlkit.run_record`), or `eval_source` / `model` given; RecordError if the run's data or
+    model cannot be rebuilt and none is given."""
+    run_record.check(workdir, eval_source=eval_source, model=model, need_data=need_data)
+    record = run_record.read(workdir) or {}
+    python_train = record.get("train", {}).get("kind") == "python"
+    # A run trained on Python objects has no training data to rebuild; the eval data stand in
+    # (they only give shapes, and a text vocabulary).
+    train_source = eval_source if python_train and eval_source is not None else None
+    return components.build(
+        cfg,
+        module=components.resolve_model(model),
+        train_source=train_source,
+        eval_source=eval_source,
+        strategy=strategy,
+    )
+
+
 def load_checkpoint(
     workdir: str | pathlib.Path,
     step: int | None = None,
     *,
     strategy: parallel.Strategy | None = None,
     weights: str = "ema",
+    model=None,
 ) -> tuple[state_lib.TrainState, config_lib.Config]:
     """Loads a run's checkpoint onto this machine, e.g. into a notebook.
 
@@ -83,6 +104,10 @@ def load_checkpoint(
       weights: "ema" = when the run kept an EMA of the weights (`train.ema_decay` > 0),
         `state.params` are the EMA weights (what the run evaluated); "raw" = the trained
         weights as saved (the state to continue training from).
+      model: the model the run trained when it was your own (`fit(model=...)`): a Linen
+        module, or an `nnx.Module` instance of the same structure, which is updated in place
+        with the checkpoint's weights and BatchNorm statistics (`nnx.update`) and set to eval
+        mode. None = the run's `config.model`.
     Returns:
       (state, config): the TrainState and the run's Config.
     """
@@ -93,9 +118,15 @@ def load_checkpoint(
         step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
         strategy = strategy or parallel.make_strategy("jit", num_devices=1)
-        c = components.build(cfg, strategy=strategy)
+        c = build_for(workdir, cfg, strategy, model=model, need_data=False)
         state, _ = ckpt.restore(c.abstract_state(), step)
-    return (ema_view(state) if weights == "ema" else state), cfg
+    state = ema_view(state) if weights == "ema" else state
+    if model is not None and not isinstance(model, nn.Module):
+        import flax.nnx as nnx
+
+        nnx.update(model, nnx.state(components.trained_model(c.module, state)))
+        model.eval()
+    return state, cfg
 
 
 def evaluate(
@@ -104,9 +135,13 @@ def evaluate(
     *,
     split: str | None = None,
     strategy: parallel.Strategy | None = None,
+    model=None,
+    eval_source=None,
 ) -> dict[str, Any]:
-    """Evaluates a run's checkpoint on its eval split (or `split`), with its EMA weights when
-    it kept them (as the run's own `eval/` metrics).
+    """Evaluates a run's checkpoint on the data it evaluated on (recorded in the workdir's
+    run.json) or its config's `split`, with its EMA weights when it kept them (as the run's own
+    `eval/` metrics). `model`: the run's own model, as for `load_checkpoint`; `eval_source`:
+    the data, required when the run was given Python objects (they cannot be rebuilt).
 
     Returns:
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
@@ -122,13 +157,13 @@ def evaluate(
             sync_every_step=cfg.parallel.sync_every_step,
             compiler_options=components.compiler_options(cfg),
         )
-        c = components.build(cfg, strategy=strategy)
+        c = build_for(workdir, cfg, strategy, eval_source=eval_source, model=model)
         state, _ = ckpt.restore(c.abstract_state(), step)
     eval_fn = programs.compile_eval(c)
     result = run_eval(c, ema_view(state), eval_fn, c.abstract_eval_metrics(state))
     return {
         "step": step,
-        "split": cfg.data.eval_split,
+        "split": cfg.data.eval_split if eval_source is None else "eval_source",
         **result,
         "num_examples": len(c.eval_source),
     }

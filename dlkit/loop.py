@@ -43,6 +43,7 @@ from dlkit import (
     interrupt,
     precision,
     programs,
+    run_record,
 )
 from dlkit import config as config_lib
 from dlkit import data as data_lib
@@ -73,6 +74,9 @@ class FitResult:
         "early_stopping").
       compute_report: FLOPs per step, memory analysis and state bytes per device of the
         compiled train step (see `dlkit.compute`); also in the workdir's compute.json.
+      model: the trained model: for an NNX model a new `nnx.Module` holding the final weights
+        (EMA weights when the run kept them, as evaluated) and BatchNorm statistics, in eval
+        mode; for a Linen model the module itself (its weights are `state.params`).
     """
 
     state: state_lib.TrainState
@@ -81,16 +85,20 @@ class FitResult:
     trace_counts: dict[str, int]
     stopped: str | None = None
     compute_report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: Any = None
 
 
 def fit(
     config: config_lib.Config,
     workdir: str | pathlib.Path | None = None,
     *,
+    model=None,
     module=None,
     train_source=None,
     eval_source=None,
     strategy=None,
+    loss_fn=None,
+    metrics=None,
     progress: bool | None = None,
     callbacks: Sequence[callbacks_lib.Callback] = (),
 ) -> FitResult:
@@ -100,8 +108,14 @@ def fit(
       config: the run's `Config`.
       workdir: where config.json, metrics.jsonl and checkpoints/ go. If it holds checkpoints,
         training resumes from the newest valid one. None = keep nothing on disk.
+      model: your own model in place of `config.model`: a Linen module, or an `nnx.Module`
+        instance (trained from its current weights; `result.model` is the trained module).
       module, train_source, eval_source, strategy: replace the config's choice (see
-        `dlkit.components.build`).
+        `dlkit.components.build`); `module` is the older name of `model`.
+      loss_fn: your own loss in place of `config.loss`: `loss_fn(outputs, labels) -> (B,)`,
+        one value per example, jax-traceable (see `dlkit.losses.CustomLoss`).
+      metrics: {name: fn(outputs, labels) -> (B,)}, logged as train/<name> and eval/<name>.
+        Both are called on the model's output shapes before anything compiles.
       progress: show a progress bar; None = `config.train.progress`.
       callbacks: extra `dlkit.Callback`s, run after those the config turns on
         (`dlkit.default_callbacks`).
@@ -119,9 +133,20 @@ def fit(
     """
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
-    c = components.build(
-        cfg, module=module, train_source=train_source, eval_source=eval_source, strategy=strategy
+    record = run_record.describe(
+        cfg, model if model is not None else module, train_source, eval_source
     )
+    module = components.resolve_model(model, module)
+    c = components.build(
+        cfg,
+        module=module,
+        train_source=train_source,
+        eval_source=eval_source,
+        strategy=strategy,
+        loss_fn=loss_fn,
+        metrics=metrics,
+    )
+    components.check_loss(c)
     is_main = c.strategy.process_index == 0
     log = (lambda text: print(text, flush=True)) if is_main else (lambda text: None)
     components.check_data(c, log)
@@ -143,6 +168,9 @@ def fit(
             progress_lib.ProgressBar(show, cfg.train.steps, min(start, cfg.train.steps), is_main)
         )
         history, writer = _open_records(cfg, workdir, is_main, start, audit_report, bar)
+        bar.write(f"eval data: {run_record.summary(record['eval'])}")
+        if workdir is not None and is_main:
+            run_record.write(workdir, record)
         # 2. Compile.
         distributed.barrier("fit_start", cfg.parallel.barrier_timeout_s)
         train_shape = c.abstract_metrics(state)
@@ -179,6 +207,7 @@ def fit(
     if trace_counts.get("train", 0) > 1 and is_main:
         print(f"warning: the train step was compiled {trace_counts['train']} times")
     result = FitResult(loop.state, history, workdir, trace_counts, loop.stopped, report)
+    result.model = components.trained_model(c.module, evaluation.ema_view(loop.state))
     for cb in cbs:
         result = cb.on_train_end(run, result) or result
     if fast_dev_tmp is not None:

@@ -12,6 +12,7 @@ over real examples whatever the device count.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,43 @@ class SquaredError:
 
     def metrics(self, predictions: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
         return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomLoss:
+    """Your own loss and metrics, as `fit(cfg, loss_fn=..., metrics=...)` takes them.
+
+    loss_fn: `loss_fn(outputs, labels) -> (B,)`: one loss value per example (the step weights
+      them by the batch's mask and averages); outputs are the model's, labels the batch's.
+    metric_fns: (name, `fn(outputs, labels) -> (B,)`) pairs, logged as train/<name> and
+      eval/<name>, beside the metrics of `loss_fn` when it is a dlkit loss (e.g. accuracy).
+    All must be jax-traceable (jnp, no Python branches on values).
+    """
+
+    loss_fn: Callable
+    metric_fns: tuple[tuple[str, Callable], ...] = ()
+
+    def __call__(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
+        return self.loss_fn(outputs, labels)
+
+    def metrics(self, outputs: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        own = getattr(self.loss_fn, "metrics", None)
+        out = dict(own(outputs, labels)) if own is not None else {}
+        out.update({name: fn(outputs, labels) for name, fn in self.metric_fns})
+        return out
+
+
+def custom(loss_fn=None, metrics=None, default=None):
+    """`CustomLoss` of `loss_fn` (None = `default`, the config's loss) and `metrics`
+    ({name: fn}); `default` itself when neither is given."""
+    if loss_fn is None and not metrics:
+        return default
+    if metrics is not None and not isinstance(metrics, dict):
+        raise ValueError(f"metrics: expected a dict {{name: fn}}, got {type(metrics).__name__}")
+    for name, fn in {"loss_fn": loss_fn or default, **(metrics or {})}.items():
+        if not callable(fn):
+            raise ValueError(f"{name}: expected a function (outputs, labels) -> (B,), got {fn!r}")
+    return CustomLoss(loss_fn or default, tuple((metrics or {}).items()))
 
 
 LOSSES = {"softmax_cross_entropy": SoftmaxCrossEntropy, "squared_error": SquaredError}

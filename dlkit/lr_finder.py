@@ -156,7 +156,14 @@ def lr_find(
       An `LRFindResult`.
     """
     _check_args(min_lr, max_lr, num_steps, smoothing, diverge_factor, suggest)
-    c = components.build(cfg, module=module, train_source=train_source, strategy=strategy)
+    # The sweep never evaluates: all of a given train_source trains (none is held out for eval).
+    c = components.build(
+        cfg,
+        module=module,
+        train_source=train_source,
+        eval_source=train_source,
+        strategy=strategy,
+    )
     # rate(k) = min_lr * (max_lr / min_lr) ** (k / (K - 1)): exponential growth, in the step.
     schedule = optax.exponential_decay(min_lr, num_steps - 1, max_lr / min_lr)
     o = cfg.optim

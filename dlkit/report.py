@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from dlkit import callbacks as callbacks_lib
-from dlkit import components, evaluation, parallel
 from dlkit import data as data_lib
+from dlkit import evaluation, parallel
 from dlkit import metrics as metrics_lib
 
 _INSTALL_HINT = "pip install 'dlkit[plots]' (or pip install matplotlib)"
@@ -55,7 +55,12 @@ def _is_classifier(cfg, eval_source) -> bool:
 
 
 def confusion_matrix(
-    workdir: str | pathlib.Path, step: int | None = None, *, batch_size: int = 256
+    workdir: str | pathlib.Path,
+    step: int | None = None,
+    *,
+    batch_size: int = 256,
+    eval_source=None,
+    model=None,
 ) -> tuple[np.ndarray, int]:
     """Counts (true class, predicted class) over the run's eval split, on one device.
 
@@ -63,6 +68,8 @@ def confusion_matrix(
       workdir: a run's directory with checkpoints.
       step: the checkpoint; None = the newest valid one.
       batch_size: examples per compiled call (the last batch is padded, then cut).
+      eval_source, model: as for `dlkit.evaluate` (needed when the run was given Python
+        objects; without them the run's recorded data and model are used).
     Returns:
       (matrix, step): int64 (K, K), rows = true label, columns = argmax of the model's outputs,
       K = the model's number of outputs; `matrix.sum()` is the eval set size and
@@ -75,8 +82,9 @@ def confusion_matrix(
     strategy = parallel.make_strategy("jit", num_devices=1)
     with evaluation.open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
-    state, cfg = evaluation.load_checkpoint(workdir, step, strategy=strategy)
-    source = components.build(cfg, strategy=strategy).eval_source
+    state, cfg = evaluation.load_checkpoint(workdir, step, strategy=strategy, model=model)
+    c = evaluation.build_for(workdir, cfg, strategy, eval_source=eval_source, model=model)
+    source = c.eval_source
     if not _is_classifier(cfg, source):
         raise ValueError(
             f"confusion_matrix: expected a classifier run (loss softmax_cross_entropy, one "
@@ -197,8 +205,11 @@ def format_summary(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def report(workdir: str | pathlib.Path, *, plots: bool = True, log=print) -> dict[str, Any]:
-    """Prints a run's summary and writes curves.png (and confusion_matrix.png for classifiers).
+def report(
+    workdir: str | pathlib.Path, *, plots: bool = True, log=print, eval_source=None, model=None
+) -> dict[str, Any]:
+    """Prints a run's summary and writes curves.png (and confusion_matrix.png for classifiers,
+    on the data the run evaluated on: see `confusion_matrix` for `eval_source` and `model`).
 
     Returns:
       `run_summary(workdir)` plus "files": the PNGs written, and for classifiers
@@ -218,7 +229,7 @@ def report(workdir: str | pathlib.Path, *, plots: bool = True, log=print) -> dic
         info["files"].append(str(write_curves(history, workdir / "curves.png")))
     if info["checkpoints"]:
         try:
-            matrix, step = confusion_matrix(workdir)
+            matrix, step = confusion_matrix(workdir, eval_source=eval_source, model=model)
         except ValueError as e:  # not a classifier: no confusion matrix, said why
             log(f"no confusion matrix: {e}")
         else:

@@ -131,3 +131,72 @@ def sample(
         max_new_tokens=int(max_new_tokens),
         top_k=int(top_k),
     )
+
+
+def sample_text(
+    workdir,
+    prompt: str,
+    length: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int = 20,
+    seed: int = 0,
+    step: int | None = None,
+) -> str:
+    """Exactly `length` new characters continuing `prompt`, from a character LM's workdir
+    (`dlkit.sample`, `dlkit sample WORKDIR --prompt TEXT --length N`).
+
+    The model sees at most `max_len` tokens, so a continuation longer than that is drawn in
+    pieces: when the context is full, it keeps its last `max_len // 2` tokens and goes on.
+
+    Args:
+      workdir: a run of a character-level LM (data.name=text or kjv).
+      prompt: the text to continue; every character must be in the run's vocabulary.
+      length: N >= 1 new characters.
+      temperature, top_k: as for `sample`; seed: the PRNG seed of the draws.
+      step: the checkpoint; None = the newest.
+    Returns:
+      the N new characters (without the prompt).
+    """
+    import numpy as np
+
+    from dlkit import evaluation, parallel
+
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length: expected an int >= 1, got {length!r}")
+    if not prompt:
+        raise ValueError("prompt: expected at least one character, got ''")
+    strategy = parallel.make_strategy("jit", num_devices=1)
+    state, cfg = evaluation.load_checkpoint(workdir, step, strategy=strategy)
+    c = evaluation.build_for(workdir, cfg, strategy)
+    vocab = getattr(c.eval_source, "vocab", None)
+    if vocab is None or not hasattr(c.module, "max_len"):
+        raise ValueError(
+            f"workdir: expected a character language model run (data.name=text or kjv), got "
+            f"data.name={cfg.data.name!r} with model {cfg.model.name!r}"
+        )
+    module, keep = c.module, c.module.max_len // 2
+    params = jax.device_get(state.params)
+    context = np.asarray(vocab.encode(prompt), np.int32)
+    new: list[np.ndarray] = []
+    key = jax.random.key(seed)
+    remaining = length
+    while remaining:
+        if module.max_len - len(context) < min(remaining, keep):
+            context = context[-keep:]
+        n = min(module.max_len - len(context), remaining)
+        key, draw = jax.random.split(key)
+        out = sample(
+            module,
+            params,
+            context[None],
+            draw,
+            max_new_tokens=n,
+            temperature=temperature,
+            top_k=top_k,
+        )
+        tokens = np.asarray(out.tokens[0])
+        new.append(tokens)
+        context = np.concatenate([context, tokens])
+        remaining -= n
+    return vocab.decode(np.concatenate(new))

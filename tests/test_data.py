@@ -272,6 +272,7 @@ def test_registry_and_errors():
         "text",
         "kjv",
         "spoken_digits",
+        "arrays",
     }
     assert data.dataset_info("digits") == {
         "num_classes": 10,

@@ -88,6 +88,17 @@ def load_config(name_or_path: str, overrides: typing.Iterable[str] = ()) -> sect
     return overrides_lib.apply_overrides(cfg, overrides)
 
 
+def fit_arguments(name_or_path: str) -> dict[str, typing.Any]:
+    """An experiment file's own `loss_fn` and `metrics` (module-level names, optional), as
+    `dlkit.fit` keywords: `dlkit train` passes them, so a custom loss is usable from a file.
+
+        def loss_fn(outputs, labels): ...          # -> (B,)
+        metrics = {"top2": top2}                   # {name: fn(outputs, labels) -> (B,)}
+    """
+    module = _load_module(find_experiment(name_or_path))
+    return {k: getattr(module, k) for k in ("loss_fn", "metrics") if hasattr(module, k)}
+
+
 def list_experiments() -> list[tuple[str, str]]:
     """(name, first line of the docstring) for every experiment found."""
     found: dict[str, str] = {}

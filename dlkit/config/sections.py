@@ -19,13 +19,18 @@ from typing import Any
 from dlkit import errors, losses, optim
 from dlkit.config import overrides
 
+_PATH_DATASETS = ("text", "arrays")  # the datasets that read data.path
+
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "digits"  # dataset: digits | fashion_mnist | text | kjv
+    name: str = "digits"  # dataset: digits | fashion_mnist | text | kjv | spoken_digits | arrays
     data_dir: str = ""  # directory with the dataset's files; "" = the dataset's default search
-    path: str = ""  # text only: the UTF-8 file to model, character by character
+    path: str = ""  # text: the UTF-8 file; arrays: FILE.npz or X.npy (see dlkit.data.arrays)
     seq_len: int = 256  # text and kjv: characters per example
+    scale: str = (
+        "uint8"  # arrays: "uint8" = uint8 inputs / 255 -> float32 [0, 1]; "none" = as stored
+    )
     eval_split: str = "test"  # split evaluated periodically and by `dlkit eval`
     shuffle: bool = True  # shuffle training batches, by (seed, epoch)
     last_batch: str = "drop"  # training loader's last partial batch: drop | pad
@@ -64,8 +69,16 @@ class DataConfig:
                 "data.last_batch": (self.last_batch, ("drop", "pad")),
                 "data.validate": (self.validate, ("error", "warn", "off")),
                 "data.audit": (self.audit, ("warn", "fail", "off")),
+                "data.scale": (self.scale, ("uint8", "none")),
             }
         )
+        if self.path and self.name not in _PATH_DATASETS:
+            # A path the chosen dataset never reads would silently train on other data.
+            raise errors.ConfigError(
+                f"data.path: read only with data.name={' or '.join(_PATH_DATASETS)}; got "
+                f"data.path={self.path!r} with data.name={self.name!r}, which ignores it (set "
+                "data.name=text for a text file, data.name=arrays for .npz/.npy arrays)"
+            )
         if self.validation_examples < 0:
             raise errors.ConfigError(
                 "data.validation_examples: expected an int >= 0 (0 = none), got "

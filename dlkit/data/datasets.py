@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from dlkit.data import sources, speech, text
+from dlkit.data import arrays, sources, speech, text
 
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/ format).
 _IDX_DTYPES = {
@@ -47,6 +47,8 @@ DATASETS = {
     # example shape from data.seq_len, so both are None here.
     "text": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
     "kjv": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
+    # Your own arrays (dlkit.data.arrays): shapes and classes come from the files.
+    "arrays": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
     # espeak-ng digits (dlkit.data.speech), 1 s at 22.05 kHz, int16; splits hold out voices
     # and accents.
     "spoken_digits": {
@@ -217,7 +219,7 @@ def _fashion_mnist_arrays(split, images_path, labels_path):
     return _readonly(inputs), _readonly(labels.astype(np.int32))
 
 
-def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256):
+def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256, scale="uint8"):
     """Loads a registered dataset split from local files.
 
     Args:
@@ -233,7 +235,9 @@ def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256):
             (kjv). Default: search ``$DLKIT_DATA_DIR/fashion-mnist``, ``$DLKIT_DATA_DIR``, else
             ``/usr/share/datasets/fashion-mnist``; the cache is ``$DLKIT_DATA_DIR`` or
             ``~/.cache/dlkit``.
-        path: the text file (``"text"`` only).
+        path: the text file (``"text"``), or the ``.npz`` file or ``.npy`` directory
+            (``"arrays"``, see :mod:`dlkit.data.arrays`).
+        scale: ``"arrays"`` only: ``"uint8"`` divides uint8 inputs by 255, ``"none"`` keeps them.
         seq_len: characters per example (``"text"`` and ``"kjv"``).
 
     Returns:
@@ -254,6 +258,8 @@ def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256):
         elif not path:
             raise ValueError("data.path: expected a UTF-8 text file for data.name=text, got none")
         return text.load_text(path, split, seq_len=seq_len)
+    if name == "arrays":
+        return arrays.load_arrays(path, split, scale=scale)
     if name == "spoken_digits":
         return speech.load_spoken_digits(split, data_dir=data_dir)
     if name == "digits":

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dlkit import components, evaluation, parallel
+from dlkit import evaluation, parallel
 from dlkit.explain import attribution
 
 METHODS = ("saliency", "gradient_x_input", "smoothgrad", "ig", "occlusion")
@@ -25,6 +25,8 @@ def explain_run(
     out: str | pathlib.Path | None = None,
     step: int | None = None,
     seed: int = 0,
+    eval_source=None,
+    model=None,
 ) -> dict[str, Any]:
     """Attributions of the first `num` examples of a run's eval split, from its checkpoint.
 
@@ -35,6 +37,8 @@ def explain_run(
       out: where to write the PNG grid (needs matplotlib); None = no figure.
       step: checkpoint step; None = the newest.
       seed: SmoothGrad's noise seed.
+      eval_source, model: as for `dlkit.evaluate`: required when the run was given Python
+        objects (data) or its own model, which cannot be rebuilt from the workdir.
     Returns:
       {"step", "split", "methods", "num", "out", "labels", "predictions"} and, with "ig",
       "completeness_max_relative_gap" (the largest |sum(attr) - (f(x) - f(b))| / |f(x) - f(b)|).
@@ -45,8 +49,10 @@ def explain_run(
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num: expected an int >= 1, got {num!r}")
     workdir = pathlib.Path(workdir)
-    state, cfg = evaluation.load_checkpoint(workdir, step)
-    c = components.build(cfg, strategy=parallel.make_strategy("jit", num_devices=1))
+    state, cfg = evaluation.load_checkpoint(workdir, step, model=model)
+    strategy = parallel.make_strategy("jit", num_devices=1)
+    # The run's recorded eval data (or `eval_source`, required for data given as Python objects).
+    c = evaluation.build_for(workdir, cfg, strategy, eval_source=eval_source, model=model)
     batch = c.eval_source.get_batch(np.arange(min(num, len(c.eval_source))))
     x = np.asarray(batch["inputs"], np.float32)
     ex = attribution.Explainer.from_state(state)

@@ -8,8 +8,11 @@
         def __call__(self, x):
             return self.out(self.dropout(nnx.relu(self.hidden(x.reshape(x.shape[0], -1)))))
 
-    module = NNXAdapter(MLP)                       # a constructor taking `rngs`
-    result = dlkit.fit(cfg, module=module)         # the usual pure, compiled step
+    result = dlkit.fit(cfg, model=MLP(rngs=nnx.Rngs(0)))   # an instance: its own weights
+    result.model                                           # the trained MLP, in eval mode
+
+`fit(cfg, model=instance)` wraps the instance with `NNXAdapter.from_module`, which splits it
+once; `NNXAdapter(MLP)` (a constructor taking `rngs`) builds a fresh module from the run's seed.
 
 NNX modules are mutable Python objects; the engine needs pure functions of arrays. The adapter
 splits the module into its static graph definition and its state (`nnx.split`), and keeps the
@@ -57,8 +60,38 @@ class NNXAdapter:
         `module(x)` with train/eval mode set by `.train()` / `.eval()`.
     """
 
-    make_module: Callable[[nnx.Rngs], nnx.Module]
+    make_module: Callable[[nnx.Rngs], nnx.Module] | None = None
     bn_axis_name: str | None = None  # set by the engine under pmap (see the module docstring)
+    # A user's module instance: `init` returns its weights rather than new ones, so a model
+    # built with the user's own `nnx.Rngs` trains from exactly those weights.
+    instance: nnx.Module | None = dataclasses.field(default=None, compare=False)
+
+    @classmethod
+    def from_module(cls, module: nnx.Module) -> "NNXAdapter":
+        """The adapter for an `nnx.Module` instance (its current weights are the initial ones)."""
+        if not isinstance(module, nnx.Module):
+            raise TypeError(
+                f"NNXAdapter.from_module(module=...): expected an nnx.Module instance, "
+                f"got {type(module).__name__}"
+            )
+        return cls(instance=module)
+
+    def _build(self, key: jax.Array) -> nnx.Module:
+        if self.instance is not None:
+            return nnx.clone(self.instance)
+        return self.make_module(_rngs(key))
+
+    def to_module(self, variables) -> nnx.Module:
+        """A new `nnx.Module` holding `variables` ({"params": ..., ["state": ...]} as nested
+        dicts, e.g. a trained state's), in eval mode; the adapter's instance is not changed."""
+        module = self._build(jax.random.key(0))
+        _, params, _, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
+        nnx.replace_by_pure_dict(params, jax.device_get(variables["params"]))
+        if "state" in variables:
+            nnx.replace_by_pure_dict(rest, jax.device_get(variables["state"]))
+        nnx.update(module, params, rest)
+        module.eval()
+        return module
 
     def clone(self, **changes) -> "NNXAdapter":
         """A copy with `changes` applied (Linen's `Module.clone` contract)."""
@@ -66,7 +99,7 @@ class NNXAdapter:
 
     def _split_abstract(self):
         # The same streams as `init`'s, so `apply` can reseed "dropout".
-        abstract = nnx.eval_shape(lambda: self.make_module(_rngs(jax.random.key(0))))
+        abstract = nnx.eval_shape(lambda: self._build(jax.random.key(0)))
         return nnx.split(abstract, nnx.Param, nnx.RngState, ...)
 
     def init(self, rngs, x, *, train: bool = False) -> dict[str, Any]:
@@ -79,7 +112,7 @@ class NNXAdapter:
         """
         del x, train
         key = rngs["params"] if isinstance(rngs, dict) else rngs
-        module = self.make_module(_rngs(key))
+        module = self._build(key)
         _, params, _, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         variables = {"params": nnx.to_pure_dict(params)}
         if jax.tree.leaves(rest):
@@ -110,7 +143,10 @@ class NNXAdapter:
                     node.axis_name = self.bn_axis_name
         key = (rngs or {}).get("dropout") if isinstance(rngs, dict) else rngs
         if key is not None:
-            nnx.reseed(module, dropout=key)
+            # A module built with `nnx.Rngs(0)` draws dropout masks from its "default" stream,
+            # so every stream it holds is reseeded from the step's key.
+            tags = {n.tag for _, n in nnx.iter_graph(module) if isinstance(n, nnx.RngStream)}
+            nnx.reseed(module, **{tag: key for tag in tags})
         module.train() if train else module.eval()
         outputs = module(x)
         if not mutable:
