@@ -41,6 +41,7 @@ from dlkit import (
     evaluation,
     interrupt,
     precision,
+    profiling,
     programs,
 )
 from dlkit import config as config_lib
@@ -92,6 +93,7 @@ def fit(
     strategy=None,
     progress: bool | None = None,
     callbacks: Sequence[callbacks_lib.Callback] = (),
+    profile: str | tuple[int, int] | None = None,
 ) -> FitResult:
     """Trains (or resumes training) according to `config`.
 
@@ -104,6 +106,8 @@ def fit(
       progress: show a progress bar; None = `config.train.progress`.
       callbacks: extra `dlkit.Callback`s, run after those the config turns on
         (`dlkit.default_callbacks`).
+      profile: "START:STOP" or (START, STOP): trace those steps into WORKDIR/profile/;
+        replaces `train.profile_steps` (see `dlkit.profiling`).
     Returns:
       A `FitResult` with the final state and the metric history. After SIGTERM/SIGINT (or
       Ctrl-C in a notebook) it returns early, with a checkpoint of the last step written and
@@ -116,6 +120,11 @@ def fit(
     `train.fast_dev_run` and `train.overfit_batches` adjust the run (see `dlkit.debugging`); a
     fast_dev_run without a workdir uses a temporary one, and `result.workdir` is then None.
     """
+    if profile is not None:
+        steps = profiling.parse_profile_steps(profile)
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, profile_steps=f"{steps[0]}:{steps[1]}")
+        )
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
     c = components.build(
@@ -128,6 +137,7 @@ def fit(
         c.train_source, c.eval_source, cfg.data.audit, log, cfg.data.audit_max_examples
     )
     workdir = pathlib.Path(workdir) if workdir is not None else None
+    profiler = profiling.from_config(cfg, workdir)
     cbs = default_callbacks.from_config(cfg, workdir) + user_callbacks
     show = (cfg.train.progress if progress is None else progress) and is_main
     with contextlib.ExitStack() as resources:
@@ -170,6 +180,7 @@ def fit(
             contextlib.closing(_train_batches(c, c.train_loader(position)))
         )
         loop = _Loop(c, ckpt, stop, run, rows, train_fn, train_shape, state, start, position)
+        loop.profiler = resources.enter_context(profiler)
         # 3. Loop.
         for cb in cbs:
             cb.on_train_start(run)
@@ -271,6 +282,7 @@ class _Loop:
         self.train_fn, self.train_shape = train_fn, train_shape
         self.state, self.start, self.position = state, start, position
         self.stopped: str | None = None
+        self.profiler = profiling.NO_PROFILE
         self.last_eval: dict[str, float] = {}
         self.eval_fn = programs.compile_eval(c, state)
         self.eval_shape = c.abstract_eval_metrics(state)
@@ -285,7 +297,10 @@ class _Loop:
             return
         acc = strategy.zeros(self.train_shape)
         for step in range(self.start + k, total + 1, k):
-            self.state, acc = self.train_fn(self.state, acc, next(batches))
+            # The annotation holds the batch fetch too: a step that waits on input shows it.
+            with self.profiler.step(step, k):
+                self.state, acc = self.train_fn(self.state, acc, next(batches))
+            self.profiler.after(step, acc)
             if strategy.sync_every_step:
                 jax.block_until_ready(acc)
             self.rows.count(k)
