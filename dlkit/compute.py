@@ -23,7 +23,10 @@ memory analysis: no step runs, so nothing runs out of memory while searching.
 """
 
 import functools
+import json
 import os
+import pathlib
+import platform
 import time
 from typing import Any
 
@@ -63,16 +66,45 @@ PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = tuple(
 )
 
 
+def cache_dir() -> pathlib.Path | None:
+    """dlkit's per-user cache: $DLKIT_CACHE_DIR, else $XDG_CACHE_HOME/dlkit, else
+    ~/.cache/dlkit. None when DLKIT_CACHE_DIR is set but empty (nothing is cached)."""
+    env = os.environ.get("DLKIT_CACHE_DIR")
+    if env is not None:
+        return pathlib.Path(env).expanduser() if env else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "dlkit"
+
+
 @functools.cache
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     """The host's float32 matmul FLOP/s (best of `repeats` (n, n) @ (n, n) products).
 
     XLA:CPU runs one matmul on all cores, so this is the whole host's peak; simulated CPU
-    devices share it. Measured once per process (about 0.1-0.5 s), at the first logged row
-    rather than before the first step, so it does not delay start-up.
+    devices share it. Measured once per machine (about 0.1-0.5 s) and kept in
+    `cache_dir()/cpu_peak_flops.json`, keyed by CPU model, core count and JAX version, so
+    later runs start without it; DLKIT_CPU_PEAK_FLOPS pins the figure.
     """
     if os.environ.get("DLKIT_CPU_PEAK_FLOPS"):
         return float(os.environ["DLKIT_CPU_PEAK_FLOPS"])
+    path = cache_dir() / "cpu_peak_flops.json" if cache_dir() else None
+    key = f"{_cpu_model()}|{os.cpu_count()}|jax {jax.__version__}|n={n}"
+    stored = _read_json(path)
+    if isinstance(stored.get(key), float):
+        return stored[key]
+    peak = _matmul_flops(n, repeats)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**stored, key: peak}, indent=1) + "\n")
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+        except OSError:
+            pass  # a read-only home only costs the measurement again next time
+    return peak
+
+
+def _matmul_flops(n: int, repeats: int) -> float:
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     matmul = jax.jit(lambda x: x @ x)
@@ -83,6 +115,25 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read_json(path: pathlib.Path | None) -> dict:
+    try:
+        out = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
 
 
 def _column(compute_dtype) -> int:
@@ -361,6 +412,15 @@ def _linear_probe(need: dict[int, int], limit: int, lo: int, hi: int) -> int:
 # Persistent compilation cache.
 
 
+def compilation_cache_dir(setting: str) -> str | None:
+    """The directory `train.compilation_cache_dir` names: "auto" = `cache_dir()/jax` (None
+    when DLKIT_CACHE_DIR is empty), "" = None (off), else the path itself."""
+    if setting == "auto":
+        base = cache_dir()
+        return str(base / "jax") if base is not None else None
+    return os.path.expanduser(setting) if setting else None
+
+
 def enable_compilation_cache(directory: str | os.PathLike, min_compile_time_s: float = 0.0):
     """Stores compiled programs in `directory` and reuses them in later processes.
 
@@ -393,6 +453,8 @@ __all__ = [
     "PEAK_FLOPS_TABLE",
     "analyze",
     "bytes_summary",
+    "cache_dir",
+    "compilation_cache_dir",
     "device_memory_limit",
     "enable_compilation_cache",
     "find_batch_size",

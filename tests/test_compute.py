@@ -173,3 +173,26 @@ def test_compilation_cache_is_written_then_reused(tmp_path):
         timeout=180,
     )
     assert set(os.listdir(cache)) == first  # every program came from the cache
+
+
+def test_default_caches_go_to_the_user_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLKIT_CACHE_DIR", str(tmp_path / "c"))
+    assert compute.compilation_cache_dir("auto") == str(tmp_path / "c" / "jax")
+    assert compute.compilation_cache_dir("") is None
+    assert dlkit.Config().train.compilation_cache_dir == "auto"  # on by default
+    monkeypatch.setenv("DLKIT_CACHE_DIR", "")
+    assert compute.compilation_cache_dir("auto") is None  # DLKIT_CACHE_DIR="" turns it off
+    monkeypatch.delenv("DLKIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compute.cache_dir() == tmp_path / "xdg" / "dlkit"
+
+
+def test_cpu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLKIT_CACHE_DIR", str(tmp_path))
+    measure = compute.measure_cpu_peak_flops.__wrapped__  # past the per-process cache
+    peak = measure(n=64, repeats=1)
+    stored = json.loads((tmp_path / "cpu_peak_flops.json").read_text())
+    assert list(stored.values()) == [peak]
+    # A later process reads the stored figure instead of measuring again.
+    (tmp_path / "cpu_peak_flops.json").write_text(json.dumps({k: 1.5e9 for k in stored}))
+    assert measure(n=64, repeats=1) == 1.5e9

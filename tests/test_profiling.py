@@ -4,10 +4,10 @@ import gzip
 import json
 
 import pytest
+from conftest import tiny_digits_config
 
 import dlkit
 from dlkit import profiling
-from tests.conftest import tiny_digits_config
 
 
 def _trace_files(workdir):

@@ -191,7 +191,8 @@ class TrainConfig:
     precision: str = "float32"  # float32 | bfloat16 | float16 (dynamic loss scaling): the
     #   compute dtype; params and optimizer state stay float32
     grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
-    compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
+    compilation_cache_dir: str = "auto"  # JAX persistent compilation cache: a directory,
+    #   auto = ~/.cache/dlkit/jax (or $DLKIT_CACHE_DIR/jax; DLKIT_CACHE_DIR="" = off), "" = off
     profile_steps: str = ""  # START:STOP: jax.profiler trace of steps START..STOP-1 into
     #   WORKDIR/profile/ (dlkit.profiling); "" = off
     xla_cpu_ynn_fusions: str = "individual_dot,reduce"  # CPU: what XLA may hand to YNNPACK:
