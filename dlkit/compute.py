@@ -188,7 +188,7 @@ def analyze(compiled, devices, compute_dtype="bfloat16") -> dict[str, Any]:
     n = len(devices)
     measured = devices[0].platform == "cpu"
     if measured:
-        peak, source = None, "measured float32 matmul, per host (at the first logged row)"
+        peak, source = None, "a measured float32 matmul per host, read at the first logged row"
     else:
         peak, source = peak_flops_per_s(devices, compute_dtype)
     report: dict[str, Any] = {
@@ -276,6 +276,8 @@ def format_report(report: dict[str, Any]) -> str:
         + (
             f"{report['peak_flops_per_s'] / 1e12:.4g} TFLOP/s ({report['peak_source']})"
             if report.get("peak_flops_per_s")
+            else report["peak_source"]
+            if report.get("peak_measured")
             else f"unknown ({report['peak_source']})"
         )
     ]

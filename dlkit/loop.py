@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import pathlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,6 +121,7 @@ def fit(
     `train.fast_dev_run` and `train.overfit_batches` adjust the run (see `dlkit.debugging`); a
     fast_dev_run without a workdir uses a temporary one, and `result.workdir` is then None.
     """
+    fit_start = time.perf_counter()
     if profile is not None:
         steps = profiling.parse_profile_steps(profile)
         config = dataclasses.replace(
@@ -157,8 +159,15 @@ def fit(
         # 2. Compile.
         distributed.barrier("fit_start", cfg.parallel.barrier_timeout_s)
         train_shape = c.abstract_metrics(state)
+        compile_start = time.perf_counter()
         train_fn, report = programs.compile_train(c, state, train_shape)
         if is_main:
+            # The bar's clock starts after the data and state were built and imports are not
+            # in it at all: this line says where start-up went and when compilation ended.
+            bar.write(
+                f"compiled the train step in {time.perf_counter() - compile_start:.1f} s "
+                f"({time.perf_counter() - fit_start:.1f} s since fit started)"
+            )
             bar.write(compute.format_report(report))
             if workdir is not None:
                 (workdir / "compute.json").write_text(json.dumps(report, indent=2) + "\n")
