@@ -196,3 +196,16 @@ def test_cpu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
     # A later process reads the stored figure instead of measuring again.
     (tmp_path / "cpu_peak_flops.json").write_text(json.dumps({k: 1.5e9 for k in stored}))
     assert measure(n=64, repeats=1) == 1.5e9
+
+
+def test_printed_rows_round_floats_and_the_jsonl_keeps_them(tmp_path):
+    from dlkit import progress
+
+    row = {"step": 3, "perf/flops_per_s": 26383561844.8379, "train/loss": 0.123456789}
+    assert progress.format_row(row) == "step 3  perf/flops_per_s=2.6384e+10  train/loss=0.12346"
+    result = dlkit.fit(tiny_digits_config(**{"parallel.num_devices": 1}), tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    on_disk = {r["step"]: r["train/loss"] for r in logged if "train/loss" in r}
+    in_memory = {r["step"]: r["train/loss"] for r in result.history if "train/loss" in r}
+    assert on_disk and on_disk == in_memory  # full precision on disk, not the printed digits
+    assert any(len(repr(v)) > 8 for v in on_disk.values())
