@@ -252,8 +252,9 @@ def build(
     """
     cfg.validate()
     policy = precision.get_policy(cfg.train.precision)
-    if cfg.train.compilation_cache_dir:
-        compute.enable_compilation_cache(cfg.train.compilation_cache_dir)
+    cache = compute.compilation_cache_dir(cfg.train.compilation_cache_dir)
+    if cache:
+        compute.enable_compilation_cache(cache)
     strategy = _strategy(cfg, strategy)
     train_source, eval_source = _sources(cfg, train_source, eval_source)
     if module is None:

@@ -3,7 +3,7 @@
     compiled = train_fn.lower(state, acc, batch_spec).compile()
     report = dlkit.compute.analyze(compiled, strategy.devices)
     report["flops_per_step"], report["memory"]["peak_bytes_per_device"]
-    dlkit.compute.perf_metrics(report, steps_per_s=50.0)   # {"perf/flops_per_s", "perf/mfu"}
+    dlkit.compute.perf_metrics(report, steps_per_s=50.0)   # {"perf/flops_per_s", "perf/mfu", ...}
     dlkit.compute.find_batch_size(components)               # compiles, never runs
 
 FLOPs come from XLA's cost analysis of the compiled step (the whole program: forward,
@@ -11,9 +11,10 @@ backward, optimizer update). For a program partitioned over n devices XLA report
 device's share, so `flops_per_step` is that times n. Memory comes from XLA's memory analysis
 of the same executable: arguments + outputs - donated (aliased) buffers + temporaries, per
 device. Model-FLOPs utilisation (MFU) is achieved FLOP/s over the peak FLOP/s of the devices:
-accelerators use the vendor's dense bfloat16 figure from `PEAK_FLOPS_PER_DEVICE`; a CPU has no
-such figure, so its float32 peak is measured once per process with a large matmul
-(`measure_cpu_peak_flops`; set DLKIT_CPU_PEAK_FLOPS to pin it).
+accelerators use the vendor's dense figure for the compute dtype from `PEAK_FLOPS_TABLE`
+(`perf/mfu`; absent where the table has no figure); a CPU has no such figure, so its float32
+peak is measured once per process with a large matmul (`measure_cpu_peak_flops`; set
+DLKIT_CPU_PEAK_FLOPS to pin it) and reported as `perf/mfu_vs_measured_peak`, at most 1.
 
 `find_batch_size` compiles the step ahead of time for growing batch sizes and reads the
 memory analysis: no step runs, so nothing runs out of memory while searching.
@@ -22,7 +23,10 @@ memory analysis: no step runs, so nothing runs out of memory while searching.
 """
 
 import functools
+import json
 import os
+import pathlib
+import platform
 import time
 from typing import Any
 
@@ -31,23 +35,45 @@ import jax.numpy as jnp
 
 from dlkit import step_wrappers
 
-# Dense bfloat16 peak FLOP/s of one JAX device, from vendor data sheets (not measured here).
-# Matched as substrings of `device.device_kind`, first match wins (so "H100 PCIe" precedes
-# "H100"). TPU v2/v3 expose each of a chip's two cores as a device: half the chip figure.
-PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("V100", 125e12),  # float16 tensor cores
-    ("L4", 121e12),
-    ("TPU v2", 22.5e12),
-    ("TPU v3", 61.5e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5", 459e12),  # v5p
-    ("TPU v6 lite", 918e12),  # v6e (Trillium)
+# Dense (no sparsity) peak FLOP/s of one JAX device from vendor data sheets (not measured here),
+# as (device_kind substring, 16-bit figure, float32 figure). The 16-bit column is bfloat16
+# (float16 on V100, which has no bfloat16 units); the float32 column is TF32 tensor-core
+# throughput on NVIDIA, because XLA runs float32 matmuls in TF32 there by default. None = no
+# published figure: MFU is then not reported rather than guessed (TPUs publish no float32
+# matmul peak). Matched as substrings of `device.device_kind`, first match wins (so "H100
+# PCIe" precedes "H100", "A100" precedes "A10"). TPU v2/v3 expose each of a chip's two cores
+# as a device: half the chip figure. Sources and dates: docs/performance.md.
+PEAK_FLOPS_TABLE: tuple[tuple[str, float | None, float | None], ...] = (
+    ("B200", 2250e12, 1100e12),
+    ("H200", 989e12, 494.7e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494.7e12),  # SXM
+    ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("V100", 125e12, None),
+    ("TPU v2", 22.5e12, None),
+    ("TPU v3", 61.5e12, None),
+    ("TPU v4", 275e12, None),
+    ("TPU v5 lite", 197e12, None),  # v5e
+    ("TPU v5", 459e12, None),  # v5p
+    ("TPU v6 lite", 918e12, None),  # v6e (Trillium)
 )
+
+# The 16-bit column alone, as (device_kind substring, FLOP/s), for callers of earlier versions.
+PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = tuple(
+    (kind, bf16) for kind, bf16, _ in PEAK_FLOPS_TABLE if bf16 is not None
+)
+
+
+def cache_dir() -> pathlib.Path | None:
+    """dlkit's per-user cache: $DLKIT_CACHE_DIR, else $XDG_CACHE_HOME/dlkit, else
+    ~/.cache/dlkit. None when DLKIT_CACHE_DIR is set but empty (nothing is cached)."""
+    env = os.environ.get("DLKIT_CACHE_DIR")
+    if env is not None:
+        return pathlib.Path(env).expanduser() if env else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "dlkit"
 
 
 @functools.cache
@@ -55,10 +81,30 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     """The host's float32 matmul FLOP/s (best of `repeats` (n, n) @ (n, n) products).
 
     XLA:CPU runs one matmul on all cores, so this is the whole host's peak; simulated CPU
-    devices share it. Measured once per process (about 0.1-0.5 s).
+    devices share it. Measured once per machine (about 0.1-0.5 s) and kept in
+    `cache_dir()/cpu_peak_flops.json`, keyed by CPU model, core count and JAX version, so
+    later runs start without it; DLKIT_CPU_PEAK_FLOPS pins the figure.
     """
     if os.environ.get("DLKIT_CPU_PEAK_FLOPS"):
         return float(os.environ["DLKIT_CPU_PEAK_FLOPS"])
+    path = cache_dir() / "cpu_peak_flops.json" if cache_dir() else None
+    key = f"{_cpu_model()}|{os.cpu_count()}|jax {jax.__version__}|n={n}"
+    stored = _read_json(path)
+    if isinstance(stored.get(key), float):
+        return stored[key]
+    peak = _matmul_flops(n, repeats)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**stored, key: peak}, indent=1) + "\n")
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+        except OSError:
+            pass  # a read-only home only costs the measurement again next time
+    return peak
+
+
+def _matmul_flops(n: int, repeats: int) -> float:
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     matmul = jax.jit(lambda x: x @ x)
@@ -71,18 +117,48 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def peak_flops_per_s(devices) -> tuple[float | None, str]:
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read_json(path: pathlib.Path | None) -> dict:
+    try:
+        out = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _column(compute_dtype) -> int:
+    """1 (16-bit column) for bfloat16/float16 compute, 2 (float32 column) otherwise."""
+    return 1 if jnp.dtype(compute_dtype).itemsize == 2 else 2
+
+
+def peak_flops_per_s(devices, compute_dtype="bfloat16") -> tuple[float | None, str]:
     """(peak FLOP/s of all of `devices` together, where the figure comes from).
 
-    None if the device kind is not in `PEAK_FLOPS_PER_DEVICE` (MFU is then not reported).
+    Accelerators: the data sheet figure for `compute_dtype` from `PEAK_FLOPS_TABLE`; None if
+    the device kind or its column is unknown (MFU is then not reported). CPU: the measured
+    float32 matmul peak (`measure_cpu_peak_flops`), whatever `compute_dtype`.
     """
     d = devices[0]
     if d.platform == "cpu":
         hosts = len({x.process_index for x in devices})
         return measure_cpu_peak_flops() * hosts, "measured float32 matmul, per host"
-    for kind, peak in PEAK_FLOPS_PER_DEVICE:
-        if kind in d.device_kind:
-            return peak * len(devices), f"data sheet bfloat16 dense, {kind}"
+    col = _column(compute_dtype)
+    name = "16-bit" if col == 1 else "float32 (TF32)"
+    for row in PEAK_FLOPS_TABLE:
+        if row[0] in d.device_kind:
+            if row[col] is None:
+                return None, f"no published {name} peak for {row[0]}"
+            return row[col] * len(devices), f"data sheet {name} dense, {row[0]}"
     return None, f"unknown device kind {d.device_kind!r}"
 
 
@@ -91,26 +167,37 @@ def _first(x):
     return x[0] if isinstance(x, list | tuple) else x
 
 
-def analyze(compiled, devices) -> dict[str, Any]:
+def analyze(compiled, devices, compute_dtype="bfloat16") -> dict[str, Any]:
     """FLOPs and memory of a compiled step (a `jax.stages.Compiled`).
+
+    On CPU the peak is left None here and measured by `perf_metrics` at the first logged
+    row (`peak_measured` is True), so start-up does not wait for a matmul benchmark.
 
     Args:
       compiled: the compiled step, e.g. `jax.jit(f).lower(*args).compile()`.
       devices: the devices it runs on (the strategy's).
+      compute_dtype: the dtype the model computes in; picks the peak table's column.
     Returns:
       {"flops_per_step": float (all devices), "flops_per_step_per_device": float,
-       "peak_flops_per_s": float | None, "peak_source": str, "device_kind": str,
+       "peak_flops_per_s": float | None, "peak_source": str, "peak_measured": bool,
+       "hosts": int, "device_kind": str,
        "num_devices": int, "memory": {"argument_bytes", "output_bytes", "alias_bytes",
        "temp_bytes", "generated_code_bytes", "peak_bytes_per_device"}}.
     """
     flops_per_device = flops_per_device_of(compiled)
     n = len(devices)
-    peak, source = peak_flops_per_s(devices)
+    measured = devices[0].platform == "cpu"
+    if measured:
+        peak, source = None, "a measured float32 matmul per host, read at the first logged row"
+    else:
+        peak, source = peak_flops_per_s(devices, compute_dtype)
     report: dict[str, Any] = {
         "flops_per_step": flops_per_device * n,
         "flops_per_step_per_device": flops_per_device,
         "peak_flops_per_s": peak,
         "peak_source": source,
+        "peak_measured": measured,
+        "hosts": len({x.process_index for x in devices}),
         "device_kind": devices[0].device_kind,
         "num_devices": n,
     }
@@ -148,11 +235,34 @@ def memory_of(compiled) -> dict[str, int]:
     return out
 
 
-def perf_metrics(report: dict[str, Any], steps_per_s: float) -> dict[str, float]:
-    """`perf/...` metrics for a logging interval: achieved FLOP/s and MFU (if a peak is known)."""
+def perf_metrics(
+    report: dict[str, Any],
+    steps_per_s: float,
+    examples_per_step: int = 0,
+    tokens_per_example: int = 0,
+) -> dict[str, float]:
+    """`perf/...` metrics for a logging interval.
+
+    perf/flops_per_s always; perf/examples_per_s and perf/tokens_per_s when
+    `examples_per_step` / `tokens_per_example` are given. MFU: `perf/mfu` against a data
+    sheet peak (absent where none is known); on CPU `perf/mfu_vs_measured_peak` against the
+    measured matmul peak, which is raised to any rate the run itself achieved, so it never
+    exceeds 1 (XLA's FLOP count can include work a hand matmul does not, e.g. fused
+    elementwise ops, so a run can beat the matmul).
+    """
     achieved = report["flops_per_step"] * steps_per_s
     out = {"perf/flops_per_s": achieved}
-    if report.get("peak_flops_per_s"):
+    if examples_per_step:
+        out["perf/examples_per_s"] = examples_per_step * steps_per_s
+        if tokens_per_example:
+            out["perf/tokens_per_s"] = examples_per_step * tokens_per_example * steps_per_s
+    if report.get("peak_measured"):
+        peak = report.get("peak_flops_per_s") or (measure_cpu_peak_flops() * report.get("hosts", 1))
+        if achieved > peak:
+            report["peak_source"] = "measured: the highest of a float32 matmul and this run"
+        report["peak_flops_per_s"] = max(peak, achieved)
+        out["perf/mfu_vs_measured_peak"] = achieved / report["peak_flops_per_s"]
+    elif report.get("peak_flops_per_s"):
         out["perf/mfu"] = achieved / report["peak_flops_per_s"]
     return out
 
@@ -166,6 +276,8 @@ def format_report(report: dict[str, Any]) -> str:
         + (
             f"{report['peak_flops_per_s'] / 1e12:.4g} TFLOP/s ({report['peak_source']})"
             if report.get("peak_flops_per_s")
+            else report["peak_source"]
+            if report.get("peak_measured")
             else f"unknown ({report['peak_source']})"
         )
     ]
@@ -302,6 +414,15 @@ def _linear_probe(need: dict[int, int], limit: int, lo: int, hi: int) -> int:
 # Persistent compilation cache.
 
 
+def compilation_cache_dir(setting: str) -> str | None:
+    """The directory `train.compilation_cache_dir` names: "auto" = `cache_dir()/jax` (None
+    when DLKIT_CACHE_DIR is empty), "" = None (off), else the path itself."""
+    if setting == "auto":
+        base = cache_dir()
+        return str(base / "jax") if base is not None else None
+    return os.path.expanduser(setting) if setting else None
+
+
 def enable_compilation_cache(directory: str | os.PathLike, min_compile_time_s: float = 0.0):
     """Stores compiled programs in `directory` and reuses them in later processes.
 
@@ -331,8 +452,11 @@ def bytes_summary(probes: list[tuple[int, int]]) -> str:
 
 __all__ = [
     "PEAK_FLOPS_PER_DEVICE",
+    "PEAK_FLOPS_TABLE",
     "analyze",
     "bytes_summary",
+    "cache_dir",
+    "compilation_cache_dir",
     "device_memory_limit",
     "enable_compilation_cache",
     "find_batch_size",

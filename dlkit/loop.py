@@ -42,6 +42,7 @@ from dlkit import (
     finite_json,
     interrupt,
     precision,
+    profiling,
     programs,
     run_record,
 )
@@ -101,6 +102,7 @@ def fit(
     metrics=None,
     progress: bool | None = None,
     callbacks: Sequence[callbacks_lib.Callback] = (),
+    profile: str | tuple[int, int] | None = None,
 ) -> FitResult:
     """Trains (or resumes training) according to `config`.
 
@@ -119,6 +121,8 @@ def fit(
       progress: show a progress bar; None = `config.train.progress`.
       callbacks: extra `dlkit.Callback`s, run after those the config turns on
         (`dlkit.default_callbacks`).
+      profile: "START:STOP" or (START, STOP): trace those steps into WORKDIR/profile/;
+        replaces `train.profile_steps` (see `dlkit.profiling`).
     Returns:
       A `FitResult` with the final state and the metric history. After SIGTERM/SIGINT (or
       Ctrl-C in a notebook) it returns early, with a checkpoint of the last step written and
@@ -131,6 +135,12 @@ def fit(
     `train.fast_dev_run` and `train.overfit_batches` adjust the run (see `dlkit.debugging`); a
     fast_dev_run without a workdir uses a temporary one, and `result.workdir` is then None.
     """
+    fit_start = time.perf_counter()
+    if profile is not None:
+        steps = profiling.parse_profile_steps(profile)
+        config = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, profile_steps=f"{steps[0]}:{steps[1]}")
+        )
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
     record = run_record.describe(
@@ -154,6 +164,7 @@ def fit(
         c.train_source, c.eval_source, cfg.data.audit, log, cfg.data.audit_max_examples
     )
     workdir = pathlib.Path(workdir) if workdir is not None else None
+    profiler = profiling.from_config(cfg, workdir)
     cbs = default_callbacks.from_config(cfg, workdir) + user_callbacks
     show = (cfg.train.progress if progress is None else progress) and is_main
     with contextlib.ExitStack() as resources:
@@ -174,8 +185,15 @@ def fit(
         # 2. Compile.
         distributed.barrier("fit_start", cfg.parallel.barrier_timeout_s)
         train_shape = c.abstract_metrics(state)
+        compile_start = time.perf_counter()
         train_fn, report = programs.compile_train(c, state, train_shape)
         if is_main:
+            # The bar's clock starts after the data and state were built and imports are not
+            # in it at all: this line says where start-up went and when compilation ended.
+            bar.write(
+                f"compiled the train step in {time.perf_counter() - compile_start:.1f} s "
+                f"({time.perf_counter() - fit_start:.1f} s since fit started)"
+            )
             bar.write(compute.format_report(report))
             if workdir is not None:
                 (workdir / "compute.json").write_text(finite_json.dumps(report, indent=2) + "\n")
@@ -197,6 +215,7 @@ def fit(
             contextlib.closing(_train_batches(c, c.train_loader(position)))
         )
         loop = _Loop(c, ckpt, stop, run, rows, train_fn, train_shape, state, start, position)
+        loop.profiler = resources.enter_context(profiler)
         # 3. Loop.
         for cb in cbs:
             cb.on_train_start(run)
@@ -335,6 +354,7 @@ class _Loop:
         self.train_fn, self.train_shape = train_fn, train_shape
         self.state, self.start, self.position = state, start, position
         self.stopped: str | None = None
+        self.profiler = profiling.NO_PROFILE
         self.last_eval: dict[str, float] = {}
         self.eval_fn = programs.compile_eval(c, state)
         self.eval_shape = c.abstract_eval_metrics(state)
@@ -349,7 +369,10 @@ class _Loop:
             return
         acc = strategy.zeros(self.train_shape)
         for step in range(self.start + k, total + 1, k):
-            self.state, acc = self.train_fn(self.state, acc, next(batches))
+            # The annotation holds the batch fetch too: a step that waits on input shows it.
+            with self.profiler.step(step, k):
+                self.state, acc = self.train_fn(self.state, acc, next(batches))
+            self.profiler.after(step, acc)
             if strategy.sync_every_step:
                 jax.block_until_ready(acc)
             self.rows.count(k)

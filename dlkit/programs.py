@@ -42,7 +42,7 @@ def compile_train(c: components.Components, state, acc_spec) -> tuple[Any, dict[
         batch = strategy.batch_spec(c.example_batch(), t.batch_size)
     train_fn = strategy.compile_train(program, state_shardings, stacked=k > 1)
     compiled = train_fn.lower(state, acc_spec, batch).compile()
-    report = compute.analyze(compiled, strategy.devices)
+    report = compute.analyze(compiled, strategy.devices, c.policy.compute_dtype)
     if t.grad_accum_steps > 1 or k > 1:
         per_device = _plain_step_flops(c, state, acc_spec)
         report["flops_per_step_per_device"] = per_device

@@ -72,9 +72,13 @@ class ProgressBar:
 
 
 def format_row(row: dict[str, Any]) -> str:
-    """`step 100  train/loss=0.1234  ...`: a metric row as one printed line."""
+    """`step 100  train/loss=0.1234  ...`: a metric row as one printed line.
+
+    Floats are shown to 5 significant digits so a row stays short (metrics.jsonl keeps the
+    full value).
+    """
     parts = [f"step {row['step']}"]
-    parts += [f"{k}={v:.4f}" for k, v in row.items() if k != "step" and isinstance(v, float)]
+    parts += [f"{k}={v:.5g}" for k, v in row.items() if k != "step" and isinstance(v, float)]
     return "  ".join(parts)
 
 
@@ -162,7 +166,16 @@ class RowLog:
         elapsed = time.perf_counter() - self.interval_start - self.paused
         row["train/learning_rate"] = float(self.schedule(step - 1))
         row["perf/steps_per_s"] = steps / max(elapsed, 1e-9)
-        row.update(compute.perf_metrics(self.report, row["perf/steps_per_s"]))
+        # Text datasets' examples are sequences of seq_len tokens: tokens/s applies there.
+        text = self.cfg.data.name in ("text", "kjv")
+        row.update(
+            compute.perf_metrics(
+                self.report,
+                row["perf/steps_per_s"],
+                examples_per_step=self.cfg.train.batch_size,
+                tokens_per_example=self.cfg.data.seq_len if text else 0,
+            )
+        )
         self.bar.show(loss=row["train/loss"])
         self.interval_start, self.paused = time.perf_counter(), 0.0
         return row

@@ -13,6 +13,9 @@ _FLAGS = (
 _existing = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_existing, *(f for f in _FLAGS if f not in _existing)]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No per-user cache (compiled programs, the CPU peak) in tests: each test sees a cold start, as
+# before the cache was on by default; tests of the cache set their own directory.
+os.environ["DLKIT_CACHE_DIR"] = ""
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -49,8 +49,16 @@ def test_perf_metrics_are_logged(one_device_run):
         assert r["perf/flops_per_s"] == pytest.approx(
             report["flops_per_step"] * r["perf/steps_per_s"]
         )
-        assert r["perf/mfu"] == pytest.approx(r["perf/flops_per_s"] / report["peak_flops_per_s"])
-        assert 0 < r["perf/mfu"] < 1
+        # On CPU MFU is against the measured peak, labelled so, and at most 1 by construction.
+        assert "perf/mfu" not in r
+        assert 0 < r["perf/mfu_vs_measured_peak"] <= 1
+        assert r["perf/mfu_vs_measured_peak"] == pytest.approx(
+            r["perf/flops_per_s"] / report["peak_flops_per_s"]
+        )
+        assert r["perf/examples_per_s"] == pytest.approx(
+            r["perf/steps_per_s"] * 32  # tiny_digits_config: batch 32
+        )
+        assert "perf/tokens_per_s" not in r  # digits: no tokens
 
 
 def test_peak_table_and_measured_cpu_peak():
@@ -65,9 +73,28 @@ def test_peak_table_and_measured_cpu_peak():
     assert compute.perf_metrics({"flops_per_step": 10.0, "peak_flops_per_s": None}, 2.0) == {
         "perf/flops_per_s": 20.0
     }
+    h200 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200", process_index=0)
+    assert compute.peak_flops_per_s([h200], "float32") == (
+        494.7e12,
+        "data sheet float32 (TF32) dense, H200",
+    )
+    v5e = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite", process_index=0)
+    assert compute.peak_flops_per_s([v5e] * 4, "bfloat16")[0] == 4 * 197e12
+    assert compute.peak_flops_per_s([v5e], "float32")[0] is None  # absent, not invented
     peak = compute.measure_cpu_peak_flops()
     assert 1e8 < peak < 1e14  # a real measurement, not a placeholder
     assert compute.measure_cpu_peak_flops() == peak  # measured once
+
+
+def test_mfu_against_a_measured_peak_never_exceeds_one():
+    # A run that beats the matmul (the digits run logged 1.0471 before) raises the peak.
+    report = {"flops_per_step": 1e9, "peak_flops_per_s": 1e9, "peak_measured": True}
+    fast = compute.perf_metrics(report, steps_per_s=3.0, examples_per_step=8, tokens_per_example=4)
+    assert fast["perf/mfu_vs_measured_peak"] == 1.0
+    assert report["peak_flops_per_s"] == 3e9
+    slow = compute.perf_metrics(report, steps_per_s=1.5)
+    assert slow["perf/mfu_vs_measured_peak"] == pytest.approx(0.5)
+    assert fast["perf/examples_per_s"] == 24.0 and fast["perf/tokens_per_s"] == 96.0
 
 
 def test_find_batch_size_uses_the_memory_analysis_only():
@@ -146,3 +173,39 @@ def test_compilation_cache_is_written_then_reused(tmp_path):
         timeout=180,
     )
     assert set(os.listdir(cache)) == first  # every program came from the cache
+
+
+def test_default_caches_go_to_the_user_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLKIT_CACHE_DIR", str(tmp_path / "c"))
+    assert compute.compilation_cache_dir("auto") == str(tmp_path / "c" / "jax")
+    assert compute.compilation_cache_dir("") is None
+    assert dlkit.Config().train.compilation_cache_dir == "auto"  # on by default
+    monkeypatch.setenv("DLKIT_CACHE_DIR", "")
+    assert compute.compilation_cache_dir("auto") is None  # DLKIT_CACHE_DIR="" turns it off
+    monkeypatch.delenv("DLKIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compute.cache_dir() == tmp_path / "xdg" / "dlkit"
+
+
+def test_cpu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLKIT_CACHE_DIR", str(tmp_path))
+    measure = compute.measure_cpu_peak_flops.__wrapped__  # past the per-process cache
+    peak = measure(n=64, repeats=1)
+    stored = json.loads((tmp_path / "cpu_peak_flops.json").read_text())
+    assert list(stored.values()) == [peak]
+    # A later process reads the stored figure instead of measuring again.
+    (tmp_path / "cpu_peak_flops.json").write_text(json.dumps({k: 1.5e9 for k in stored}))
+    assert measure(n=64, repeats=1) == 1.5e9
+
+
+def test_printed_rows_round_floats_and_the_jsonl_keeps_them(tmp_path):
+    from dlkit import progress
+
+    row = {"step": 3, "perf/flops_per_s": 26383561844.8379, "train/loss": 0.123456789}
+    assert progress.format_row(row) == "step 3  perf/flops_per_s=2.6384e+10  train/loss=0.12346"
+    result = dlkit.fit(tiny_digits_config(**{"parallel.num_devices": 1}), tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    on_disk = {r["step"]: r["train/loss"] for r in logged if "train/loss" in r}
+    in_memory = {r["step"]: r["train/loss"] for r in result.history if "train/loss" in r}
+    assert on_disk and on_disk == in_memory  # full precision on disk, not the printed digits
+    assert any(len(repr(v)) > 8 for v in on_disk.values())

@@ -32,7 +32,12 @@ def test_overfitting_run():
     assert report["verdict"] == "overfitting"
     assert report["overfitting"] is True
     assert report["overfitting_onset_step"] == 300
-    assert report["best"] == {"metric": "eval/loss", "step": 300, "value": 0.9}
+    # A classifier is judged by eval accuracy: best 0.75 at step 300, then worse.
+    assert report["best"] == {"metric": "eval/accuracy", "step": 300, "value": 0.75}
+    assert report["evidence"] == (
+        "eval/accuracy best 0.75 at step 300, last 0.72 at step 500 (-4.0%); "
+        "train loss 0.5 -> 0.1 over the same steps"
+    )
     assert report["final"] == {
         "step": 500,
         "train/loss": 0.1,
@@ -45,7 +50,8 @@ def test_overfitting_run():
     assert report["train_loss_fell"] is True and report["underfitting"] is False
     assert report["skipped_steps"] == 0
     text = diagnosis.format_diagnosis(report)
-    assert "overfitting from step 300" in text
+    assert "overfitting from step 300: eval/accuracy got worse" in text
+    assert "  evidence: eval/accuracy best 0.75 at step 300" in text
     json.dumps(report)  # serialisable as diagnosis.json
 
 
@@ -69,6 +75,37 @@ def test_underfitting_run_and_skipped_steps():
     assert report["skipped_steps"] == 3
     assert any("learning rate" in a for a in report["advice"])
     assert any("3 update(s) were skipped" in a for a in report["advice"])
+
+
+def test_eval_loss_rising_while_accuracy_improves_is_not_overfitting():
+    # The flagship job's shape: eval loss bottoms early, eval accuracy keeps rising.
+    rows = _history(
+        [2.0, 1.0, 0.5, 0.3, 0.2],
+        [2.0, 0.8, 0.7, 0.9, 1.1],
+        train_acc=[0.3, 0.7, 0.85, 0.92, 0.96],
+        eval_acc=[0.3, 0.70, 0.80, 0.82, 0.83],
+    )
+    report = diagnosis.diagnose(rows)
+    assert report["verdict"] == "healthy"
+    assert report["overfitting"] is False and report["overfitting_onset_step"] is None
+    assert report["best"] == {"metric": "eval/accuracy", "step": 500, "value": 0.83}
+    assert report["eval_loss_rose_from_step"] == 300
+    assert any("eval loss rose after step 300" in a for a in report["advice"])
+    text = diagnosis.format_diagnosis(report)
+    assert "diagnosis: healthy" in text and "overfitting" not in text
+    # Judged by eval loss on purpose (e.g. early stopping on it), the same history overfits.
+    by_loss = diagnosis.diagnose(rows, metric="eval/loss", mode="min")
+    assert by_loss["verdict"] == "overfitting" and by_loss["overfitting_onset_step"] == 300
+
+
+def test_accuracy_within_tolerance_of_its_best_is_not_evidence():
+    rows = _history(
+        [2.0, 1.0, 0.5, 0.3],
+        [2.0, 0.8, 0.9, 1.0],
+        train_acc=[0.3, 0.7, 0.9, 0.95],
+        eval_acc=[0.3, 0.800, 0.801, 0.797],  # 0.5% below the best: noise, not overfitting
+    )
+    assert diagnosis.diagnose(rows)["verdict"] == "healthy"
 
 
 def test_best_by_another_metric_and_mode():

@@ -16,7 +16,7 @@ import math
 import typing
 from typing import Any
 
-from dlkit import errors, losses, optim
+from dlkit import errors, losses, optim, profiling
 from dlkit.config import overrides
 
 _PATH_DATASETS = ("text", "arrays")  # the datasets that read data.path
@@ -204,7 +204,10 @@ class TrainConfig:
     precision: str = "float32"  # float32 | bfloat16 | float16 (dynamic loss scaling): the
     #   compute dtype; params and optimizer state stay float32
     grad_accum_steps: int = 1  # micro-batches per step, summed inside the compiled step
-    compilation_cache_dir: str = ""  # JAX persistent compilation cache directory; "" = off
+    compilation_cache_dir: str = "auto"  # JAX persistent compilation cache: a directory,
+    #   auto = ~/.cache/dlkit/jax (or $DLKIT_CACHE_DIR/jax; DLKIT_CACHE_DIR="" = off), "" = off
+    profile_steps: str = ""  # START:STOP: jax.profiler trace of steps START..STOP-1 into
+    #   WORKDIR/profile/ (dlkit.profiling); "" = off
     xla_cpu_ynn_fusions: str = "individual_dot,reduce"  # CPU: what XLA may hand to YNNPACK:
     #   a comma list of dot | eltwise | individual_convolution | individual_dot | reduce,
     #   none, or xla (XLA's default); convolutions stay XLA's (dlkit.parallel, performance.md)
@@ -244,6 +247,7 @@ class TrainConfig:
             }
         )
         _check_choices({"train.nan_policy": (self.nan_policy, ("raise", "skip"))})
+        profiling.parse_profile_steps(self.profile_steps)
         if self.max_consecutive_nonfinite < 1:
             raise errors.ConfigError(
                 "train.max_consecutive_nonfinite: expected an int >= 1, got "
