@@ -24,11 +24,11 @@ and all three go into every checkpoint.
 import contextlib
 import dataclasses
 import json
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+from etils import epath
 
 from dlkit import callbacks as callbacks_lib
 from dlkit import checkpoint as checkpoint_lib
@@ -42,6 +42,7 @@ from dlkit import (
     interrupt,
     precision,
     programs,
+    storage,
 )
 from dlkit import config as config_lib
 from dlkit import data as data_lib
@@ -76,7 +77,7 @@ class FitResult:
 
     state: state_lib.TrainState
     history: metrics_lib.History
-    workdir: pathlib.Path | None
+    workdir: epath.Path | None
     trace_counts: dict[str, int]
     stopped: str | None = None
     compute_report: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -84,7 +85,7 @@ class FitResult:
 
 def fit(
     config: config_lib.Config,
-    workdir: str | pathlib.Path | None = None,
+    workdir: str | epath.PathLike | None = None,
     *,
     module=None,
     train_source=None,
@@ -97,8 +98,9 @@ def fit(
 
     Args:
       config: the run's `Config`.
-      workdir: where config.json, metrics.jsonl and checkpoints/ go. If it holds checkpoints,
-        training resumes from the newest valid one. None = keep nothing on disk.
+      workdir: where config.json, metrics.jsonl and checkpoints/ go: a local path or a
+        `gs://bucket/path` URL (`dlkit.storage`). If it holds checkpoints, training resumes
+        from the newest valid one. None = keep nothing on disk.
       module, train_source, eval_source, strategy: replace the config's choice (see
         `dlkit.components.build`).
       progress: show a progress bar; None = `config.train.progress`.
@@ -116,6 +118,8 @@ def fit(
     `train.fast_dev_run` and `train.overfit_batches` adjust the run (see `dlkit.debugging`); a
     fast_dev_run without a workdir uses a temporary one, and `result.workdir` is then None.
     """
+    # A URL that cannot be served is refused before anything is built or written.
+    workdir = storage.resolve(workdir, "workdir") if workdir is not None else None
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
     c = components.build(
@@ -127,7 +131,7 @@ def fit(
     audit_report = audit_lib.audit_for_fit(
         c.train_source, c.eval_source, cfg.data.audit, log, cfg.data.audit_max_examples
     )
-    workdir = pathlib.Path(workdir) if workdir is not None else None
+    workdir = storage.resolve(workdir, "workdir") if workdir is not None else None
     cbs = default_callbacks.from_config(cfg, workdir) + user_callbacks
     show = (cfg.train.progress if progress is None else progress) and is_main
     with contextlib.ExitStack() as resources:

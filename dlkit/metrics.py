@@ -20,13 +20,14 @@ Writers: `JsonlWriter` appends one JSON object per line (`{"step": 100, "train/l
 import json
 import math
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from dlkit import storage
 
 
 @flax.struct.dataclass
@@ -169,7 +170,7 @@ def read_history(workdir: str | os.PathLike) -> History:
     Raises:
       FileNotFoundError: the workdir has no metrics.jsonl.
     """
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = storage.resolve(workdir, "workdir") / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"read_history: no metrics.jsonl in {workdir}")
     return JsonlWriter(path).read()
@@ -179,7 +180,7 @@ class JsonlWriter:
     """Appends metric rows to `path`, one JSON object per line, flushed on every write."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
+        self.path = storage.resolve(path, "metrics path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def read(self) -> History:
@@ -202,11 +203,8 @@ class JsonlWriter:
         file and renamed, so a crash here leaves either the old or the new file.
         """
         rows = History(r for r in self.read() if r.get("step", 0) <= step)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.path)
+        storage.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        storage.append_text(self.path, json.dumps(row) + "\n")

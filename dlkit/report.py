@@ -17,14 +17,15 @@ goes on; `report` still prints the summary and says why no picture was written.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from dlkit import callbacks as callbacks_lib
-from dlkit import components, evaluation, parallel
+from dlkit import components, evaluation, parallel, storage
 from dlkit import data as data_lib
 from dlkit import metrics as metrics_lib
 
@@ -39,12 +40,17 @@ def has_matplotlib() -> bool:
     return True
 
 
-def write_curves(history: metrics_lib.History, path: str | pathlib.Path) -> pathlib.Path:
-    """Saves `history.plot()` (train vs eval per metric, step on x) as a PNG at `path`."""
-    path = pathlib.Path(path)
-    fig = history.plot()
-    fig.savefig(path, dpi=100)
+def _save_png(fig, path: str | os.PathLike) -> epath.Path:
+    """Saves a matplotlib figure as a PNG at `path` (a local path or a `gs://` URL)."""
+    path = epath.Path(path)
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return path
+
+
+def write_curves(history: metrics_lib.History, path: str | os.PathLike) -> epath.Path:
+    """Saves `history.plot()` (train vs eval per metric, step on x) as a PNG at `path`."""
+    return _save_png(history.plot(), path)
 
 
 def _is_classifier(cfg, eval_source) -> bool:
@@ -55,7 +61,7 @@ def _is_classifier(cfg, eval_source) -> bool:
 
 
 def confusion_matrix(
-    workdir: str | pathlib.Path, step: int | None = None, *, batch_size: int = 256
+    workdir: str | os.PathLike, step: int | None = None, *, batch_size: int = 256
 ) -> tuple[np.ndarray, int]:
     """Counts (true class, predicted class) over the run's eval split, on one device.
 
@@ -71,7 +77,7 @@ def confusion_matrix(
       ValueError: the run is not a classifier (softmax cross-entropy on one integer label
         per example).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     strategy = parallel.make_strategy("jit", num_devices=1)
     with evaluation.open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
@@ -103,10 +109,9 @@ def confusion_matrix(
 
 
 def write_confusion_matrix(
-    matrix: np.ndarray, path: str | pathlib.Path, *, title: str = ""
-) -> pathlib.Path:
+    matrix: np.ndarray, path: str | os.PathLike, *, title: str = ""
+) -> epath.Path:
     """Saves a (K, K) confusion matrix (rows true, columns predicted) as an annotated PNG."""
-    path = pathlib.Path(path)
     fig = metrics_lib._matplotlib_figure()(figsize=(6, 5.2), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
@@ -124,8 +129,7 @@ def write_confusion_matrix(
             for j in range(k):
                 color = "white" if matrix[i, j] > threshold else "black"
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, size=7)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save_png(fig, path)
 
 
 def _train_seconds(history: metrics_lib.History) -> float:
@@ -139,7 +143,7 @@ def _train_seconds(history: metrics_lib.History) -> float:
     return total
 
 
-def run_summary(workdir: str | pathlib.Path) -> dict[str, Any]:
+def run_summary(workdir: str | os.PathLike) -> dict[str, Any]:
     """What a run did, from its files: config.json, metrics.jsonl, checkpoints/.
 
     Returns:
@@ -147,7 +151,7 @@ def run_summary(workdir: str | pathlib.Path) -> dict[str, Any]:
       eval row, "best": {key: {"value", "step"}} per eval metric (max for accuracy-like keys,
       min for losses), "train_seconds", "checkpoints": [steps on disk]}.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {workdir}; is it a run's workdir?")
@@ -197,14 +201,14 @@ def format_summary(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def report(workdir: str | pathlib.Path, *, plots: bool = True, log=print) -> dict[str, Any]:
+def report(workdir: str | os.PathLike, *, plots: bool = True, log=print) -> dict[str, Any]:
     """Prints a run's summary and writes curves.png (and confusion_matrix.png for classifiers).
 
     Returns:
       `run_summary(workdir)` plus "files": the PNGs written, and for classifiers
       "confusion_matrix" (a nested list) and "confusion_step".
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     info = run_summary(workdir)
     log(format_summary(info))
     info["files"] = []
@@ -238,7 +242,7 @@ class PlotsCallback(callbacks_lib.Callback):
 
     def on_train_end(self, run: callbacks_lib.Run, result) -> None:
         if run.is_main and run.workdir is not None and result.history:
-            path = write_curves(result.history, pathlib.Path(run.workdir) / "curves.png")
+            path = write_curves(result.history, run.workdir / "curves.png")
             run.log(f"wrote {path}")
 
 
