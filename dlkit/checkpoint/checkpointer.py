@@ -217,7 +217,7 @@ class Checkpointer:
             raise commit.CheckpointError(
                 f"step {step}: a checkpoint with this step already exists in {self.directory}"
             )
-        if self._primary:  # a failed save of this step left its temporary directory
+        if self._primary and not self._commit_file:  # a failed save left its temporary directory
             for path in self.directory.iterdir():
                 if path.name.startswith(f"{step}{retention.ORBAX_TMP}"):
                     path.rmtree(missing_ok=True)

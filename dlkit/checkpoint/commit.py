@@ -21,6 +21,7 @@ Every path operation goes through `etils.epath`, as Orbax's own do.
 """
 
 import json
+import os
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -57,8 +58,6 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            import os
-
             _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="crc")
         return _POOL
 
@@ -104,13 +103,21 @@ def chunk_crcs(
     return {name: [f.result() for f in fs] for name, fs in futures.items()}
 
 
+def _without_scheme(path) -> str:
+    return os.fspath(path).split("://", 1)[-1].rstrip("/")
+
+
 def _files(step_dir: epath.Path) -> dict[str, tuple[epath.Path, int]]:
     """{relative path: (path, size)} of every file the manifest covers."""
     out = {}
+    # Compared as text without the scheme: in a bucket, fsspec's walk (under epath) yields
+    # "bucket/dir" where the step directory is "gs://bucket/dir".
+    top = _without_scheme(step_dir)
     for root, _, names in step_dir.walk():
+        sub = _without_scheme(root)[len(top) :].strip("/")
         for name in names:
-            path = root / name
-            rel = path.relative_to(step_dir).as_posix()
+            rel = f"{sub}/{name}" if sub else name
+            path = step_dir / rel
             if name in _UNCHECKED or rel.endswith(".tmp"):
                 continue
             out[rel] = (path, path.stat().length)

@@ -35,6 +35,8 @@ ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 def step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
     """{step: path} of every directory named by a step number."""
+    if not directory.exists():  # a bucket has no empty directories: nothing saved yet
+        return {}
     return {int(p.name): p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
 
 
@@ -93,6 +95,8 @@ def clean_leftovers(directory: epath.Path, log, *, commit_file: bool = False) ->
     directories, and quarantines dlkit steps that were never committed. Steps another tool
     wrote (`commit.is_foreign`) are left alone. With `commit_file` (a bucket) a step without
     Orbax's commit marker is an unfinished save or deletion, by any writer, and is removed."""
+    if not directory.exists():  # a bucket has no empty directories: nothing saved yet
+        return
     trash = directory / TRASH
     if trash.exists():
         trash.rmtree(missing_ok=True)
