@@ -117,3 +117,47 @@ def test_train_resume_and_eval_in_a_bucket_match_a_local_run(gcs, tmp_path, monk
     assert dlkit.evaluate(url) == dlkit.evaluate(tmp_path / "local")
     summary = dlkit.report.run_summary(url)
     assert summary["checkpoints"] == [6, 12] and summary["steps_done"] == 12
+
+
+def test_sigkill_in_a_bucket_and_restart_is_bitwise_identical_to_uninterrupted(gcs, tmp_path):
+    sets = [
+        "train.steps=600",
+        "checkpoint.every_steps=50",
+        "train.log_every=50",
+        "train.eval_every=0",
+        "checkpoint.max_to_keep=2",
+        "parallel.num_devices=2",
+        "train.batch_size=64",
+    ]
+    subprocess.run(
+        cli.train_command("digits_mlp", tmp_path / "ref", sets), check=True, capture_output=True
+    )
+    url = _run_url()
+    proc = subprocess.Popen(
+        cli.train_command("digits_mlp", url, sets),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt_dir = epath.Path(url) / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= 100 for s in _committed(ckpt_dir)):
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(_committed(ckpt_dir))
+    assert killed_at < 600
+    out = subprocess.run(
+        cli.train_command("digits_mlp", url, sets), check=True, capture_output=True, text=True
+    )
+    assert f"resuming from step {killed_at}" in out.stdout
+    ref_state, _ = dlkit.load_checkpoint(tmp_path / "ref")
+    resumed_state, _ = dlkit.load_checkpoint(url)
+    assert int(resumed_state.step) == 600
+    assert_bitwise_equal(ref_state, resumed_state)
+    # Retention deleted the older steps in the bucket: only the newest two remain, whole.
+    assert _committed(ckpt_dir) == [550, 600]
+    assert not any(p.name == ckpt_lib.TRASH for p in ckpt_dir.iterdir())
