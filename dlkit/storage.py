@@ -18,19 +18,30 @@ import os
 import re
 import uuid
 
+import fsspec
 from etils import epath
 
 # "gs://bucket/run", or the "gs:/bucket/run" that pathlib makes of it.
-_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):/+(?P<rest>.*)$")
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):(?P<slashes>/+)(?P<rest>.*)$")
 # scheme -> the fsspec package etils.epath needs for it.
 _OBJECT_STORES = {"gs": "gcsfs"}
+
+# TensorStore writes a checkpoint's arrays, and other processes write steps and files, behind
+# gcsfs's back: a cached listing would hide a committed step from `dlkit eval` or a restart.
+# (A default only: a user's own fsspec configuration wins.)
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 def _url_parts(text: str) -> tuple[str, str] | None:
     match = _URL.match(text)
     if match is None or len(match["scheme"]) < 2:  # "C:/..." is a Windows drive, not a URL
         return None
-    return match["scheme"].lower(), match["rest"]
+    rest = match["rest"] if len(match["slashes"]) <= 2 else "/" + match["rest"]  # gs:///x
+    return match["scheme"].lower(), rest
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def resolve(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
@@ -66,7 +77,7 @@ def resolve(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
     if not bucket:
         raise ValueError(f"{what}: expected {scheme}://BUCKET/path, got {text!r} (no bucket)")
     package = _OBJECT_STORES[scheme]
-    if importlib.util.find_spec(package) is None:
+    if not _installed(package):
         raise ValueError(
             f"{what}: {text!r} needs the {package} package, which is not installed: "
             f"pip install 'dlkit[{scheme if scheme != 'gs' else 'gcs'}]'"

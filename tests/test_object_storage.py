@@ -14,15 +14,13 @@ import sys
 import time
 import uuid
 
-import jax
-import numpy as np
 import pytest
 from conftest import assert_bitwise_equal, tiny_digits_config
 from etils import epath
 
 import dlkit
-from dlkit import cli, storage
 from dlkit import checkpoint as ckpt_lib
+from dlkit import cli, storage
 
 BUCKET = "dlkit-test"
 
@@ -121,7 +119,7 @@ def test_train_resume_and_eval_in_a_bucket_match_a_local_run(gcs, tmp_path, monk
 
 def test_sigkill_in_a_bucket_and_restart_is_bitwise_identical_to_uninterrupted(gcs, tmp_path):
     sets = [
-        "train.steps=600",
+        "train.steps=300",
         "checkpoint.every_steps=50",
         "train.log_every=50",
         "train.eval_every=0",
@@ -149,15 +147,43 @@ def test_sigkill_in_a_bucket_and_restart_is_bitwise_identical_to_uninterrupted(g
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(_committed(ckpt_dir))
-    assert killed_at < 600
+    assert killed_at < 300
     out = subprocess.run(
         cli.train_command("digits_mlp", url, sets), check=True, capture_output=True, text=True
     )
     assert f"resuming from step {killed_at}" in out.stdout
     ref_state, _ = dlkit.load_checkpoint(tmp_path / "ref")
     resumed_state, _ = dlkit.load_checkpoint(url)
-    assert int(resumed_state.step) == 600
+    assert int(resumed_state.step) == 300
     assert_bitwise_equal(ref_state, resumed_state)
     # Retention deleted the older steps in the bucket: only the newest two remain, whole.
-    assert _committed(ckpt_dir) == [550, 600]
+    assert _committed(ckpt_dir) == [250, 300]
     assert not any(p.name == ckpt_lib.TRASH for p in ckpt_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("foo://bucket/run", "cannot store a run under foo://"),
+        ("s3://bucket/run", "gs:// only"),
+        ("gs:///run", "no bucket"),
+    ],
+)
+def test_a_url_that_cannot_be_served_is_refused_before_anything_runs(
+    url, expected, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="workdir") as e:
+        dlkit.fit(tiny_digits_config(), url)
+    assert expected in str(e.value) and url in str(e.value)
+    assert cli.main(["train", "--workdir", url, "--no-progress"]) == 2
+    assert "--workdir" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # no local "foo:" / "s3:" / "gs:" directory
+
+
+def test_gs_without_gcsfs_names_the_package_to_install(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(storage, "_installed", lambda package: False)
+    with pytest.raises(ValueError, match=r"gcsfs.*pip install 'dlkit\[gcs\]'"):
+        dlkit.fit(tiny_digits_config(), "gs://bucket/run")
+    assert os.listdir(tmp_path) == []
