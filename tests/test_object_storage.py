@@ -116,6 +116,21 @@ def test_train_resume_and_eval_in_a_bucket_match_a_local_run(gcs, tmp_path, monk
     summary = dlkit.report.run_summary(url)
     assert summary["checkpoints"] == [6, 12] and summary["steps_done"] == 12
 
+    # A flipped byte in step 12's arrays: detected, the step is moved to .quarantine/ in the
+    # bucket with its reason, and the run falls back to step 6 and ends on the same bits.
+    data = max(
+        (p for p in (run / "checkpoints" / "12" / "state").glob("**/*") if p.is_file()),
+        key=lambda p: (p.stat().length, str(p)),
+    )
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    again = dlkit.fit(tiny_digits_config(), url)
+    assert_bitwise_equal(local.state, again.state)
+    quarantined = sorted(p.name for p in (run / "checkpoints" / ckpt_lib.QUARANTINE).iterdir())
+    assert len(quarantined) == 2 and quarantined[0].startswith("12-")
+    assert "CRC-32 mismatch" in (run / "checkpoints" / ".quarantine" / quarantined[1]).read_text()
+
 
 def test_sigkill_in_a_bucket_and_restart_is_bitwise_identical_to_uninterrupted(gcs, tmp_path):
     sets = [
