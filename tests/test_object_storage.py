@@ -118,9 +118,10 @@ def test_train_resume_and_eval_in_a_bucket_match_a_local_run(gcs, tmp_path, monk
 
     # A flipped byte in step 12's arrays: detected, the step is moved to .quarantine/ in the
     # bucket with its reason, and the run falls back to step 6 and ends on the same bits.
-    data = max(
-        (p for p in (run / "checkpoints" / "12" / "state").glob("**/*") if p.is_file()),
-        key=lambda p: (p.stat().length, str(p)),
+    step_dir = run / "checkpoints" / "12"
+    files = json.loads((step_dir / ckpt_lib.MANIFEST).read_text())["files"]
+    data = step_dir / max(
+        (rel for rel in files if rel.startswith("state/")), key=lambda r: files[r]["size"]
     )
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x10
