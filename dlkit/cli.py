@@ -54,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_EXPERIMENT,
         help=f"a name from `dlkit list` or a path to a .py file (default: {DEFAULT_EXPERIMENT})",
     )
-    train.add_argument("--workdir", help="run directory (default: runs/<experiment>)")
+    train.add_argument(
+        "--workdir",
+        help="run directory: a local path or gs://BUCKET/PATH (default: runs/<experiment>)",
+    )
     train.add_argument(
         "--set",
         dest="overrides",
@@ -179,6 +182,10 @@ def _start_distributed(args) -> None:
 
 
 def _train(args) -> int:
+    from dlkit import storage
+
+    if args.workdir is not None:  # refused before the job starts: never a local "gs:" folder
+        storage.resolve(args.workdir, "--workdir")
     _start_distributed(args)
     import dlkit
     from dlkit import finite_json

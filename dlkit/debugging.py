@@ -27,6 +27,7 @@ import tempfile
 
 import jax
 import numpy as np
+from etils import epath
 
 from dlkit import callbacks as callbacks_lib
 from dlkit import checkpoint as checkpoint_lib
@@ -69,7 +70,7 @@ def prepare(
             tmp = tempfile.TemporaryDirectory(prefix="dlkit-fast-dev-run-")
             workdir = tmp.name
         else:
-            checkpoints = pathlib.Path(workdir) / "checkpoints"
+            checkpoints = epath.Path(workdir) / "checkpoints"
             if checkpoints.is_dir() and any(checkpoints.iterdir()):
                 raise config_lib.ConfigError(
                     f"train.fast_dev_run: expected a workdir without checkpoints (or none, for a "

@@ -7,14 +7,15 @@
 once, padding masked, metrics summed on the device and fetched once at the end.
 """
 
-import pathlib
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
+from etils import epath
 
 from dlkit import checkpoint as checkpoint_lib
-from dlkit import components, parallel, programs, run_record
+from dlkit import components, parallel, programs, run_record, storage
 from dlkit import config as config_lib
 from dlkit import data as data_lib
 from dlkit import metrics as metrics_lib
@@ -59,7 +60,7 @@ def run_eval(
     return metrics_lib.compute(jax.device_get(acc))
 
 
-def open_existing(workdir: pathlib.Path) -> checkpoint_lib.Checkpointer:
+def open_existing(workdir: epath.Path) -> checkpoint_lib.Checkpointer:
     """A Checkpointer on a workdir that must already hold checkpoints (creates nothing)."""
     directory = workdir / "checkpoints"
     if not directory.is_dir():
@@ -87,7 +88,7 @@ def build_for(workdir, cfg, strategy, *, eval_source=None, model=None, need_data
 
 
 def load_checkpoint(
-    workdir: str | pathlib.Path,
+    workdir: str | os.PathLike,
     step: int | None = None,
     *,
     strategy: parallel.Strategy | None = None,
@@ -97,7 +98,7 @@ def load_checkpoint(
     """Loads a run's checkpoint onto this machine, e.g. into a notebook.
 
     Args:
-      workdir: the run's directory (holding checkpoints/).
+      workdir: the run's directory (holding checkpoints/): a local path or a `gs://` URL.
       step: which step; None = the newest.
       strategy: where to put the state; default one device (`jit` strategy, 1 device), which
         on a CPU-only machine is the plain CPU. The saving run's device count does not matter.
@@ -113,7 +114,7 @@ def load_checkpoint(
     """
     if weights not in ("ema", "raw"):
         raise ValueError(f"load_checkpoint(weights=...): expected ema | raw, got {weights!r}")
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     with open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
@@ -130,7 +131,7 @@ def load_checkpoint(
 
 
 def evaluate(
-    workdir: str | pathlib.Path,
+    workdir: str | os.PathLike,
     step: int | None = None,
     *,
     split: str | None = None,
@@ -146,7 +147,7 @@ def evaluate(
     Returns:
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     with open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))

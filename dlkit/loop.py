@@ -23,12 +23,12 @@ and all three go into every checkpoint.
 
 import contextlib
 import dataclasses
-import pathlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+from etils import epath
 
 from dlkit import callbacks as callbacks_lib
 from dlkit import checkpoint as checkpoint_lib
@@ -45,6 +45,7 @@ from dlkit import (
     profiling,
     programs,
     run_record,
+    storage,
 )
 from dlkit import config as config_lib
 from dlkit import data as data_lib
@@ -82,7 +83,7 @@ class FitResult:
 
     state: state_lib.TrainState
     history: metrics_lib.History
-    workdir: pathlib.Path | None
+    workdir: epath.Path | None
     trace_counts: dict[str, int]
     stopped: str | None = None
     compute_report: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -91,7 +92,7 @@ class FitResult:
 
 def fit(
     config: config_lib.Config,
-    workdir: str | pathlib.Path | None = None,
+    workdir: str | epath.PathLike | None = None,
     *,
     model=None,
     module=None,
@@ -108,8 +109,9 @@ def fit(
 
     Args:
       config: the run's `Config`.
-      workdir: where config.json, metrics.jsonl and checkpoints/ go. If it holds checkpoints,
-        training resumes from the newest valid one. None = keep nothing on disk.
+      workdir: where config.json, metrics.jsonl and checkpoints/ go: a local path or a
+        `gs://bucket/path` URL (`dlkit.storage`). If it holds checkpoints, training resumes
+        from the newest valid one. None = keep nothing on disk.
       model: your own model in place of `config.model`: a Linen module, or an `nnx.Module`
         instance (trained from its current weights; `result.model` is the trained module).
       module, train_source, eval_source, strategy: replace the config's choice (see
@@ -135,6 +137,8 @@ def fit(
     `train.fast_dev_run` and `train.overfit_batches` adjust the run (see `dlkit.debugging`); a
     fast_dev_run without a workdir uses a temporary one, and `result.workdir` is then None.
     """
+    # A URL that cannot be served is refused before anything is built or written.
+    workdir = storage.resolve(workdir, "workdir") if workdir is not None else None
     fit_start = time.perf_counter()
     if profile is not None:
         steps = profiling.parse_profile_steps(profile)
@@ -163,7 +167,6 @@ def fit(
     audit_report = audit_lib.audit_for_fit(
         c.train_source, c.eval_source, cfg.data.audit, log, cfg.data.audit_max_examples
     )
-    workdir = pathlib.Path(workdir) if workdir is not None else None
     profiler = profiling.from_config(cfg, workdir)
     cbs = default_callbacks.from_config(cfg, workdir) + user_callbacks
     show = (cfg.train.progress if progress is None else progress) and is_main

@@ -20,15 +20,15 @@ Writers: `JsonlWriter` appends one JSON object per line (`{"step": 100, "train/l
 import json
 import math
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from etils import epath
 
-from dlkit import finite_json
+from dlkit import finite_json, storage
 
 
 @flax.struct.dataclass
@@ -174,7 +174,7 @@ def read_history(workdir: str | os.PathLike, log=None) -> History:
     Raises:
       FileNotFoundError: the workdir has no metrics.jsonl.
     """
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = storage.resolve(workdir, "workdir") / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"read_history: no metrics.jsonl in {workdir}")
     return JsonlWriter(path).read(log=log)
@@ -188,11 +188,11 @@ class JsonlWriter:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
+        self.path = storage.resolve(path, "metrics path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @property
-    def unreadable_path(self) -> pathlib.Path:
+    def unreadable_path(self) -> epath.Path:
         """Where `truncate_after` keeps the lines it could not parse."""
         return self.path.with_name(self.path.name + ".unreadable")
 
@@ -234,18 +234,14 @@ class JsonlWriter:
         """
         rows, bad = self._parse()
         if bad:
-            with self.unreadable_path.open("a") as f:
-                f.writelines(line + "\n" for _, line in bad)
+            storage.append_text(self.unreadable_path, "".join(line + "\n" for _, line in bad))
             _report_unreadable(self.path, bad, log or print, kept=self.unreadable_path)
         rows = History(r for r in rows if r["step"] <= step)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(finite_json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.path)
+        storage.write_text_atomic(self.path, "".join(finite_json.dumps(r) + "\n" for r in rows))
         return rows
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(finite_json.dumps(row) + "\n")
+        storage.append_text(self.path, finite_json.dumps(row) + "\n")
 
 
 def _report_unreadable(path, bad: list[tuple[int, str]], log, kept=None) -> None:

@@ -17,15 +17,16 @@ goes on; `report` still prints the summary and says why no picture was written.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from dlkit import callbacks as callbacks_lib
 from dlkit import data as data_lib
-from dlkit import evaluation, parallel
+from dlkit import evaluation, parallel, storage
 from dlkit import metrics as metrics_lib
 
 _INSTALL_HINT = "pip install 'dlkit[plots]' (or pip install matplotlib)"
@@ -39,12 +40,17 @@ def has_matplotlib() -> bool:
     return True
 
 
-def write_curves(history: metrics_lib.History, path: str | pathlib.Path) -> pathlib.Path:
-    """Saves `history.plot()` (train vs eval per metric, step on x) as a PNG at `path`."""
-    path = pathlib.Path(path)
-    fig = history.plot()
-    fig.savefig(path, dpi=100)
+def _save_png(fig, path: str | os.PathLike) -> epath.Path:
+    """Saves a matplotlib figure as a PNG at `path` (a local path or a `gs://` URL)."""
+    path = epath.Path(path)
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return path
+
+
+def write_curves(history: metrics_lib.History, path: str | os.PathLike) -> epath.Path:
+    """Saves `history.plot()` (train vs eval per metric, step on x) as a PNG at `path`."""
+    return _save_png(history.plot(), path)
 
 
 def _is_classifier(cfg, eval_source) -> bool:
@@ -55,7 +61,7 @@ def _is_classifier(cfg, eval_source) -> bool:
 
 
 def confusion_matrix(
-    workdir: str | pathlib.Path,
+    workdir: str | os.PathLike,
     step: int | None = None,
     *,
     batch_size: int = 256,
@@ -78,7 +84,7 @@ def confusion_matrix(
       ValueError: the run is not a classifier (softmax cross-entropy on one integer label
         per example).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     strategy = parallel.make_strategy("jit", num_devices=1)
     with evaluation.open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
@@ -111,10 +117,9 @@ def confusion_matrix(
 
 
 def write_confusion_matrix(
-    matrix: np.ndarray, path: str | pathlib.Path, *, title: str = ""
-) -> pathlib.Path:
+    matrix: np.ndarray, path: str | os.PathLike, *, title: str = ""
+) -> epath.Path:
     """Saves a (K, K) confusion matrix (rows true, columns predicted) as an annotated PNG."""
-    path = pathlib.Path(path)
     fig = metrics_lib._matplotlib_figure()(figsize=(6, 5.2), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
@@ -132,8 +137,7 @@ def write_confusion_matrix(
             for j in range(k):
                 color = "white" if matrix[i, j] > threshold else "black"
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, size=7)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save_png(fig, path)
 
 
 def _train_seconds(history: metrics_lib.History) -> float:
@@ -147,7 +151,7 @@ def _train_seconds(history: metrics_lib.History) -> float:
     return total
 
 
-def run_summary(workdir: str | pathlib.Path) -> dict[str, Any]:
+def run_summary(workdir: str | os.PathLike) -> dict[str, Any]:
     """What a run did, from its files: config.json, metrics.jsonl, checkpoints/.
 
     Returns:
@@ -155,7 +159,7 @@ def run_summary(workdir: str | pathlib.Path) -> dict[str, Any]:
       eval row, "best": {key: {"value", "step"}} per eval metric (max for accuracy-like keys,
       min for losses), "train_seconds", "checkpoints": [steps on disk]}.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {workdir}; is it a run's workdir?")
@@ -206,7 +210,7 @@ def format_summary(info: dict[str, Any]) -> str:
 
 
 def report(
-    workdir: str | pathlib.Path, *, plots: bool = True, log=print, eval_source=None, model=None
+    workdir: str | os.PathLike, *, plots: bool = True, log=print, eval_source=None, model=None
 ) -> dict[str, Any]:
     """Prints a run's summary and writes curves.png (and confusion_matrix.png for classifiers,
     on the data the run evaluated on: see `confusion_matrix` for `eval_source` and `model`).
@@ -215,7 +219,7 @@ def report(
       `run_summary(workdir)` plus "files": the PNGs written, and for classifiers
       "confusion_matrix" (a nested list) and "confusion_step".
     """
-    workdir = pathlib.Path(workdir)
+    workdir = storage.resolve(workdir, "workdir")
     info = run_summary(workdir)
     log(format_summary(info))
     info["files"] = []
@@ -249,7 +253,7 @@ class PlotsCallback(callbacks_lib.Callback):
 
     def on_train_end(self, run: callbacks_lib.Run, result) -> None:
         if run.is_main and run.workdir is not None and result.history:
-            path = write_curves(result.history, pathlib.Path(run.workdir) / "curves.png")
+            path = write_curves(result.history, run.workdir / "curves.png")
             run.log(f"wrote {path}")
 
 

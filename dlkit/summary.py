@@ -14,7 +14,6 @@ statistics) is listed and counted separately from the parameters.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import jax
@@ -144,7 +143,7 @@ class SummaryCallback(callbacks_lib.Callback):
         text = str(summarize(run.get_state()))
         run.log(text)
         if run.workdir is not None:
-            pathlib.Path(run.workdir, "summary.txt").write_text(text + "\n")
+            (run.workdir / "summary.txt").write_text(text + "\n")
 
 
 def from_config(cfg, workdir) -> SummaryCallback | None:

@@ -14,8 +14,10 @@ event file in the same directory; TensorBoard shows both as one run.
 from __future__ import annotations
 
 import math
-import pathlib
+import os
 from typing import Any
+
+from etils import epath
 
 from dlkit import callbacks as callbacks_lib
 from dlkit import config as config_lib
@@ -36,14 +38,14 @@ def _summary_writer_class():
 class TensorBoardCallback(callbacks_lib.Callback):
     """Writes each metric row's numbers as TensorBoard scalars (tag = metric key)."""
 
-    def __init__(self, logdir: str | pathlib.Path):
-        self.logdir = pathlib.Path(logdir)
+    def __init__(self, logdir: str | epath.PathLike):
+        self.logdir = epath.Path(logdir)
         self._writer_class = _summary_writer_class()  # fail before anything compiles
         self.writer = None
 
     def on_train_start(self, run: callbacks_lib.Run) -> None:
         if run.is_main:
-            self.writer = self._writer_class(logdir=str(self.logdir))
+            self.writer = self._writer_class(logdir=os.fspath(self.logdir))
 
     def on_row(self, run: callbacks_lib.Run, row: dict[str, Any]) -> None:
         if self.writer is None:
@@ -69,4 +71,4 @@ def from_config(cfg, workdir) -> TensorBoardCallback | None:
             "train.tensorboard: expected a workdir to write event files into "
             "(fit(cfg, workdir=...)), got workdir=None"
         )
-    return TensorBoardCallback(pathlib.Path(workdir) / "tensorboard")
+    return TensorBoardCallback(epath.Path(workdir) / "tensorboard")

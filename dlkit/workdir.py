@@ -31,7 +31,10 @@ import time
 import uuid
 from typing import Any
 
+from etils import epath
+
 from dlkit import config as config_lib
+from dlkit import storage
 
 # Config sections that decide what a checkpoint contains; a change there cannot resume.
 _IDENTITY = ("name", "model", "loss")
@@ -211,12 +214,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _has_checkpoints(path: pathlib.Path) -> bool:
+def _has_checkpoints(path: epath.Path) -> bool:
     ckpts = path / "checkpoints"
     return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
 
 
-def claim(path: pathlib.Path, cfg: config_lib.Config, *, archive_mismatched: bool, log) -> None:
+def claim(path: epath.Path, cfg: config_lib.Config, *, archive_mismatched: bool, log) -> None:
     """Refuses (or archives) a workdir whose checkpoints belong to a different experiment.
 
     Raises:
@@ -253,7 +256,7 @@ def claim(path: pathlib.Path, cfg: config_lib.Config, *, archive_mismatched: boo
             log(f"workdir: moved {src.name} of experiment {saved.get('name')!r} to {dst.name}")
 
 
-def write_config(path: pathlib.Path, cfg: config_lib.Config, log) -> None:
+def write_config(path: epath.Path, cfg: config_lib.Config, log) -> None:
     """Writes config.json (atomically), noting which keys differ from the one already there."""
     target = path / "config.json"
     new = cfg.to_dict()
@@ -266,6 +269,4 @@ def write_config(path: pathlib.Path, cfg: config_lib.Config, log) -> None:
         changed = sorted(k for k in old.keys() | flat_new.keys() if old.get(k) != flat_new.get(k))
         if changed:
             log(f"note: config differs from {target} in: {', '.join(changed)}")
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
-    tmp.replace(target)
+    storage.write_text_atomic(target, json.dumps(new, indent=2) + "\n")

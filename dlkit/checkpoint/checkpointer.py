@@ -22,7 +22,6 @@ import atexit
 # Importing the executor registers concurrent.futures' exit hook before ours (see below).
 import concurrent.futures  # noqa: F401
 import os
-import re
 import threading
 import weakref
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import jax
 from etils import epath
 
+from dlkit import storage
 from dlkit.checkpoint import commit, retention, store
 
 _OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
@@ -50,25 +50,13 @@ if hasattr(threading, "_register_atexit"):
 else:  # pragma: no cover - other Python implementations
     atexit.register(_wait_for_open_checkpointers)
 
-# "gs://bucket/run", or the "gs:/bucket/run" that pathlib makes of it.
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
-
-
-def _local_directory(directory) -> epath.Path:
-    text = os.fspath(directory)
-    if _URL.match(text):
-        raise ValueError(
-            f"checkpoint directory: expected a local or mounted path, got {text!r}; object "
-            "storage URLs (gs://, s3://) are not supported yet"
-        )
-    return epath.Path(os.path.abspath(text))
-
 
 class Checkpointer:
     """Saves and restores training checkpoints in one directory, under dlkit's commit rules.
 
     Args:
-      directory: where step directories go (created if missing); a local or mounted path.
+      directory: where step directories go (created if missing): a local or mounted path, or
+        a `gs://bucket/path` URL (see `dlkit.storage`).
       max_to_keep: keep the newest N steps; None keeps all.
       keep_best: also keep the best N steps by `best_metric` (0 = off).
       best_metric: the metric (passed to `save`) that ranks steps, e.g. "eval/loss".
@@ -97,7 +85,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint.keep_best: expected an int >= 0, got {keep_best}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode: expected min | max, got {best_mode!r}")
-        self.directory = _local_directory(directory)
+        self.directory = storage.resolve(directory, "checkpoint directory")
+        # A bucket has no rename: Orbax's commit marker alone publishes a step there.
+        self._commit_file = storage.is_object_store(self.directory)
         self.max_to_keep = max_to_keep
         self.keep_best = keep_best
         self.best_metric = best_metric
@@ -114,9 +104,9 @@ class Checkpointer:
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
         if self._primary:
-            retention.clean_leftovers(self.directory, self._log)
+            retention.clean_leftovers(self.directory, self._log, commit_file=self._commit_file)
         self._saver = None  # built on the first save: a reader never needs Orbax's threads
-        self._trash = retention.Trash(self.directory)
+        self._trash = retention.Trash(self.directory, commit_file=self._commit_file)
         self._closed = False
         _OPEN.add(self)
 
@@ -127,6 +117,8 @@ class Checkpointer:
         present) and steps another tool wrote. Checksums are verified at restore, not here."""
         out = []
         for step, path in retention.step_dirs(self.directory).items():
+            if self._commit_file and not (path / commit.COMMIT_MARKER).exists():
+                continue  # a save in progress (Orbax writes steps in place in a bucket)
             if commit.is_foreign(path):
                 if any(path.iterdir()):
                     out.append(step)
@@ -248,17 +240,25 @@ class Checkpointer:
             )
         self.wait()
         step_dir = self.directory / str(step)
-        if step_dir.exists():
+        if step_dir.exists() and not self._commit_file:
             raise commit.CheckpointError(
                 f"step {step}: a checkpoint with this step already exists in {self.directory}"
             )
-        if self._primary:  # a failed save of this step left its temporary directory
+        if self._primary and not self._commit_file:  # a failed save left its temporary directory
             for path in self.directory.iterdir():
                 if path.name.startswith(f"{step}{retention.ORBAX_TMP}"):
                     path.rmtree(missing_ok=True)
+        if self._primary and self._commit_file and step_dir.exists():
+            if (step_dir / commit.COMMIT_MARKER).exists():
+                raise commit.CheckpointError(
+                    f"step {step}: a checkpoint with this step already exists in {self.directory}"
+                )
+            step_dir.rmtree(missing_ok=True)  # left uncommitted by a failed save
         if self._saver is None:
             self._saver = store.make_saver(
-                async_save=self.async_save, on_commit=self._before_publish
+                async_save=self.async_save,
+                on_commit=self._before_publish,
+                commit_file=self._commit_file,
             )
         self._pending = (step, dict(metrics or {}))
         try:
@@ -274,7 +274,9 @@ class Checkpointer:
 
     def saving(self) -> bool:
         """True while an async save is being written (not yet committed)."""
-        if self._pending is None or (self.directory / str(self._pending[0])).exists():
+        if self._pending is None:
+            return False
+        if (self.directory / str(self._pending[0]) / commit.COMMIT_MARKER).exists():
             return False
         try:
             self._saver.check_for_errors()

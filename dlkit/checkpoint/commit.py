@@ -6,8 +6,11 @@
 
 A step written by dlkit counts only when Orbax's commit marker (`commit_success.txt`) AND
 dlkit's manifest (`dlkit_manifest.json`: the size of every file and a CRC-32 of each
-CHUNK_BYTES of it) are both present. Both are written inside Orbax's temporary directory before
-the one rename that publishes the step (`TemporaryPath` below), so they appear together.
+CHUNK_BYTES of it) are both present. On a disk both are written inside Orbax's temporary
+directory before the one rename that publishes the step, so they appear together. A bucket has
+no rename: Orbax writes the step in place and its commit marker last (`CommitFileTemporaryPath`),
+and dlkit's manifest goes in just before that marker, so there the marker alone publishes the
+step, and a step directory without it is an unfinished save (`temporary_path_class` below).
 
 Why a manifest of our own: without compression, TensorStore's zarr3 files carry a CRC-32C of
 the shard index only, not of the array bytes, and Orbax has no public option that adds one to
@@ -18,15 +21,15 @@ Every path operation goes through `etils.epath`, as Orbax's own do.
 """
 
 import json
+import os
 import threading
-import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 from etils import epath
 from orbax.checkpoint import path as ocp_path
 
-from dlkit import finite_json
+from dlkit import finite_json, storage
 
 MANIFEST = "dlkit_manifest.json"
 COMMIT_MARKER = "commit_success.txt"
@@ -55,8 +58,6 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            import os
-
             _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="crc")
         return _POOL
 
@@ -102,13 +103,21 @@ def chunk_crcs(
     return {name: [f.result() for f in fs] for name, fs in futures.items()}
 
 
+def _without_scheme(path) -> str:
+    return os.fspath(path).split("://", 1)[-1].rstrip("/")
+
+
 def _files(step_dir: epath.Path) -> dict[str, tuple[epath.Path, int]]:
     """{relative path: (path, size)} of every file the manifest covers."""
     out = {}
+    # Compared as text without the scheme: in a bucket, fsspec's walk (under epath) yields
+    # "bucket/dir" where the step directory is "gs://bucket/dir".
+    top = _without_scheme(step_dir)
     for root, _, names in step_dir.walk():
+        sub = _without_scheme(root)[len(top) :].strip("/")
         for name in names:
-            path = root / name
-            rel = path.relative_to(step_dir).as_posix()
+            rel = f"{sub}/{name}" if sub else name
+            path = step_dir / rel
             if name in _UNCHECKED or rel.endswith(".tmp"):
                 continue
             out[rel] = (path, path.stat().length)
@@ -116,10 +125,8 @@ def _files(step_dir: epath.Path) -> dict[str, tuple[epath.Path, int]]:
 
 
 def write_json_atomic(path: epath.Path, payload: dict) -> None:
-    """Writes `payload` to `path` whole or not at all (a rename of a temporary file)."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(finite_json.dumps(payload))
-    tmp.replace(path)
+    """Writes `payload` to `path` whole or not at all (see `storage.write_text_atomic`)."""
+    storage.write_text_atomic(path, finite_json.dumps(payload))
 
 
 def write_manifest(
@@ -227,16 +234,24 @@ def verify_step(step_dir) -> list[str]:
     return problems
 
 
-def temporary_path_class(on_commit):
+def temporary_path_class(on_commit, *, commit_file: bool = False):
     """An Orbax temporary-path class that calls `on_commit(tmp_dir, final_dir)` just before
-    Orbax writes its commit marker and renames the step into place.
+    Orbax publishes the step: before the rename into place on a disk, before the commit marker
+    is written in a bucket (`commit_file`, where the temporary and final directory are one).
 
     Orbax's async post-finalization callback runs at that point for async saves only; a
     temporary-path class is honoured by sync and async saves alike, so the manifest is inside
     the step before it is published in both.
-    """
 
-    class DlkitTemporaryPath(ocp_path.atomicity.AtomicRenameTemporaryPath):
+    Args:
+      on_commit: called with (directory written to, the step's final directory).
+      commit_file: the storage has no rename (a bucket): Orbax's commit-file protocol, the one
+        Orbax itself picks for `gs://`.
+    """
+    atomicity = ocp_path.atomicity
+    base = atomicity.CommitFileTemporaryPath if commit_file else atomicity.AtomicRenameTemporaryPath
+
+    class DlkitTemporaryPath(base):
         async def finalize(self, *args, **kwargs):
             on_commit(self.get(), self.get_final())
             return await super().finalize(*args, **kwargs)

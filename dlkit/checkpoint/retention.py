@@ -10,6 +10,10 @@ listed whole or not at all, and a kill between the two leaves `.trash/`, which t
 Checkpointer empties (`clean_leftovers`). Retention runs inside `save`, in the training loop,
 and unlinking a large step's files is slow, hence the thread.
 
+In a bucket (no rename; Orbax publishes a step by writing its commit marker last) the marker
+plays the rename's part: deleting a step removes its marker first, and a step directory without
+one is what an interrupted save or deletion left, removed at the next start.
+
 Retention is dlkit's, not Orbax's: keep the newest `max_to_keep` steps, plus the best
 `keep_best` by a metric recorded in each step's manifest, and never delete the newest step nor
 the newest good one (every metric in its manifest finite): a run whose latest evals diverged
@@ -24,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from etils import epath
 
-from dlkit import finite_json
+from dlkit import finite_json, storage
 from dlkit.checkpoint import commit
 
 TRASH = ".trash"
@@ -35,6 +39,8 @@ REASON = "dlkit_quarantine_reason.txt"  # inside a quarantined step: why it was 
 
 def step_dirs(directory: epath.Path) -> dict[int, epath.Path]:
     """{step: path} of every directory named by a step number."""
+    if not directory.exists():  # a bucket has no empty directories: nothing saved yet
+        return {}
     return {int(p.name): p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
 
 
@@ -96,6 +102,10 @@ def quarantine(directory: epath.Path, step: int, reason: str, log) -> epath.Path
     dst_dir = directory / QUARANTINE
     dst_dir.mkdir(exist_ok=True)
     dst = dst_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    if storage.is_object_store(directory):
+        # A bucket has no empty directories, and the move needs `.quarantine/` to exist: the
+        # reason, kept beside the step, makes it exist.
+        (dst_dir / f"{dst.name}.reason.txt").write_text(reason + "\n")
     (directory / str(step)).rename(dst)
     try:
         (dst / REASON).write_text(reason + "\n")
@@ -112,6 +122,8 @@ def quarantined(directory: epath.Path) -> list[tuple[str, str]]:
         return []
     out = []
     for path in root.iterdir():
+        if not path.is_dir():  # in a bucket, the reasons kept beside the steps
+            continue
         try:
             reason = (path / REASON).read_text().strip()
         except OSError:
@@ -120,10 +132,13 @@ def quarantined(directory: epath.Path) -> list[tuple[str, str]]:
     return sorted(out, key=lambda item: (int(item[0].split("-")[0]), item[0]))
 
 
-def clean_leftovers(directory: epath.Path, log) -> None:
+def clean_leftovers(directory: epath.Path, log, *, commit_file: bool = False) -> None:
     """Finishes interrupted deletions, removes what interrupted saves left, removes empty step
     directories, and quarantines dlkit steps that were never committed. Steps another tool
-    wrote (`commit.is_foreign`) are left alone."""
+    wrote (`commit.is_foreign`) are left alone. With `commit_file` (a bucket) a step without
+    Orbax's commit marker is an unfinished save or deletion, by any writer, and is removed."""
+    if not directory.exists():  # a bucket has no empty directories: nothing saved yet
+        return
     trash = directory / TRASH
     if trash.exists():
         trash.rmtree(missing_ok=True)
@@ -132,6 +147,10 @@ def clean_leftovers(directory: epath.Path, log) -> None:
             log(f"checkpoint: removing {path.name}, left by an interrupted save")
             path.rmtree(missing_ok=True)
     for step, path in sorted(step_dirs(directory).items()):
+        if commit_file and not (path / commit.COMMIT_MARKER).exists():
+            log(f"checkpoint: removing step {step}, left uncommitted by an interrupted save")
+            path.rmtree(missing_ok=True)
+            continue
         if not any(path.iterdir()):
             log(f"checkpoint: removing empty step directory {path}")
             path.rmdir()
@@ -148,26 +167,39 @@ class Trash:
 
     Args:
       directory: the checkpoint directory.
+      commit_file: a bucket, where a rename copies every object: the step's commit marker is
+        deleted now instead, which unlists it as the rename would.
     """
 
-    def __init__(self, directory: epath.Path):
+    def __init__(self, directory: epath.Path, *, commit_file: bool = False):
         self.directory = directory
+        self.commit_file = commit_file
         self._lock = threading.Lock()  # the thread's rmdir of `.trash/` vs the next rename
         self._deleter: ThreadPoolExecutor | None = None
 
     def delete(self, step: int) -> None:
         """Takes `step` out of the listing now and queues the removal of its files."""
+        if self.commit_file:
+            dst = self.directory / str(step)
+            (dst / commit.COMMIT_MARKER).unlink()
+            self._submit(dst)
+            return
         with self._lock:
             trash = self.directory / TRASH
             trash.mkdir(exist_ok=True)
             dst = trash / f"{step}-{uuid.uuid4().hex}"
             (self.directory / str(step)).rename(dst)
+        self._submit(dst)
+
+    def _submit(self, dst: epath.Path) -> None:
         if self._deleter is None:
             self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlkit-delete")
         self._deleter.submit(self._remove, dst)
 
     def _remove(self, path: epath.Path) -> None:
         path.rmtree(missing_ok=True)
+        if self.commit_file:
+            return
         with self._lock:
             try:
                 path.parent.rmdir()  # leave no trace once empty

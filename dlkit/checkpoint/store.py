@@ -37,13 +37,15 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(**STATE_OPTIONS)
 
 
-def make_saver(*, async_save: bool, on_commit) -> ocp.AsyncCheckpointer | ocp.Checkpointer:
+def make_saver(
+    *, async_save: bool, on_commit, commit_file: bool = False
+) -> ocp.AsyncCheckpointer | ocp.Checkpointer:
     """An Orbax checkpointer that writes dlkit's three items and calls `on_commit(tmp, final)`
     inside the temporary directory, before the rename that publishes the step.
 
     Args:
       async_save: an AsyncCheckpointer (the write continues in the background) or not.
-      on_commit: see `commit.temporary_path_class`.
+      on_commit, commit_file: see `commit.temporary_path_class`.
     Returns:
       the checkpointer; its `save(step_dir, args=...)` is called by `save` below.
     """
@@ -54,7 +56,7 @@ def make_saver(*, async_save: bool, on_commit) -> ocp.AsyncCheckpointer | ocp.Ch
             CONFIG: ocp.JsonCheckpointHandler(),
         }
     )
-    tmp_class = commit.temporary_path_class(on_commit)
+    tmp_class = commit.temporary_path_class(on_commit, commit_file=commit_file)
     if async_save:
         return ocp.AsyncCheckpointer(handler, temporary_path_class=tmp_class)
     return ocp.Checkpointer(handler, temporary_path_class=tmp_class)

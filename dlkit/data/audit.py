@@ -33,10 +33,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pathlib
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from dlkit import finite_json
 from dlkit.data import sources
@@ -150,9 +150,9 @@ class AuditReport:
             lines += ["", "skipped:"] + [f"  {s}" for s in self.skipped]
         return "\n".join(lines)
 
-    def write(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Writes `to_dict()` as JSON to `path`; returns the path."""
-        path = pathlib.Path(path)
+    def write(self, path: str | epath.PathLike) -> epath.Path:
+        """Writes `to_dict()` as JSON to `path` (a local path or a `gs://` URL); returns it."""
+        path = epath.Path(path)
         path.write_text(finite_json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
