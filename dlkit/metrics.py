@@ -201,7 +201,7 @@ class JsonlWriter:
         rows, bad = History(), []
         if not self.path.exists():
             return rows, bad
-        text = self.path.read_text(errors="replace")
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
