@@ -26,7 +26,6 @@ Data:      `bible -f Gen1:1-Rev22:21` (Debian `bible-kjv` + `bible-kjv-text`; `.
 
 import argparse
 
-import jax
 import numpy as np
 
 import dlkit
@@ -64,23 +63,11 @@ def config() -> dlkit.Config:
     return cfg
 
 
-def generate(cfg: dlkit.Config, params, prompt: str, num_chars: int, seed: int = 0) -> str:
-    """A continuation of `prompt` from the trained `params` (temperature 0.8, top-k 20)."""
-    components = dlkit.build(cfg, strategy=dlkit.make_strategy("jit", num_devices=1))
-    module, vocab = components.module, components.train_source.vocab
-    tokens = vocab.encode(prompt)[None]  # (1, P)
-    num_chars = min(num_chars, module.max_len - tokens.shape[1])
-    params = jax.device_put(jax.device_get(params), jax.devices()[0])
-    out = dlkit.sampling.sample(
-        module,
-        params,
-        tokens,
-        jax.random.key(seed),
-        max_new_tokens=num_chars,
-        temperature=0.8,
-        top_k=20,
-    )
-    return prompt + vocab.decode(np.asarray(out.tokens[0]))
+def generate(workdir, prompt: str, num_chars: int, seed: int = 0) -> str:
+    """`prompt` and exactly `num_chars` new characters from the run in `workdir`
+    (temperature 0.8, top-k 20). `dlkit.sample` goes on past the model's `max_len` by
+    keeping the last half of the context, so the asked length is never cut."""
+    return prompt + dlkit.sample(workdir, prompt, num_chars, temperature=0.8, top_k=20, seed=seed)
 
 
 def main(argv=None) -> None:
@@ -95,7 +82,7 @@ def main(argv=None) -> None:
     if args.prompt is None:
         test = dlkit.build(cfg).eval_source
         args.prompt = test.vocab.decode(test.get_batch(np.array([0]))["inputs"][0, :32])
-    print("sample:\n" + generate(cfg, result.state.params, args.prompt, 200))
+    print("sample:\n" + generate(args.workdir, args.prompt, 200))
 
 
 if __name__ == "__main__":
