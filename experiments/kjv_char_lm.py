@@ -12,7 +12,9 @@ Result:    held-out loss 1.3123 nats/char at step 3000 (target <= 1.45; ln 73 = 
            on the training text at the end (the held-out tail is other books, Colossians to
            Revelation, so part of the gap is a shift in style, not only overfitting). Seed 0,
            `python experiments/kjv_char_lm.py --workdir /tmp/kjv/run1`. Its sample (prompt: the
-           held-out text's first 32 characters):
+           held-out text's first 32 characters; printed by the script's earlier sampler, which
+           stopped at max_len = 128 tokens: the script now prints all 200 characters through
+           `dlkit.sample`, a sample not re-measured on this run):
              "in every good work, and increasing good.\nJer27:14 Let thy brethren, saying, He
              maketh, and do in their eye; but a disciple for a"
            A GPU-sized run (6 layers, 6 heads, d_model 384, seq_len 256, batch 64, 5000 steps,
