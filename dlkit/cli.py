@@ -5,6 +5,7 @@
     dlkit train ... --coordinator-address HOST:PORT --num-processes N --process-id I
     dlkit train [EXPERIMENT] --fast-dev-run      # 1 step, 1 eval batch, checkpoint checked
     dlkit eval WORKDIR [--step N] [--split NAME] [--model MODULE:FUNCTION]   # your own model
+              [--loss MODULE:FUNCTION] [--metric NAME=MODULE:FUNCTION]   # your own loss
     dlkit sample WORKDIR --prompt TEXT --length N [--temperature T]   # exactly N new characters
     dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
     dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
@@ -97,6 +98,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="for a run of your own model (fit(model=...)): a function returning an instance "
         "of it, e.g. mypkg.models:make_cnn (imported from the current directory too)",
+    )
+    ev.add_argument(
+        "--loss",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="for a run of your own loss (fit(loss_fn=...)): that function, e.g. mypkg:my_loss",
+    )
+    ev.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:FUNCTION",
+        help="for a run of your own metrics (fit(metrics=...)): one per metric",
     )
 
     sm = sub.add_parser("sample", help="print exactly N new characters from a language model run")
@@ -260,28 +274,47 @@ def _eval(args) -> int:
     from dlkit import finite_json
 
     model = _model_from(args.model) if args.model else None
-    result = dlkit.evaluate(args.workdir, args.step, split=args.split, model=model)
+    loss_fn = _function_from(args.loss, "--loss") if args.loss else None
+    metrics = {}
+    for spec in args.metric:
+        name, sep, target = spec.partition("=")
+        if not sep or not name:
+            raise ValueError(
+                f"--metric: expected NAME=MODULE:FUNCTION, e.g. top2=mypkg:top2, got {spec!r}"
+            )
+        metrics[name] = _function_from(target, "--metric")
+    result = dlkit.evaluate(
+        args.workdir,
+        args.step,
+        split=args.split,
+        model=model,
+        loss_fn=loss_fn,
+        metrics=metrics or None,
+    )
     print(finite_json.dumps(result))
     return 0
 
 
-def _model_from(spec: str):
-    """The instance `MODULE:FUNCTION` returns (`--model`)."""
+def _function_from(spec: str, option: str):
+    """The function `MODULE:FUNCTION` names (imported from the current directory too)."""
     import importlib
 
     module_name, _, function = spec.partition(":")
     if not module_name or not function:
         raise ValueError(
-            f"--model: expected MODULE:FUNCTION, e.g. mypkg.models:make_cnn, got {spec!r}"
+            f"{option}: expected MODULE:FUNCTION, e.g. mypkg.models:make_cnn, got {spec!r}"
         )
     if "" not in sys.path:
         sys.path.insert(0, "")
-    factory = getattr(importlib.import_module(module_name), function, None)
-    if not callable(factory):
-        raise ValueError(
-            f"--model: expected a function {function} in {module_name}, got {factory!r}"
-        )
-    return factory()
+    fn = getattr(importlib.import_module(module_name), function, None)
+    if not callable(fn):
+        raise ValueError(f"{option}: expected a function {function} in {module_name}, got {fn!r}")
+    return fn
+
+
+def _model_from(spec: str):
+    """The instance `MODULE:FUNCTION` returns (`--model`)."""
+    return _function_from(spec, "--model")()
 
 
 def _sample(args) -> int:

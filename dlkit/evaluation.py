@@ -68,10 +68,21 @@ def open_existing(workdir: epath.Path) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(directory, max_to_keep=None, read_only=True)
 
 
-def build_for(workdir, cfg, strategy, *, eval_source=None, model=None, need_data=True):
+def build_for(
+    workdir,
+    cfg,
+    strategy,
+    *,
+    eval_source=None,
+    model=None,
+    need_data=True,
+    loss_fn=None,
+    metrics=None,
+):
     """The run's Components for evaluating `workdir`: its recorded data and model (see
     `dlkit.run_record`), or `eval_source` / `model` given; RecordError if the run's data or
-    model cannot be rebuilt and none is given."""
+    model cannot be rebuilt and none is given. `loss_fn` / `metrics`: the run's own, as given
+    to `fit` (None = the config's)."""
     run_record.check(workdir, eval_source=eval_source, model=model, need_data=need_data)
     record = run_record.read(workdir) or {}
     python_train = record.get("train", {}).get("kind") == "python"
@@ -84,6 +95,8 @@ def build_for(workdir, cfg, strategy, *, eval_source=None, model=None, need_data
         train_source=train_source,
         eval_source=eval_source,
         strategy=strategy,
+        loss_fn=loss_fn,
+        metrics=metrics,
     )
 
 
@@ -138,16 +151,22 @@ def evaluate(
     strategy: parallel.Strategy | None = None,
     model=None,
     eval_source=None,
+    loss_fn=None,
+    metrics=None,
 ) -> dict[str, Any]:
     """Evaluates a run's checkpoint on the data it evaluated on (recorded in the workdir's
     run.json) or its config's `split`, with its EMA weights when it kept them (as the run's own
     `eval/` metrics). `model`: the run's own model, as for `load_checkpoint`; `eval_source`:
-    the data, required when the run was given Python objects (they cannot be rebuilt).
+    the data, required when the run was given Python objects (they cannot be rebuilt);
+    `loss_fn` / `metrics`: the run's own loss and metrics, required when it was trained with
+    them (`fit(loss_fn=..., metrics=...)`, recorded in run.json), so that "loss" is the number
+    the run logged as eval/loss, not the config's loss under the same name.
 
     Returns:
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
     """
     workdir = storage.resolve(workdir, "workdir")
+    run_record.check_loss(workdir, loss_fn, metrics)
     with open_existing(workdir) as ckpt:
         step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
@@ -158,7 +177,16 @@ def evaluate(
             sync_every_step=cfg.parallel.sync_every_step,
             compiler_options=components.compiler_options(cfg),
         )
-        c = build_for(workdir, cfg, strategy, eval_source=eval_source, model=model)
+        c = build_for(
+            workdir,
+            cfg,
+            strategy,
+            eval_source=eval_source,
+            model=model,
+            loss_fn=loss_fn,
+            metrics=metrics,
+        )
+        components.check_loss(c)
         state, _ = ckpt.restore(c.abstract_state(), step)
     eval_fn = programs.compile_eval(c)
     result = run_eval(c, ema_view(state), eval_fn, c.abstract_eval_metrics(state))

@@ -148,7 +148,7 @@ def fit(
     cfg, workdir, fast_dev_tmp = debugging.prepare(config, workdir)
     user_callbacks = callbacks_lib.check_callbacks(callbacks)
     record = run_record.describe(
-        cfg, model if model is not None else module, train_source, eval_source
+        cfg, model if model is not None else module, train_source, eval_source, loss_fn, metrics
     )
     module = components.resolve_model(model, module)
     c = components.build(

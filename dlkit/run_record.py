@@ -51,7 +51,15 @@ def _python(source) -> dict[str, Any]:
     return {"kind": "python", "type": type(source).__name__, "examples": len(source)}
 
 
-def describe(cfg: config_lib.Config, model, train_source, eval_source) -> dict[str, Any]:
+def qualname(fn) -> str:
+    """ "module.qualname" of a function (a `functools.partial` or other callable: its type's)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
+
+
+def describe(
+    cfg: config_lib.Config, model, train_source, eval_source, loss_fn=None, metrics=None
+) -> dict[str, Any]:
     """The record of a run given `fit`'s own arguments (None = the config's choice)."""
     import flax.nnx as nnx
 
@@ -72,6 +80,13 @@ def describe(cfg: config_lib.Config, model, train_source, eval_source) -> dict[s
         "train": _dataset(cfg, "train") if train_source is None else _python(train_source),
         "eval": eval_record,
         "model": model_record,
+        "loss": (
+            {"kind": "config", "name": cfg.loss.name}
+            if loss_fn is None
+            else {"kind": "python", "function": qualname(loss_fn)}
+        ),
+        # Only your own metrics: the config's are rebuilt from it.
+        "metrics": {name: qualname(fn) for name, fn in (metrics or {}).items()},
     }
 
 
@@ -94,6 +109,29 @@ def summary(entry: dict[str, Any]) -> str:
     if held:
         return f"the last {held} examples of train_source ({entry['type']}), held out"
     return f"Python objects ({entry['type']}, {entry['examples']} examples)"
+
+
+def check_loss(workdir, loss_fn=None, metrics=None) -> None:
+    """Raises RecordError when `workdir` was trained with your own loss or metrics
+    (`fit(loss_fn=..., metrics=...)`) and they are not given: the config's loss would give
+    another number under the same name."""
+    record = read(workdir) or {}
+    loss = record.get("loss", {})
+    if loss.get("kind") == "python" and loss_fn is None:
+        raise RecordError(
+            f"loss_fn: {workdir} was trained with your own loss {loss['function']} "
+            "(fit(loss_fn=...)), not the config's loss.name; evaluating with the config's loss "
+            "would report another number as eval loss. Pass loss_fn= (the same function) to "
+            "dlkit.evaluate from Python, or --loss MODULE:FUNCTION to dlkit eval"
+        )
+    missing = sorted(set(record.get("metrics") or {}) - set(metrics or {}))
+    if missing:
+        names = ", ".join(f"{k} ({record['metrics'][k]})" for k in missing)
+        raise RecordError(
+            f"metrics: {workdir} was trained with your own metrics {names} "
+            "(fit(metrics=...)), not given here. Pass metrics={name: function} to "
+            "dlkit.evaluate from Python, or --metric NAME=MODULE:FUNCTION to dlkit eval"
+        )
 
 
 def check(workdir, *, eval_source=None, model=None, need_data: bool = True) -> None:

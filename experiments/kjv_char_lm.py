@@ -12,7 +12,9 @@ Result:    held-out loss 1.3123 nats/char at step 3000 (target <= 1.45; ln 73 = 
            on the training text at the end (the held-out tail is other books, Colossians to
            Revelation, so part of the gap is a shift in style, not only overfitting). Seed 0,
            `python experiments/kjv_char_lm.py --workdir /tmp/kjv/run1`. Its sample (prompt: the
-           held-out text's first 32 characters):
+           held-out text's first 32 characters; printed by the script's earlier sampler, which
+           stopped at max_len = 128 tokens: the script now prints all 200 characters through
+           `dlkit.sample`, a sample not re-measured on this run):
              "in every good work, and increasing good.\nJer27:14 Let thy brethren, saying, He
              maketh, and do in their eye; but a disciple for a"
            A GPU-sized run (6 layers, 6 heads, d_model 384, seq_len 256, batch 64, 5000 steps,
@@ -26,7 +28,6 @@ Data:      `bible -f Gen1:1-Rev22:21` (Debian `bible-kjv` + `bible-kjv-text`; `.
 
 import argparse
 
-import jax
 import numpy as np
 
 import dlkit
@@ -64,23 +65,11 @@ def config() -> dlkit.Config:
     return cfg
 
 
-def generate(cfg: dlkit.Config, params, prompt: str, num_chars: int, seed: int = 0) -> str:
-    """A continuation of `prompt` from the trained `params` (temperature 0.8, top-k 20)."""
-    components = dlkit.build(cfg, strategy=dlkit.make_strategy("jit", num_devices=1))
-    module, vocab = components.module, components.train_source.vocab
-    tokens = vocab.encode(prompt)[None]  # (1, P)
-    num_chars = min(num_chars, module.max_len - tokens.shape[1])
-    params = jax.device_put(jax.device_get(params), jax.devices()[0])
-    out = dlkit.sampling.sample(
-        module,
-        params,
-        tokens,
-        jax.random.key(seed),
-        max_new_tokens=num_chars,
-        temperature=0.8,
-        top_k=20,
-    )
-    return prompt + vocab.decode(np.asarray(out.tokens[0]))
+def generate(workdir, prompt: str, num_chars: int, seed: int = 0) -> str:
+    """`prompt` and exactly `num_chars` new characters from the run in `workdir`
+    (temperature 0.8, top-k 20). `dlkit.sample` goes on past the model's `max_len` by
+    keeping the last half of the context, so the asked length is never cut."""
+    return prompt + dlkit.sample(workdir, prompt, num_chars, temperature=0.8, top_k=20, seed=seed)
 
 
 def main(argv=None) -> None:
@@ -95,7 +84,7 @@ def main(argv=None) -> None:
     if args.prompt is None:
         test = dlkit.build(cfg).eval_source
         args.prompt = test.vocab.decode(test.get_batch(np.array([0]))["inputs"][0, :32])
-    print("sample:\n" + generate(cfg, result.state.params, args.prompt, 200))
+    print("sample:\n" + generate(args.workdir, args.prompt, 200))
 
 
 if __name__ == "__main__":

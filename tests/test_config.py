@@ -509,3 +509,45 @@ def test_removed_cpu_knobs_are_unknown_keys(key):
     with pytest.raises(dlkit.ConfigError, match=rf"unknown config key '{key}'"):
         dlkit.apply_overrides(dlkit.Config(), [f"{key}=1"])
     assert "train.xla_cpu_ynn_fusions" in config.valid_keys(dlkit.Config())
+
+
+@pytest.mark.parametrize(
+    "name, setting",
+    [
+        ("digits", "data.data_dir=/tmp/mnist"),
+        ("text", "data.data_dir=/tmp/cache"),
+        ("arrays", "data.data_dir=/tmp/cache"),
+        ("digits", "data.seq_len=64"),
+        ("fashion_mnist", "data.seq_len=64"),
+        ("arrays", "data.seq_len=64"),
+        ("digits", "data.scale=none"),
+        ("kjv", "data.scale=none"),
+        ("kjv", "data.path=/tmp/some.txt"),
+        ("spoken_digits", "data.path=/tmp/x.npz"),
+    ],
+)
+def test_setting_the_dataset_ignores_is_an_error(name, setting):
+    key = setting.split("=")[0]
+    with pytest.raises(
+        dlkit.ConfigError, match=rf"{key}: read only with .*'{name}', which ignores"
+    ):
+        dlkit.apply_overrides(dlkit.Config(), [f"data.name={name}", setting]).validate()
+
+
+@pytest.mark.parametrize(
+    "name, setting",
+    [
+        ("fashion_mnist", "data.data_dir=/tmp/mnist"),
+        ("kjv", "data.data_dir=/tmp/cache"),
+        ("spoken_digits", "data.data_dir=/tmp/cache"),
+        ("text", "data.seq_len=64"),
+        ("kjv", "data.seq_len=64"),
+        ("arrays", "data.scale=none"),
+        ("digits", "data.seq_len=256"),  # the default is not "set"
+        ("digits", "data.scale=uint8"),
+    ],
+)
+def test_settings_the_dataset_reads_are_accepted(name, setting):
+    cfg = dlkit.apply_overrides(dlkit.Config(), [f"data.name={name}", setting])
+    cfg.data.check()
+    assert cfg.data.name == name

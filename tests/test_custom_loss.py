@@ -75,3 +75,53 @@ def test_an_experiment_file_brings_its_own_loss_and_metrics(tmp_path, capsys):
     # The file's squared-error loss, not the config's cross-entropy: compare one of each.
     built_in = dlkit.fit(tiny_digits_config())
     assert printed["eval/loss"] != pytest.approx(built_in.history.last("eval/loss"), rel=1e-3)
+
+
+def doubled_cross_entropy(logits, labels):
+    # Twice the config's loss: evaluating with the config's loss would give another number.
+    return 2.0 * my_cross_entropy(logits, labels)
+
+
+@pytest.fixture(scope="module")
+def own_loss_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("own_loss") / "run"
+    result = dlkit.fit(
+        tiny_digits_config(), workdir, loss_fn=doubled_cross_entropy, metrics={"top2": top2}
+    )
+    return workdir, result
+
+
+def test_the_workdir_records_the_own_loss_and_metrics(own_loss_run):
+    import json
+
+    workdir, _ = own_loss_run
+    record = json.loads((workdir / "run.json").read_text())
+    assert record["loss"] == {"kind": "python", "function": f"{__name__}.doubled_cross_entropy"}
+    assert record["metrics"] == {"top2": f"{__name__}.top2"}
+
+
+def test_evaluate_needs_the_runs_own_loss_and_then_matches_its_eval_loss(own_loss_run):
+    from dlkit import run_record
+
+    workdir, result = own_loss_run
+    with pytest.raises(run_record.RecordError, match="loss_fn: .*doubled_cross_entropy"):
+        dlkit.evaluate(workdir)
+    with pytest.raises(run_record.RecordError, match=r"metrics: .*top2 \(.*\.top2\)"):
+        dlkit.evaluate(workdir, loss_fn=doubled_cross_entropy)
+    metrics = dlkit.evaluate(workdir, loss_fn=doubled_cross_entropy, metrics={"top2": top2})
+    assert metrics["loss"] == pytest.approx(result.history.last("eval/loss"), rel=1e-5)
+    assert metrics["top2"] == pytest.approx(result.history.last("eval/top2"), abs=1e-6)
+
+
+def test_cli_eval_refuses_without_the_own_loss_and_takes_it_by_name(own_loss_run, capsys):
+    import json
+
+    from dlkit import cli
+
+    workdir, result = own_loss_run
+    assert cli.main(["eval", str(workdir)]) != 0
+    assert "dlkit eval: error: loss_fn: " in capsys.readouterr().err
+    args = ["--loss", f"{__name__}:doubled_cross_entropy", "--metric", f"top2={__name__}:top2"]
+    assert cli.main(["eval", str(workdir), *args]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["loss"] == pytest.approx(result.history.last("eval/loss"), rel=1e-5)

@@ -137,10 +137,11 @@ def test_shrunk_experiment_learns_and_samples(source, text_file, tmp_path, monke
     monkeypatch.setenv("DLKIT_DATA_DIR", str(tmp_path))
     overrides = ["data.name=text", f"data.path={text_file}"] if source == "text" else []
     cfg = _shrunk_config(overrides)
-    result = dlkit.fit(cfg)
+    result = dlkit.fit(cfg, tmp_path / "run")
     first, last = result.history[0]["train/loss"], result.history.last("eval/loss")
     vocab = 19 if source == "text" else 73
     assert first < math.log(vocab) + 0.5  # starts near uniform ...
     assert last < first - 0.5  # ... and learns in 40 steps
-    sample = _experiment().generate(cfg, result.state.params, "In the", 20)
-    assert sample.startswith("In the") and len(sample) == 26
+    # 40 characters after a 6-character prompt exceed max_len=32: the asked length is kept.
+    sample = _experiment().generate(tmp_path / "run", "In the", 40)
+    assert sample.startswith("In the") and len(sample) == 46

@@ -17,9 +17,7 @@ import typing
 from typing import Any
 
 from dlkit import errors, losses, optim, profiling
-from dlkit.config import overrides
-
-_PATH_DATASETS = ("text", "arrays")  # the datasets that read data.path
+from dlkit.config import data_settings, overrides
 
 
 @dataclasses.dataclass
@@ -72,13 +70,7 @@ class DataConfig:
                 "data.scale": (self.scale, ("uint8", "none")),
             }
         )
-        if self.path and self.name not in _PATH_DATASETS:
-            # A path the chosen dataset never reads would silently train on other data.
-            raise errors.ConfigError(
-                f"data.path: read only with data.name={' or '.join(_PATH_DATASETS)}; got "
-                f"data.path={self.path!r} with data.name={self.name!r}, which ignores it (set "
-                "data.name=text for a text file, data.name=arrays for .npz/.npy arrays)"
-            )
+        data_settings.check_read(self, type(self)())
         if self.validation_examples < 0:
             raise errors.ConfigError(
                 "data.validation_examples: expected an int >= 0 (0 = none), got "

@@ -1,0 +1,44 @@
+"""Which dataset reads which `data.*` setting, and the check that no setting is ignored.
+
+A setting changed from its default for a dataset that never reads it would silently train on
+other data, or with other shapes, than the user asked for (e.g. `data.path` with
+`data.name=kjv`), so `DataConfig.check` makes it an error before anything is built.
+"""
+
+from __future__ import annotations
+
+from dlkit import errors
+
+# The datasets that read each setting (dlkit.data.datasets.load_dataset).
+READERS = {
+    "path": ("text", "arrays"),
+    "data_dir": ("fashion_mnist", "kjv", "spoken_digits"),
+    "seq_len": ("text", "kjv"),
+    "scale": ("arrays",),
+}
+_HINTS = {
+    "path": "set data.name=text for a text file, data.name=arrays for .npz/.npy arrays",
+    "data_dir": "data.path names the file for data.name=text or arrays",
+    "seq_len": "only character-level text is cut into windows",
+    "scale": "only data.name=arrays scales its inputs",
+}
+
+
+def check_read(data, defaults) -> None:
+    """Raises on the first dataset setting of `data` (a DataConfig) that differs from
+    `defaults` and that `data.name` does not read.
+
+    Raises:
+      ConfigError: naming the setting, its value, the dataset and the settings it reads.
+    """
+    for key, readers in READERS.items():
+        value = getattr(data, key)
+        if value == getattr(defaults, key) or data.name in readers:
+            continue
+        read = [f"data.{k}" for k, names in READERS.items() if data.name in names]
+        raise errors.ConfigError(
+            f"data.{key}: read only with data.name={' or '.join(readers)}; got "
+            f"data.{key}={value!r} with data.name={data.name!r}, which ignores it and reads "
+            f"{', '.join(read) or 'none of data.path, data.data_dir, data.seq_len, data.scale'} "
+            f"({_HINTS[key]})"
+        )
