@@ -2,7 +2,6 @@
 
     python -m dlkit.chaos --runs 20                # the manual mode (figures in RELIABILITY.md)
     python -m dlkit.chaos --runs 3 --quick         # what CI runs (tests/test_chaos.py)
-    python -m dlkit.chaos --cases --trials 3       # the fault cases (see dlkit.chaos_cases)
 
 Each run is `dlkit train digits_mlp` in its own workdir, with a checkpoint every few steps and
 `max_to_keep=2`, so the process spends much of its time inside saves and deletions of old
@@ -245,18 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="CI size: fewer steps and kills")
     parser.add_argument("--dir", type=pathlib.Path, default=None, help="where runs go")
-    parser.add_argument(
-        "--cases", action="store_true", help="run the fault cases instead (dlkit.chaos_cases)"
-    )
-    parser.add_argument("--trials", type=int, default=1, help="--cases: trials per case")
-    parser.add_argument("--only", action="append", help="--cases: this case only (repeatable)")
     args = parser.parse_args(argv)
-    if args.cases:
-        from dlkit import chaos_cases
-
-        base = args.dir or pathlib.Path(tempfile.mkdtemp(prefix="dlkit-chaos-cases-"))
-        summary = chaos_cases.run_cases(base, trials=args.trials, only=args.only)
-        return 0 if all(p == n for p, n in summary.values()) else 1
     if args.quick:
         args.steps, args.kills = 400, 2
     s = run_chaos(args.runs, steps=args.steps, kills=args.kills, seed=args.seed, base=args.dir)

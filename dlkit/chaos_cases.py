@@ -1,7 +1,7 @@
 """The chaos harness's fault cases: each failure of issue 21, provoked against real processes.
 
-    python -m dlkit.chaos --cases --trials 3                      # every case, 3 trials each
-    python -m dlkit.chaos --cases --only two_writers --trials 6   # one case
+    python -m dlkit.chaos_cases --trials 3                      # every case, 3 trials each
+    python -m dlkit.chaos_cases --only two_writers --trials 6   # one case
 
 Each case starts `dlkit train` / `dlkit eval` processes (the CLI a user runs) on a copy of one
 finished reference run, provokes one failure and checks what a user relies on: the exit
@@ -11,12 +11,14 @@ the input checks in this process. A case passes a trial when every check holds; 
 is {case: [passed, trials]}.
 """
 
+import argparse
 import hashlib
 import json
 import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from dlkit import chaos, cli
@@ -275,3 +277,18 @@ def run_cases(base: pathlib.Path, *, trials: int = 1, only=None, log=print) -> d
         summary[name] = [passed, trials]
     log("cases: " + ", ".join(f"{k} {p}/{n}" for k, (p, n) in summary.items()))
     return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=1, help="trials per case")
+    parser.add_argument("--only", action="append", help="this case only (repeatable)")
+    parser.add_argument("--dir", type=pathlib.Path, default=None, help="where runs go")
+    args = parser.parse_args(argv)
+    base = args.dir or pathlib.Path(tempfile.mkdtemp(prefix="dlkit-chaos-cases-"))
+    summary = run_cases(base, trials=args.trials, only=args.only)
+    return 0 if all(p == n for p, n in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

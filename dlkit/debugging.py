@@ -22,7 +22,6 @@ learning rate before training on the whole dataset.
 from __future__ import annotations
 
 import copy
-import pathlib
 import tempfile
 
 import jax
@@ -36,8 +35,8 @@ from dlkit.data import sources
 
 
 def prepare(
-    cfg: config_lib.Config, workdir: str | pathlib.Path | None
-) -> tuple[config_lib.Config, str | pathlib.Path | None, tempfile.TemporaryDirectory | None]:
+    cfg: config_lib.Config, workdir: epath.Path | None
+) -> tuple[config_lib.Config, epath.Path | None, tempfile.TemporaryDirectory | None]:
     """The config and workdir `fit` runs with, given the debugging keys.
 
     Returns:
@@ -68,7 +67,7 @@ def prepare(
         cfg.optim.warmup_steps = 0  # a warm-up longer than the run is refused by the schedule
         if workdir is None:
             tmp = tempfile.TemporaryDirectory(prefix="dlkit-fast-dev-run-")
-            workdir = tmp.name
+            workdir = epath.Path(tmp.name)
         else:
             checkpoints = epath.Path(workdir) / "checkpoints"
             if checkpoints.is_dir() and any(checkpoints.iterdir()):

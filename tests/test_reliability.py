@@ -238,6 +238,12 @@ def _nan_sources(bad_rows):
     return dlkit.data.ArraySource(inputs=x, labels=train.arrays["labels"])
 
 
+def _digits_test():
+    # An explicit eval source keeps fit from holding out the end of train_source, so the
+    # batches (and which of them hold the bad rows) are those of the full train split.
+    return dlkit.data.load_dataset("digits", "test")
+
+
 def _bad_steps(cfg, bad_rows, steps):
     loader = dlkit.data.Loader(
         dlkit.data.load_dataset("digits", "train"), cfg.train.batch_size, seed=cfg.train.seed
@@ -249,7 +255,7 @@ def test_nan_policy_skip_never_applies_a_non_finite_update():
     cfg = tiny_digits_config(**{"train.nan_policy": "skip", "data.validate": "off"})
     loader = dlkit.data.Loader(dlkit.data.load_dataset("digits", "train"), cfg.train.batch_size)
     bad_rows = [int(loader.indices_at(2)[0][0]), int(loader.indices_at(7)[0][5])]
-    result = dlkit.fit(cfg, train_source=_nan_sources(bad_rows))
+    result = dlkit.fit(cfg, train_source=_nan_sources(bad_rows), eval_source=_digits_test())
     expected = len(_bad_steps(cfg, bad_rows, cfg.train.steps))
     assert expected >= 1
     assert result.history.last("train/skipped_steps") == expected
@@ -303,7 +309,9 @@ def test_loss_spike_skipping():
         }
     )
     result = dlkit.fit(
-        cfg, train_source=dlkit.data.ArraySource(inputs=x, labels=train.arrays["labels"])
+        cfg,
+        train_source=dlkit.data.ArraySource(inputs=x, labels=train.arrays["labels"]),
+        eval_source=_digits_test(),
     )
     assert result.history.last("train/skipped_steps") == 1
     assert int(result.state.guard.first_step) == 20  # 0-based: the 21st update
@@ -383,10 +391,12 @@ def test_train_rows_read_one_call_late_equal_rows_read_at_once():
     late = dlkit.fit(
         tiny_digits_config(**common, **{"train.eval_every": 0}),
         train_source=_nan_sources(bad_rows),
+        eval_source=_digits_test(),
     )
     at_once = dlkit.fit(
         tiny_digits_config(**common, **{"train.eval_every": 1}),
         train_source=_nan_sources(bad_rows),
+        eval_source=_digits_test(),
     )
     steps = list(range(1, 13))
     assert [r["step"] for r in late.history] == [r["step"] for r in at_once.history] == steps
