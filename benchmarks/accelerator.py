@@ -14,7 +14,17 @@ Each job stops at its target, at its configured steps, or after `--budget-s` sec
 training, whichever comes first; the table says which. Times are wall-clock from the first
 step (compilation, which the first step includes, is reported separately by `fit`'s log).
 Writes OUT/accelerator.json (everything) and OUT/accelerator.md (a table for BENCHMARKS.md).
-Datasets are local files (Fashion-MNIST: see dlkit.data.datasets; KJV: bundled).
+
+Data: nothing is bundled or downloaded; `--smoke` reads the same files. `--only` runs fewer
+jobs and needs fewer files (`--only lm`: KJV alone).
+- cnn, resnet: Fashion-MNIST's four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte,
+  t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, plain or .gz), found in $DLKIT_DATA_DIR/
+  fashion-mnist or $DLKIT_DATA_DIR when that is set, else /usr/share/datasets/fashion-mnist
+  (`apt-get install dataset-fashion-mnist`); see `dlkit.data.datasets`.
+- lm: the King James Bible as kjv.txt in the data cache, $DLKIT_DATA_DIR when that is set,
+  else ~/.cache/dlkit. When the file is absent, Debian's `bible` program writes it once
+  (`apt-get install bible-kjv bible-kjv-text`); on a machine without them, copy kjv.txt from
+  one that has it. See `dlkit.data.text.kjv_path`.
 """
 
 import argparse

@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import time
 from typing import Any
 
@@ -36,31 +37,54 @@ import jax.numpy as jnp
 from dlkit import step_wrappers
 
 # Dense (no sparsity) peak FLOP/s of one JAX device from vendor data sheets (not measured here),
-# as (device_kind substring, 16-bit figure, float32 figure). The 16-bit column is bfloat16
-# (float16 on V100, which has no bfloat16 units); the float32 column is TF32 tensor-core
-# throughput on NVIDIA, because XLA runs float32 matmuls in TF32 there by default. None = no
-# published figure: MFU is then not reported rather than guessed (TPUs publish no float32
-# matmul peak). Matched as substrings of `device.device_kind`, first match wins (so "H100
-# PCIe" precedes "H100", "A100" precedes "A10"). TPU v2/v3 expose each of a chip's two cores
-# as a device: half the chip figure. Sources and dates: docs/performance.md.
+# as (device kind, 16-bit figure, float32 figure). The 16-bit column is bfloat16 (float16 on
+# V100, which has no bfloat16 units); the float32 column is TF32 tensor-core throughput on
+# NVIDIA, because XLA runs float32 matmuls in TF32 there by default. None = no published figure:
+# MFU is then not reported rather than guessed (TPUs publish no float32 matmul peak). A row
+# matches a `device.device_kind` whole, not as a substring (see `_kind_key`): "NVIDIA L40S" is
+# not an "L4", and "NVIDIA H100 NVL" or "NVIDIA H200 NVL", parts with other figures, match no
+# row and get no MFU instead of the SXM figure. TPU v2/v3 expose each of a chip's two cores as a
+# device: half the chip figure. Sources: docs/performance.md.
 PEAK_FLOPS_TABLE: tuple[tuple[str, float | None, float | None], ...] = (
     ("B200", 2250e12, 1100e12),
     ("H200", 989e12, 494.7e12),
     ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 494.7e12),  # SXM
-    ("A100", 312e12, 156e12),
+    ("H100", 989e12, 494.7e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("A100", 312e12, 156e12),  # SXM: "NVIDIA A100-SXM4-80GB"
+    ("A100 PCIe", 312e12, 156e12),  # the data sheet gives PCIe and SXM the same figures
     ("L40S", 362e12, 183e12),
     ("L4", 121e12, 60e12),
-    ("V100", 125e12, None),
+    ("V100", 125e12, None),  # SXM2: "Tesla V100-SXM2-16GB"; the PCIe card's figure is lower
     ("TPU v2", 22.5e12, None),
     ("TPU v3", 61.5e12, None),
     ("TPU v4", 275e12, None),
     ("TPU v5 lite", 197e12, None),  # v5e
+    ("TPU v5e", 197e12, None),  # another spelling of the same chip (jax's Pallas accepts both)
     ("TPU v5", 459e12, None),  # v5p
+    ("TPU v5p", 459e12, None),
     ("TPU v6 lite", 918e12, None),  # v6e (Trillium)
+    ("TPU v6e", 918e12, None),
 )
 
-# The 16-bit column alone, as (device_kind substring, FLOP/s), for callers of earlier versions.
+# Words of a device kind that do not change its peak: the vendor, the memory size and type, and
+# the SXM form factor (the table's rows without a form factor are the SXM parts).
+_KIND_NOISE = re.compile(r"nvidia|tesla|\d+gb|hbm\d\w*|sxm\d*")
+
+
+def _kind_key(kind: str) -> tuple[str, ...]:
+    """A device kind as the words that name its part: "NVIDIA A100-SXM4-80GB" -> ("a100",),
+    "NVIDIA H100 PCIe" -> ("h100", "pcie"), "TPU v5 lite" -> ("tpu", "v5", "lite")."""
+    words = re.split(r"[\s_-]+", kind.strip().casefold())
+    return tuple(w for w in words if w and not _KIND_NOISE.fullmatch(w))
+
+
+def _peak_row(device_kind: str) -> tuple[str, float | None, float | None] | None:
+    """The `PEAK_FLOPS_TABLE` row of `device_kind` (a `jax.Device.device_kind`), or None."""
+    key = _kind_key(device_kind)
+    return next((row for row in PEAK_FLOPS_TABLE if _kind_key(row[0]) == key), None)
+
+
+# The 16-bit column alone, as (device kind, FLOP/s), for callers of earlier versions.
 PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = tuple(
     (kind, bf16) for kind, bf16, _ in PEAK_FLOPS_TABLE if bf16 is not None
 )
@@ -154,12 +178,12 @@ def peak_flops_per_s(devices, compute_dtype="bfloat16") -> tuple[float | None, s
         return measure_cpu_peak_flops() * hosts, "measured float32 matmul, per host"
     col = _column(compute_dtype)
     name = "16-bit" if col == 1 else "float32 (TF32)"
-    for row in PEAK_FLOPS_TABLE:
-        if row[0] in d.device_kind:
-            if row[col] is None:
-                return None, f"no published {name} peak for {row[0]}"
-            return row[col] * len(devices), f"data sheet {name} dense, {row[0]}"
-    return None, f"unknown device kind {d.device_kind!r}"
+    row = _peak_row(d.device_kind)
+    if row is None:
+        return None, f"unknown device kind {d.device_kind!r}"
+    if row[col] is None:
+        return None, f"no published {name} peak for {row[0]}"
+    return row[col] * len(devices), f"data sheet {name} dense, {row[0]}"
 
 
 def _first(x):

@@ -6,10 +6,17 @@ evaluation uses the same data and model.
      "model": {"kind": "nnx", "class": "__main__.CNN"}}
 
 A dataset named by the config (with its arguments, and the size and SHA-256 of a file given as
-`data.path`) can be rebuilt from the config, and is. Python objects passed to `fit` cannot: then
-`dlkit.evaluate`, `dlkit.report` and the explainers need an explicit `eval_source` (and the CLI,
-which has none, refuses), instead of silently evaluating the config's default dataset. The same
-holds for a model passed as `fit(model=...)`.
+`data.path`, or of each .npy file in a directory given as `data.path`) can be rebuilt from the
+config, and is; evaluation refuses a recorded file that changed since. A file up to
+`FULL_HASH_BYTES` is hashed whole. A larger one (memory-mapped arrays, checked by every `fit`
+and every evaluation) is hashed by `SAMPLE_BLOCKS` blocks of 1 MiB spread evenly from its first
+byte to its last, and recorded with "sha256_of": "sampled"; an edit between the blocks that
+keeps the size is then not seen.
+
+Python objects passed to `fit` cannot be rebuilt: then `dlkit.evaluate`, `dlkit.report` and the
+explainers need an explicit `eval_source` (and the CLI, which has none, refuses), instead of
+silently evaluating the config's default dataset. The same holds for a model passed as
+`fit(model=...)`.
 """
 
 import hashlib
@@ -26,13 +33,83 @@ class RecordError(ValueError):
     """The workdir's data or model cannot be rebuilt from what is given."""
 
 
-def _file_facts(path: str) -> dict[str, Any]:
-    p = pathlib.Path(path)
+FULL_HASH_BYTES = 64 << 20
+SAMPLE_BLOCKS = 16
+_BLOCK = 1 << 20
+
+
+def _sha256(path: pathlib.Path, size: int, sampled: bool) -> str:
     digest = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": digest.hexdigest()}
+    with open(path, "rb") as f:
+        if not sampled:
+            for block in iter(lambda: f.read(_BLOCK), b""):
+                digest.update(block)
+        else:
+            # Evenly spaced offsets, the first at 0 and the last ending at the file's last byte:
+            # a rewrite of memory-mapped arrays changes the bytes almost everywhere, a changed
+            # header or appended examples change the ends (and the size).
+            last = max(size - _BLOCK, 0)
+            for k in range(SAMPLE_BLOCKS):
+                f.seek(last * k // (SAMPLE_BLOCKS - 1))
+                digest.update(f.read(_BLOCK))
+    return digest.hexdigest()
+
+
+def _file_facts(path: str | pathlib.Path, sampled: bool | None = None) -> dict[str, Any]:
+    """{"path", "bytes", "sha256"} of a file, plus "sha256_of": "sampled" when it was hashed by
+    samples; `sampled`: None = by its size (above FULL_HASH_BYTES), else as a record says."""
+    p = pathlib.Path(path)
+    size = p.stat().st_size
+    if sampled is None:
+        sampled = size > FULL_HASH_BYTES
+    facts = {"path": str(p.resolve()), "bytes": size, "sha256": _sha256(p, size, sampled)}
+    if sampled:
+        facts["sha256_of"] = "sampled"
+    return facts
+
+
+def _directory_facts(path: str | pathlib.Path) -> dict[str, Any]:
+    """{"path", "files": {name: {"bytes", "sha256"[, "sha256_of"]}}} of the .npy files in a
+    directory (the files `data.name=arrays` reads from one)."""
+    p = pathlib.Path(path)
+    files = {}
+    for f in sorted(p.glob("*.npy")):
+        facts = _file_facts(f)
+        del facts["path"]
+        files[f.name] = facts
+    return {"path": str(p.resolve()), "files": files}
+
+
+def _path_facts(path: str) -> dict[str, Any]:
+    return _directory_facts(path) if pathlib.Path(path).is_dir() else _file_facts(path)
+
+
+def _changes(entry: dict[str, Any]) -> list[str]:
+    """How the file or directory recorded in `entry` differs from what is there now."""
+    root = pathlib.Path(entry["path"])
+    if "files" not in entry:
+        recorded = {root.name: entry}
+        root = root.parent
+    elif root.is_dir():
+        recorded = entry["files"]
+    else:
+        return [f"{root} is no longer a directory"]
+    out = []
+    for name, was in recorded.items():
+        f = root / name
+        if not f.is_file():
+            out.append(f"{f}: was {was['bytes']} bytes, sha256 {was['sha256']}; now missing")
+            continue
+        size = f.stat().st_size
+        now = {"bytes": size, "sha256": "not hashed (another size)"}
+        if size == was["bytes"]:
+            now = _file_facts(f, sampled=was.get("sha256_of") == "sampled")
+        if now["bytes"] != was["bytes"] or now["sha256"] != was["sha256"]:
+            out.append(
+                f"{f}: was {was['bytes']} bytes, sha256 {was['sha256']}; now {now['bytes']} "
+                f"bytes, sha256 {now['sha256']}"
+            )
+    return out
 
 
 def _dataset(cfg: config_lib.Config, split: str) -> dict[str, Any]:
@@ -43,7 +120,7 @@ def _dataset(cfg: config_lib.Config, split: str) -> dict[str, Any]:
     if d.name in ("text", "kjv"):
         out["seq_len"] = d.seq_len
     if d.path:
-        out.update(_file_facts(d.path))
+        out.update(_path_facts(d.path))
     return out
 
 
@@ -158,11 +235,11 @@ def check(workdir, *, eval_source=None, model=None, need_data: bool = True) -> N
             "eval_source= to dlkit.evaluate / dlkit.report.report from Python (the command "
             "line cannot), or train with data.name=arrays and data.path=FILE"
         )
-    if "sha256" in entry:
-        now = _file_facts(entry["path"]) if pathlib.Path(entry["path"]).is_file() else None
-        if now is None or now["sha256"] != entry["sha256"]:
-            got = "missing" if now is None else f"{now['bytes']} bytes, sha256 {now['sha256']}"
+    if "sha256" in entry or "files" in entry:
+        changes = _changes(entry)
+        if changes:
             raise RecordError(
-                f"data.path: {workdir} was trained on {entry['path']} ({entry['bytes']} bytes, "
-                f"sha256 {entry['sha256']}); that file is now {got}"
+                f"data.path: {workdir} was trained on {entry['path']}, which changed since; "
+                "evaluating it would report numbers on other data than the run's. "
+                + "; ".join(changes)
             )

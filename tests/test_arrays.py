@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dlkit
-from dlkit import cli
+from dlkit import cli, run_record
 from dlkit.data import arrays
 from dlkit.data.datasets import load_dataset
 
@@ -96,3 +96,41 @@ def test_python_and_command_line_routes_give_the_same_numbers(npz, tmp_path, cap
     record = json.loads((tmp_path / "cli" / "run.json").read_text())
     assert record["train"]["name"] == "arrays"
     assert record["train"]["bytes"] == npz.stat().st_size
+
+
+def test_npy_directory_run_evaluates_again_and_refuses_a_changed_file(tmp_path, capsys):
+    data = tmp_path / "digits"
+    data.mkdir()
+    for key, value in _uint8_digits().items():
+        np.save(data / f"{key}.npy", value)
+    overrides = _overrides(data, tmp_path)
+    python = dlkit.fit(dlkit.load_config("digits_mlp", overrides), tmp_path / "python")
+    assert python.history.last("eval/accuracy") > 0.4  # chance is 0.1: it learnt from the files
+    record = json.loads((tmp_path / "python" / "run.json").read_text())
+    assert record["eval"]["path"] == str(data.resolve())
+    assert sorted(record["eval"]["files"]) == [
+        "x_test.npy",
+        "x_train.npy",
+        "y_test.npy",
+        "y_train.npy",
+    ]
+    assert record["eval"]["files"]["y_test.npy"]["bytes"] == (data / "y_test.npy").stat().st_size
+    evaluated = dlkit.evaluate(tmp_path / "python")
+    assert evaluated["accuracy"] == pytest.approx(python.history.last("eval/accuracy"), abs=1e-6)
+    assert evaluated["loss"] == pytest.approx(python.history.last("eval/loss"), rel=1e-5)
+    assert evaluated["num_examples"] == 360
+    # The command line: train, then `dlkit eval` on the same directory.
+    capsys.readouterr()
+    args = ["train", "digits_mlp", "--workdir", str(tmp_path / "cli"), "--no-progress"]
+    assert cli.main(args + [f"--set={o}" for o in overrides]) == 0
+    assert cli.main(["eval", str(tmp_path / "cli")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["accuracy"] == pytest.approx(evaluated["accuracy"], abs=1e-6)
+    # Relabelled test labels, same size: other data, so both routes refuse and name the file.
+    y = np.load(data / "y_test.npy")
+    np.save(data / "y_test.npy", (y + 1) % 10)
+    with pytest.raises(run_record.RecordError, match=r"data.path: .*changed.*y_test\.npy: was"):
+        dlkit.evaluate(tmp_path / "python")
+    assert cli.main(["eval", str(tmp_path / "cli")]) != 0
+    err = capsys.readouterr().err
+    assert "data.path" in err and "y_test.npy" in err

@@ -86,6 +86,41 @@ def test_peak_table_and_measured_cpu_peak():
     assert compute.measure_cpu_peak_flops() == peak  # measured once
 
 
+@pytest.mark.parametrize(
+    "kind, bf16",
+    [
+        # Device kinds as JAX reports them (the CUDA device name on NVIDIA).
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", None),  # not an L4: no figure in the table
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", None),  # not the SXM part
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", None),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None),  # a slice of the chip
+        ("NVIDIA A10", None),
+        ("Tesla V100-SXM2-16GB", 125e12),
+        ("Tesla V100-PCIE-16GB", None),  # the PCIe card's peak is lower than the SXM2 row
+        ("TPU v4", 275e12),
+        ("TPU v4 lite", None),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("TPU7x", None),
+        ("Mystery 9000", None),
+    ],
+)
+def test_peak_table_matches_a_device_kind_whole(kind, bf16):
+    device = types.SimpleNamespace(platform="gpu", device_kind=kind, process_index=0)
+    peak, source = compute.peak_flops_per_s([device] * 2, "bfloat16")
+    assert peak == (None if bf16 is None else 2 * bf16)
+    if bf16 is None:
+        assert source == f"unknown device kind {kind!r}"
+
+
 def test_mfu_against_a_measured_peak_never_exceeds_one():
     # A run that beats the matmul (the digits run logged 1.0471 before) raises the peak.
     report = {"flops_per_step": 1e9, "peak_flops_per_s": 1e9, "peak_measured": True}

@@ -122,3 +122,56 @@ def test_token_ids_are_not_warned_about_but_uint8_images_are(tmp_path):
     images = ArraySource(inputs=np.zeros((4, 8, 8, 1), np.uint8), labels=np.zeros((4,), np.int32))
     warned = validate.check_split(images, "train", num_outputs=10, classification=True)
     assert any("divide by 255" in w for w in warned)
+
+
+def test_a_directory_records_its_npy_files_and_a_changed_one_is_refused(tmp_path):
+    data = tmp_path / "arrays"
+    data.mkdir()
+    np.save(data / "x_train.npy", np.zeros((4, 3), np.uint8))
+    np.save(data / "y_train.npy", np.arange(4, dtype=np.uint8))
+    (data / "notes.txt").write_text("not read by data.name=arrays")
+    cfg = dlkit.load_config("digits_mlp", ["data.name=arrays", f"data.path={data}"])
+    record = run_record.describe(cfg, None, None, None)
+    files = record["train"]["files"]
+    assert sorted(files) == ["x_train.npy", "y_train.npy"]
+    assert files["x_train.npy"]["bytes"] == (data / "x_train.npy").stat().st_size
+    assert len(files["x_train.npy"]["sha256"]) == 64
+    (tmp_path / "w").mkdir()
+    run_record.write(tmp_path / "w", record)
+    run_record.check(tmp_path / "w")  # unchanged: fine
+    (data / "notes.txt").write_text("edited")
+    run_record.check(tmp_path / "w")  # a file the dataset does not read: still fine
+    np.save(data / "y_train.npy", np.arange(4, dtype=np.uint8)[::-1])
+    with pytest.raises(run_record.RecordError, match=r"data.path: .*y_train\.npy: was .* sha256"):
+        run_record.check(tmp_path / "w")
+    (data / "y_train.npy").unlink()
+    with pytest.raises(run_record.RecordError, match=r"y_train\.npy: .* now missing"):
+        run_record.check(tmp_path / "w")
+
+
+def test_a_large_file_is_hashed_by_samples_and_a_change_at_its_end_is_refused(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"a" * (3 << 20))
+    cfg = dlkit.load_config("kjv_char_lm")
+    cfg.data.name, cfg.data.path = "text", str(path)
+    whole = run_record.describe(cfg, None, None, None)["train"]
+    assert "sha256_of" not in whole
+    monkeypatch.setattr(run_record, "FULL_HASH_BYTES", 1 << 20)
+    record = run_record.describe(cfg, None, None, None)
+    assert record["train"]["sha256_of"] == "sampled"
+    assert record["train"]["sha256"] != whole["sha256"]
+    (tmp_path / "w").mkdir()
+    run_record.write(tmp_path / "w", record)
+    run_record.check(tmp_path / "w")
+    # A record hashed whole is checked whole, whatever the size limit is now.
+    (tmp_path / "old").mkdir()
+    run_record.write(tmp_path / "old", {**record, "train": whole, "eval": whole})
+    run_record.check(tmp_path / "old")
+    with open(path, "r+b") as f:  # the last byte, same size
+        f.seek(-1, 2)
+        f.write(b"b")
+    for workdir in ("w", "old"):
+        with pytest.raises(run_record.RecordError, match="data.path: .*big.txt: was"):
+            run_record.check(tmp_path / workdir)

@@ -17,6 +17,7 @@ Parts:
 - `store`: writing and reading the Orbax items.
 - `checkpointer`: `Checkpointer`, which ties them together.
 - `init_from`: initialising a new run's params from another run or tool (fine-tuning).
+- `exit_hook`: closes checkpointers left open when the interpreter exits, so no save is lost.
 """
 
 from dlkit.checkpoint import commit, init_from, retention, store

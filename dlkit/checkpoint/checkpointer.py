@@ -17,38 +17,14 @@ Every exit path waits for pending saves: `close()` (called by `fit` in a `finall
 for checkpointers a user forgot to close.
 """
 
-import atexit
-
-# Importing the executor registers concurrent.futures' exit hook before ours (see below).
-import concurrent.futures  # noqa: F401
 import os
-import threading
-import weakref
 from typing import Any
 
 import jax
 from etils import epath
 
 from dlkit import storage
-from dlkit.checkpoint import commit, retention, store
-
-_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
-
-
-def _wait_for_open_checkpointers() -> None:
-    for ckpt in list(_OPEN):
-        ckpt.close()
-
-
-# Orbax finishes async saves on concurrent.futures threads, and concurrent.futures refuses new
-# work once the interpreter starts shutting down threads, which happens *before* ordinary
-# `atexit` hooks run: an atexit hook is too late and the save is lost. Hooks registered with
-# `threading._register_atexit` run at that earlier point, last registered first, so this one
-# (registered after concurrent.futures') runs while the executors still accept work.
-if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_wait_for_open_checkpointers)
-else:  # pragma: no cover - other Python implementations
-    atexit.register(_wait_for_open_checkpointers)
+from dlkit.checkpoint import commit, exit_hook, retention, store
 
 
 class Checkpointer:
@@ -108,7 +84,7 @@ class Checkpointer:
         self._saver = None  # built on the first save: a reader never needs Orbax's threads
         self._trash = retention.Trash(self.directory, commit_file=self._commit_file)
         self._closed = False
-        _OPEN.add(self)
+        exit_hook.register(self)
 
     # ---- listing -----------------------------------------------------------------------------
 
@@ -331,22 +307,6 @@ class Checkpointer:
             )
         return path
 
-    def _check_fits(self, step: int, path: epath.Path, abstract_state) -> None:
-        """Raises CheckpointError naming the leaves missing on either side or of another shape."""
-        try:
-            problems = store.misfits(path, abstract_state)
-        except Exception as e:  # noqa: BLE001 - an unreadable item is reported, not raised raw
-            raise commit.CheckpointError(
-                f"restore: step {step} in {self.directory}: its state metadata is unreadable: {e}"
-            ) from e
-        if problems:
-            listed = "\n  ".join(problems[:8])
-            more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-            raise commit.CheckpointError(
-                f"restore: checkpoint step {step} in {self.directory} does not fit this "
-                f"model:\n  {listed}{more}"
-            )
-
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, int]:
         """Restores the state and the loader position of the newest valid step.
 
@@ -366,7 +326,7 @@ class Checkpointer:
         """
         step = self.valid_step(step)
         path = self._state_path(step)
-        self._check_fits(step, path, abstract_state)
+        store.check_fits(path, abstract_state, where=f"step {step} in {self.directory}")
         try:
             state = store.restore_state(path, abstract_state)
         except ValueError as e:
@@ -420,7 +380,7 @@ class Checkpointer:
             self._trash.wait()
             if self._saver is not None:
                 self._saver.close()
-            _OPEN.discard(self)
+            exit_hook.forget(self)
 
     def __enter__(self) -> "Checkpointer":
         return self

@@ -131,6 +131,28 @@ def misfits(path: epath.Path, abstract_state) -> list[str]:
     return sorted(problems, key=lambda line: not line.startswith("params/"))
 
 
+def check_fits(path: epath.Path, abstract_state, *, where: str) -> None:
+    """Raises CheckpointError naming the leaves missing on either side or of another shape.
+
+    Args:
+      path: the item directory (`state_path`).
+      abstract_state: the restore target.
+      where: the step, as the error names it ("step 12 in run/checkpoints").
+    """
+    try:
+        problems = misfits(path, abstract_state)
+    except Exception as e:  # noqa: BLE001 - an unreadable item is reported, not raised raw
+        raise commit.CheckpointError(
+            f"restore: {where}: its state metadata is unreadable: {e}"
+        ) from e
+    if problems:
+        listed = "\n  ".join(problems[:8])
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise commit.CheckpointError(
+            f"restore: checkpoint {where} does not fit this model:\n  {listed}{more}"
+        )
+
+
 def restore_state(path: epath.Path, abstract_state):
     """Reads a state item onto the shardings of `abstract_state`'s leaves.
 
