@@ -167,9 +167,26 @@ class Components:
         """One training example with its mask (shapes and dtypes for tracing)."""
         return example_batch(self.train_source)
 
-    def train_loader(self, position: int = 0) -> data_lib.Loader:
-        """The training loader the config asks for (this process's slice), at `position`."""
+    def train_loader(self, position: int = 0, data_state=None):
+        """The training loader the config asks for (this process's slice), at `position`: a
+        `dlkit.data.Loader`, or with data.pipeline=grain a `GrainLoader` (close it: it may run
+        worker processes) continuing from `data_state` (`GrainLoader.state_at`) when given."""
         cfg = self.config
+        if cfg.data.pipeline == "grain":
+            from dlkit.data import grain_pipeline
+
+            return grain_pipeline.GrainLoader(
+                self.train_source,
+                cfg.train.batch_size,
+                seed=cfg.train.seed,
+                shuffle=cfg.data.shuffle,
+                process_index=self.strategy.process_index,
+                process_count=self.strategy.process_count,
+                workers=cfg.data.grain_workers,
+                worker_buffer=cfg.data.grain_worker_buffer,
+                position=position,
+                data_state=data_state,
+            )
         return data_lib.Loader(
             self.train_source,
             cfg.train.batch_size,
@@ -267,6 +284,7 @@ def build(
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
     augment = _make_augment(cfg, strategy, train_source, loss_fn)
+    _check_pipeline(cfg, strategy, train_source)
     return Components(
         cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
     )
@@ -399,6 +417,26 @@ def _make_augment(cfg, strategy, train_source, loss_fn) -> augment_lib.Augment |
             f"(mixing blends class labels), got loss.name={cfg.loss.name!r}"
         )
     return augment
+
+
+def _check_pipeline(cfg, strategy, train_source) -> None:
+    """With data.pipeline=grain, the Grain loader's arguments, checked before compiling."""
+    if cfg.data.pipeline != "grain":
+        return
+    from dlkit.data import grain_pipeline
+
+    try:
+        grain_pipeline.check_args(
+            train_source,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            strategy.process_index,
+            strategy.process_count,
+            cfg.data.grain_workers,
+            0,
+        )
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
 
 
 def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> None:

@@ -28,6 +28,12 @@ class RecordError(ValueError):
 
 def _file_facts(path: str) -> dict[str, Any]:
     p = pathlib.Path(path)
+    if p.is_dir():
+        # A directory of .npy or ArrayRecord files may be larger than memory: recorded by its
+        # files' names and sizes; hashing it would read all of it before every run.
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        sizes = {f.name: f.stat().st_size for f in files}
+        return {"path": str(p.resolve()), "bytes": sum(sizes.values()), "files": sizes}
     digest = hashlib.sha256()
     with open(p, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
