@@ -88,7 +88,6 @@ class DataConfig:
                 f"data.train_examples: expected an int >= 0 (0 = all), got {self.train_examples}"
             )
 
-
     def _check_grain(self) -> None:
         """The `data.grain_*` settings: in range, and set only with data.pipeline=grain."""
         if self.grain_workers < 0:

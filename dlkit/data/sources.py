@@ -92,7 +92,11 @@ class ArraySource:
             if kind == "memmap":
                 filename, offset, dtype, shape, order = value
                 value = np.memmap(
-                    filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape,
+                    filename,
+                    dtype=np.dtype(dtype),
+                    mode="r",
+                    offset=offset,
+                    shape=shape,
                     order=order,
                 )
             self.arrays[key] = value
