@@ -474,15 +474,32 @@ def _num_outputs(c: Components) -> int | None:
     return int(out.shape[-1]) if out.ndim >= 1 else None
 
 
-def check_data(c: Components, log) -> None:
-    """`data.validate`: the input checks of `dlkit.data.validate`, before compiling."""
+def checked_sources(c: Components, log) -> tuple[Any, Any]:
+    """The (train, eval) sources `data.validate` and `data.audit` read: the sources, or with
+    data.pipeline=grain (data that may not fit in memory) a bounded seeded sample of each,
+    with a line saying what they cover."""
+    d = c.config.data
+    if d.pipeline != "grain" or (d.validate == "off" and d.audit == "off"):
+        return c.train_source, c.eval_source
+    from dlkit.data import grain_pipeline
+
+    train = grain_pipeline.Sample(c.train_source, seed=c.config.train.seed)
+    eval_ = grain_pipeline.Sample(c.eval_source, seed=c.config.train.seed)
+    log(f"data checks (data.pipeline=grain): {train.describe('train')}; {eval_.describe('eval')}")
+    return train, eval_
+
+
+def check_data(c: Components, log, checked=None) -> None:
+    """`data.validate`: the input checks of `dlkit.data.validate`, before compiling, on
+    `checked` (`checked_sources`) when given."""
     policy = c.config.data.validate
     if policy == "off":
         return
+    train, eval_ = checked or (c.train_source, c.eval_source)
     try:
         warnings = validate.check_datasets(
-            c.train_source,
-            c.eval_source,
+            train,
+            eval_,
             num_outputs=lambda: _num_outputs(c),  # only once the inputs look right
             classification=isinstance(c.loss_fn, losses.SoftmaxCrossEntropy),
             batch_size=c.config.train.batch_size,

@@ -163,9 +163,10 @@ def fit(
     components.check_loss(c)
     is_main = c.strategy.process_index == 0
     log = (lambda text: print(text, flush=True)) if is_main else (lambda text: None)
-    components.check_data(c, log)
+    checked = components.checked_sources(c, log)
+    components.check_data(c, log, checked)
     audit_report = audit_lib.audit_for_fit(
-        c.train_source, c.eval_source, cfg.data.audit, log, cfg.data.audit_max_examples
+        *checked, cfg.data.audit, log, cfg.data.audit_max_examples
     )
     profiler = profiling.from_config(cfg, workdir)
     cbs = default_callbacks.from_config(cfg, workdir) + user_callbacks

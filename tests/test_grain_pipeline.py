@@ -175,3 +175,22 @@ def test_a_killed_grain_run_resumes_bitwise_equal_to_an_uninterrupted_one(digits
     assert restored == [saved]
     assert_bitwise_equal(full.state.params, resumed.state.params)
     assert_bitwise_equal(full.state.opt_state, resumed.state.opt_state)
+
+
+def test_validate_and_audit_read_a_bounded_sample_and_say_so(monkeypatch):
+    monkeypatch.setattr(grain_pipeline, "CHECK_SAMPLE", 100)
+    monkeypatch.setattr(grain_pipeline.Sample.__init__, "__defaults__", (100, 0))
+    c = dlkit.build(tiny_digits_config(**{"data.pipeline": "grain"}))
+    lines = []
+    train, eval_ = dlkit.components.checked_sources(c, lines.append)
+    assert (len(train), len(eval_)) == (100, 100)
+    assert lines == [
+        "data checks (data.pipeline=grain): train: 100 of 1437 examples (a seeded random "
+        "sample); eval: 100 of 360 examples (a seeded random sample)"
+    ]
+    np.testing.assert_array_equal(
+        train.get_batch([0, 99])["inputs"],
+        c.train_source.get_batch(train.indices[[0, 99]])["inputs"],
+    )
+    report = dlkit.data.audit.audit_datasets(train, eval_)
+    assert report.stats["train"]["num_examples"] == 100

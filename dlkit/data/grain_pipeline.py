@@ -293,3 +293,43 @@ def check_args(source, batch_size, seed, process_index, process_count, workers, 
             f"source: expected examples as dict[str, np.ndarray] without a 'mask' key (the "
             f"loader adds it), got {got}"
         )
+
+
+# Examples per split that `data.validate` and `data.audit` read with data.pipeline=grain.
+CHECK_SAMPLE = 4096
+
+
+class Sample:
+    """A seeded random sample of `n` examples of a source (in index order), random access:
+    what the input checks read of a dataset that may not fit in memory.
+
+    Args:
+      source: a random-access source.
+      n: examples kept; all of them when the source is smaller.
+      seed: picks the sample.
+    """
+
+    def __init__(self, source, n=CHECK_SAMPLE, seed=0):
+        self.source = source
+        total = len(source)
+        if total > n:
+            self.indices = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+        else:
+            self.indices = np.arange(total)
+        self.num_source_examples = total
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+    def get_batch(self, indices):
+        return sources.get_batch(self.source, self.indices[np.asarray(indices)])
+
+    def describe(self, split):
+        """One line: what the checks covered."""
+        return (
+            f"{split}: {len(self)} of {self.num_source_examples} examples "
+            f"({'all' if len(self) == self.num_source_examples else 'a seeded random sample'})"
+        )
