@@ -4,11 +4,11 @@ from dlkit import chaos
 
 
 def test_chaos_quick(tmp_path):
-    summary = chaos.run_chaos(3, steps=400, kills=2, seed=1, base=tmp_path)
-    assert summary["resumed_from_newest_valid"] == 3
-    assert sum(summary["kills"].values()) >= 3  # the kills landed while training was under way
+    summary = chaos.run_chaos(2, steps=400, kills=2, seed=1, base=tmp_path)
+    assert summary["resumed_from_newest_valid"] == 2
+    assert sum(summary["kills"].values()) >= 2  # the kills landed while training was under way
     assert summary["resume_checks"] >= 2
-    assert summary["final_params_identical"] == 3
+    assert summary["final_params_identical"] == 2
     assert summary["leftovers"] == 0
 
 
