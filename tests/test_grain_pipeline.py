@@ -11,7 +11,7 @@ from conftest import assert_bitwise_equal, tiny_digits_config
 
 import dlkit
 from dlkit.checkpoint import store
-from dlkit.data import arrayrecord, datasets, grain_pipeline, sources
+from dlkit.data import arrayrecord, datasets, grain_pipeline, sources, write_arrayrecord
 
 
 def _numbered(n=20):
@@ -72,8 +72,10 @@ def test_a_memory_mapped_source_travels_to_workers_as_its_file(tmp_path):
 
 
 def test_arrayrecord_files_hold_the_examples_and_bad_files_are_named(tmp_path):
+    # Written by the command line (`python -m dlkit.data.write_arrayrecord`).
+    write_arrayrecord.main(["digits", str(tmp_path), "--num-files", "3", "--splits", "test"])
     digits = datasets.load_dataset("digits", "test")
-    paths = arrayrecord.write_split(tmp_path, "test", digits, num_files=3)
+    paths = arrayrecord.split_files(str(tmp_path), "test")
     src = arrayrecord.load_split(str(tmp_path), "test")
     assert len(src) == len(digits) == sum(src.counts) and len(src.counts) == 3
     idx = np.array([0, 119, 120, 359])  # across the file boundaries

@@ -3,7 +3,7 @@
 name order), one example per record.
 
     # Write any registered dataset (or your arrays) once, then train from the files:
-    python -m dlkit.data.arrayrecord fashion_mnist /data/fmnist_ar --num-files 4
+    python -m dlkit.data.write_arrayrecord fashion_mnist /data/fmnist_ar --num-files 4
     dlkit train fashion_mnist_cnn --set data.name=arrayrecord --set data.path=/data/fmnist_ar \\
         --set data.pipeline=grain --set data.grain_workers=2
 
@@ -19,7 +19,6 @@ memory trains without being loaded, and the files are checked when opened (a mis
 truncated file is an error naming it), not mid-training.
 """
 
-import argparse
 import glob
 import os
 
@@ -58,7 +57,7 @@ def split_files(directory: str, split: str) -> list[str]:
         found = sorted(os.listdir(directory))[:8]
         raise FileNotFoundError(
             f"data.path: expected {split}-*{SUFFIX} files in {directory}, got none (found: "
-            f"{found}); write them with `python -m dlkit.data.arrayrecord`"
+            f"{found}); write them with `python -m dlkit.data.write_arrayrecord`"
         )
     return files
 
@@ -198,29 +197,3 @@ def write_split(directory, split: str, source, *, num_files: int = 1, chunk: int
             writer.close()
         paths.append(path)
     return paths
-
-
-def main(argv=None) -> None:
-    """`python -m dlkit.data.arrayrecord DATASET OUT_DIR`: writes a registered dataset's train
-    and test splits (as `load_dataset` reads them) to ArrayRecord files."""
-    from dlkit.data import datasets
-
-    parser = argparse.ArgumentParser(prog="python -m dlkit.data.arrayrecord")
-    parser.add_argument("dataset", help=f"one of {datasets.available_datasets()}")
-    parser.add_argument("out_dir")
-    parser.add_argument("--num-files", type=int, default=1, help="files per split")
-    parser.add_argument("--data-dir", default=None, help="the dataset's data.data_dir")
-    parser.add_argument("--path", default=None, help="the dataset's data.path")
-    parser.add_argument("--splits", default="train,test")
-    args = parser.parse_args(argv)
-    options = {"data_dir": args.data_dir, "path": args.path}
-    for split in args.splits.split(","):
-        source = datasets.load_dataset(
-            args.dataset, split, **{k: v for k, v in options.items() if v}
-        )
-        paths = write_split(args.out_dir, split, source, num_files=args.num_files)
-        print(f"{split}: {len(source)} examples -> {len(paths)} file(s) in {args.out_dir}")
-
-
-if __name__ == "__main__":
-    main()
