@@ -2,8 +2,13 @@
 and the errors a user can cause."""
 
 import json
+import os
+import pathlib
 import pickle
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ from conftest import assert_bitwise_equal, tiny_digits_config
 import dlkit
 from dlkit.checkpoint import store
 from dlkit.data import arrayrecord, datasets, grain_pipeline, sources, write_arrayrecord
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _numbered(n=20):
@@ -196,3 +203,90 @@ def test_validate_and_audit_read_a_bounded_sample_and_say_so(monkeypatch):
     )
     report = dlkit.data.audit.audit_datasets(train, eval_)
     assert report.stats["train"]["num_examples"] == 100
+
+
+# Run in a subprocess, so that a hang fails the test after DEATH_TIMEOUT_S instead of blocking
+# the suite. The source fails only inside Grain's worker processes (spawned: they import this
+# script as __mp_main__), on the first batch that holds example 7.
+_DYING_WORKER_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from conftest import tiny_digits_config
+import dlkit
+from dlkit.data import datasets
+
+
+class DyingSource:
+    def __init__(self, source, how):
+        self.source, self.how = source, how
+
+    def __len__(self):
+        return len(self.source)
+
+    def _fail_in_a_worker(self, indices):
+        if os.getpid() != int(os.environ["TRAINER_PID"]) and 7 in np.asarray(indices):
+            if self.how == "exit":
+                os._exit(3)
+            raise ValueError("example 7 of DyingSource does not decode")
+
+    def __getitem__(self, i):
+        self._fail_in_a_worker([i])
+        return self.source[i]
+
+    def get_batch(self, indices):
+        self._fail_in_a_worker(indices)
+        return self.source.get_batch(indices)
+
+
+if __name__ == "__main__":
+    os.environ["TRAINER_PID"] = str(os.getpid())
+    how, workers = sys.argv[1], sys.argv[2]
+    overrides = {{"data.pipeline": "grain", "data.grain_workers": workers, "train.steps": 400}}
+    train = DyingSource(datasets.load_dataset("digits", "train"), how)
+    dlkit.fit(tiny_digits_config(**overrides), train_source=train,
+              eval_source=datasets.load_dataset("digits", "test"))
+    print("TRAINED WITHOUT AN ERROR")
+"""
+DEATH_TIMEOUT_S = 120
+
+
+@pytest.mark.parametrize(
+    "how, workers, error",
+    [
+        ("raise", 1, "ValueError: example 7 of DyingSource does not decode"),
+        ("exit", 2, "RuntimeError: Worker process was terminated unexpectedly with exit code 3"),
+    ],
+)
+def test_a_worker_that_fails_or_dies_stops_the_run_with_an_error_naming_it(
+    tmp_path, how, workers, error
+):
+    script = tmp_path / "dying_worker.py"
+    script.write_text(_DYING_WORKER_SCRIPT.format(tests=str(pathlib.Path(__file__).parent)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    try:
+        run = subprocess.run(
+            [sys.executable, str(script), how, str(workers)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=DEATH_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a dead Grain worker ({how}) hung the run for {DEATH_TIMEOUT_S} s")
+    assert run.returncode == 1 and "TRAINED WITHOUT AN ERROR" not in run.stdout
+    # The error as raised in the worker (or Grain's, naming the worker's exit code), with
+    # dlkit's note naming the batch and the worker setting; fit raises it, never a hang.
+    assert error in run.stderr, run.stderr[-3000:]
+    note = re.search(
+        r"dlkit: raised while reading batch (\d+) of the Grain pipeline in Grain worker "
+        rf"processes \(data.grain_workers={workers}\)",
+        run.stderr,
+    )
+    assert note, run.stderr[-3000:]
+    # At once: by the batch that holds example 7 in the first epoch (44 batches), never
+    # training on past it.
+    assert int(note.group(1)) < 1437 // 32 and "step 400" not in run.stdout

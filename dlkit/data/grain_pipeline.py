@@ -216,8 +216,22 @@ class GrainLoader:
         return self
 
     def __next__(self):
-        """Batch `position`: dict of (local_batch_size, ...) arrays plus "mask"; never ends."""
-        batch = next(self._iterator)
+        """Batch `position`: dict of (local_batch_size, ...) arrays plus "mask"; never ends.
+
+        Raises:
+          whatever reading the batch raised (in a worker too: Grain re-raises it here), or
+          RuntimeError naming the exit code of a worker process that died; each with a note
+          naming the batch and the workers.
+        """
+        try:
+            batch = next(self._iterator)
+        except Exception as e:
+            where = "Grain worker processes" if self.workers else "this process"
+            e.add_note(
+                f"dlkit: raised while reading batch {self._position} of the Grain pipeline in "
+                f"{where} (data.grain_workers={self.workers})"
+            )
+            raise
         self._position += 1
         self._keep_state(self._position)
         return batch
