@@ -167,9 +167,26 @@ class Components:
         """One training example with its mask (shapes and dtypes for tracing)."""
         return example_batch(self.train_source)
 
-    def train_loader(self, position: int = 0) -> data_lib.Loader:
-        """The training loader the config asks for (this process's slice), at `position`."""
+    def train_loader(self, position: int = 0, data_state=None):
+        """The training loader the config asks for (this process's slice), at `position`: a
+        `dlkit.data.Loader`, or with data.pipeline=grain a `GrainLoader` (close it: it may run
+        worker processes) continuing from `data_state` (`GrainLoader.state_at`) when given."""
         cfg = self.config
+        if cfg.data.pipeline == "grain":
+            from dlkit.data import grain_pipeline
+
+            return grain_pipeline.GrainLoader(
+                self.train_source,
+                cfg.train.batch_size,
+                seed=cfg.train.seed,
+                shuffle=cfg.data.shuffle,
+                process_index=self.strategy.process_index,
+                process_count=self.strategy.process_count,
+                workers=cfg.data.grain_workers,
+                worker_buffer=cfg.data.grain_worker_buffer,
+                position=position,
+                data_state=data_state,
+            )
         return data_lib.Loader(
             self.train_source,
             cfg.train.batch_size,
@@ -267,6 +284,7 @@ def build(
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
     augment = _make_augment(cfg, strategy, train_source, loss_fn)
+    _check_pipeline(cfg, strategy, train_source)
     return Components(
         cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
     )
@@ -401,6 +419,26 @@ def _make_augment(cfg, strategy, train_source, loss_fn) -> augment_lib.Augment |
     return augment
 
 
+def _check_pipeline(cfg, strategy, train_source) -> None:
+    """With data.pipeline=grain, the Grain loader's arguments, checked before compiling."""
+    if cfg.data.pipeline != "grain":
+        return
+    from dlkit.data import grain_pipeline
+
+    try:
+        grain_pipeline.check_args(
+            train_source,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            strategy.process_index,
+            strategy.process_count,
+            cfg.data.grain_workers,
+            0,
+        )
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
 def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> None:
     """Each micro-batch must still split evenly over the devices."""
     n, devices = cfg.train.grad_accum_steps, strategy.num_devices
@@ -436,15 +474,32 @@ def _num_outputs(c: Components) -> int | None:
     return int(out.shape[-1]) if out.ndim >= 1 else None
 
 
-def check_data(c: Components, log) -> None:
-    """`data.validate`: the input checks of `dlkit.data.validate`, before compiling."""
+def checked_sources(c: Components, log) -> tuple[Any, Any]:
+    """The (train, eval) sources `data.validate` and `data.audit` read: the sources, or with
+    data.pipeline=grain (data that may not fit in memory) a bounded seeded sample of each,
+    with a line saying what they cover."""
+    d = c.config.data
+    if d.pipeline != "grain" or (d.validate == "off" and d.audit == "off"):
+        return c.train_source, c.eval_source
+    from dlkit.data import grain_pipeline
+
+    train = grain_pipeline.Sample(c.train_source, seed=c.config.train.seed)
+    eval_ = grain_pipeline.Sample(c.eval_source, seed=c.config.train.seed)
+    log(f"data checks (data.pipeline=grain): {train.describe('train')}; {eval_.describe('eval')}")
+    return train, eval_
+
+
+def check_data(c: Components, log, checked=None) -> None:
+    """`data.validate`: the input checks of `dlkit.data.validate`, before compiling, on
+    `checked` (`checked_sources`) when given."""
     policy = c.config.data.validate
     if policy == "off":
         return
+    train, eval_ = checked or (c.train_source, c.eval_source)
     try:
         warnings = validate.check_datasets(
-            c.train_source,
-            c.eval_source,
+            train,
+            eval_,
             num_outputs=lambda: _num_outputs(c),  # only once the inputs look right
             classification=isinstance(c.loss_fn, losses.SoftmaxCrossEntropy),
             batch_size=c.config.train.batch_size,

@@ -163,9 +163,10 @@ def fit(
     components.check_loss(c)
     is_main = c.strategy.process_index == 0
     log = (lambda text: print(text, flush=True)) if is_main else (lambda text: None)
-    components.check_data(c, log)
+    checked = components.checked_sources(c, log)
+    components.check_data(c, log, checked)
     audit_report = audit_lib.audit_for_fit(
-        c.train_source, c.eval_source, cfg.data.audit, log, cfg.data.audit_max_examples
+        *checked, cfg.data.audit, log, cfg.data.audit_max_examples
     )
     profiler = profiling.from_config(cfg, workdir)
     cbs = default_callbacks.from_config(cfg, workdir) + user_callbacks
@@ -176,6 +177,7 @@ def fit(
         # From here on a signal only asks the loop to stop after a step (see dlkit.interrupt).
         stop = resources.enter_context(interrupt.StopRequests())
         state, position = _restore_or_init(c, ckpt, log, workdir if is_main else None)
+        data_state = _saved_data_state(c, ckpt, position, log)
         start = int(jax.device_get(state.step))
         _check_resume_step(cfg, start)
         bar = resources.enter_context(
@@ -214,10 +216,11 @@ def fit(
         )
         rows = progress_lib.RowLog(bar, history, writer, cbs, run, c.schedule, report, cfg)
         # The prefetcher runs ahead of the loop, so the position saved is counted from here.
-        batches = resources.enter_context(
-            contextlib.closing(_train_batches(c, c.train_loader(position)))
-        )
+        loader = c.train_loader(position, data_state)
+        resources.callback(getattr(loader, "close", lambda: None))  # Grain's worker processes
+        batches = resources.enter_context(contextlib.closing(_train_batches(c, loader)))
         loop = _Loop(c, ckpt, stop, run, rows, train_fn, train_shape, state, start, position)
+        loop.data_state_at = getattr(loader, "state_at", lambda position: None)
         loop.profiler = resources.enter_context(profiler)
         # 3. Loop.
         for cb in cbs:
@@ -292,6 +295,20 @@ def _restore_or_init(
     return state, 0
 
 
+def _saved_data_state(c: components.Components, ckpt, position: int, log):
+    """With data.pipeline=grain, the Grain pipeline state saved with the restored step (None
+    for a fresh run, or a step saved without one: the pipeline then restarts at `position`)."""
+    if c.config.data.pipeline != "grain" or ckpt is None or ckpt.restored_step is None:
+        return None
+    data_state = ckpt.data_state(ckpt.restored_step)
+    if data_state is None:
+        log(
+            f"data: step {ckpt.restored_step} holds no Grain iterator state; the Grain pipeline "
+            f"starts again at batch {position}"
+        )
+    return data_state
+
+
 def _no_valid_step(cfg, ckpt, log, workdir) -> None:
     """Stops the run, or (with on_no_valid_step=restart) archives its metric history."""
     listed = "\n  ".join(f"{name}: {reason}" for name, reason in ckpt.quarantined())
@@ -358,6 +375,7 @@ class _Loop:
         self.state, self.start, self.position = state, start, position
         self.stopped: str | None = None
         self.profiler = profiling.NO_PROFILE
+        self.data_state_at = lambda position: None  # the loader's state for checkpoints
         self.last_eval: dict[str, float] = {}
         self.eval_fn = programs.compile_eval(c, state)
         self.eval_shape = c.abstract_eval_metrics(state)
@@ -433,12 +451,14 @@ class _Loop:
                 "state); no checkpoint was written for it, and the older ones are kept. Lower "
                 "optim.learning_rate, set optim.grad_clip_norm, or check the data."
             )
+        position = self.position + step - self.start
         self.ckpt.save(
             step,
             self.state,
-            data_position=self.position + step - self.start,
+            data_position=position,
             config=self.cfg.to_dict(),
             metrics=self.last_eval,
+            data_state=self.data_state_at(position),
         )
 
 

@@ -209,6 +209,8 @@ def lr_find(
                 break
     finally:
         batches.close()
+        if hasattr(loader, "close"):  # a GrainLoader: stops its worker processes
+            loader.close()
 
     suggested, min_loss_lr, steepest_lr = suggest_lr(np.array(lrs), np.array(smoothed), suggest)
     method = suggest if (suggest != "steepest" or steepest_lr is not None) else "min_loss/10"

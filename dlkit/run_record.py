@@ -69,11 +69,12 @@ def _file_facts(path: str | pathlib.Path, sampled: bool | None = None) -> dict[s
 
 
 def _directory_facts(path: str | pathlib.Path) -> dict[str, Any]:
-    """{"path", "files": {name: {"bytes", "sha256"[, "sha256_of"]}}} of the .npy files in a
-    directory (the files `data.name=arrays` reads from one)."""
+    """{"path", "files": {name: {"bytes", "sha256"[, "sha256_of"]}}} of the data files in a
+    directory: the .npy files `data.name=arrays` reads, the .array_record files
+    `data.name=arrayrecord` reads (other files there, e.g. notes, are not data)."""
     p = pathlib.Path(path)
     files = {}
-    for f in sorted(p.glob("*.npy")):
+    for f in sorted([*p.glob("*.npy"), *p.glob("*.array_record")]):
         facts = _file_facts(f)
         del facts["path"]
         files[f.name] = facts

@@ -273,6 +273,7 @@ def test_registry_and_errors():
         "kjv",
         "spoken_digits",
         "arrays",
+        "arrayrecord",
     }
     assert data.dataset_info("digits") == {
         "num_classes": 10,

@@ -2,8 +2,9 @@
 
 Each test starts real `dlkit train` processes with `--coordinator-address/--num-processes/
 --process-id`, each seeing 1 (or 2) CPU devices, and compares them with one process holding
-the same number of simulated devices. Subprocesses have a hard timeout, so a deadlock fails
-the test instead of hanging CI.
+the same number of simulated devices (the Grain test starts a script calling `dlkit.fit`
+instead, to record which examples each process reads). Subprocesses have a hard timeout, so a
+deadlock fails the test instead of hanging CI.
 """
 
 import json
@@ -18,7 +19,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_digits_config
+from conftest import assert_bitwise_equal, tiny_digits_config
 
 import dlkit
 
@@ -230,3 +231,123 @@ def test_two_processes_write_their_own_shards_and_resume_from_them(tmp_path):
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+# Process i of 2 trains from ArrayRecord files through the Grain pipeline (one worker each),
+# with a train source that notes every example index read in a worker process to
+# reads/process{i}-{pid}.txt. Spawned workers import this script as __mp_main__.
+_GRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from dlkit import distributed
+
+
+    class RecordingSource:
+        def __init__(self, source, process, reads_dir):
+            self.source, self.process, self.reads_dir = source, process, reads_dir
+
+        def __len__(self):
+            return len(self.source)
+
+        def _note(self, indices):
+            if os.getpid() != int(os.environ["TRAINER_PID"]):  # a Grain worker's reads only
+                name = os.path.join(self.reads_dir, f"process{self.process}-{os.getpid()}.txt")
+                with open(name, "a") as f:
+                    f.writelines(f"{int(i)}\\n" for i in indices)
+
+        def __getitem__(self, i):
+            self._note([i])
+            return self.source[i]
+
+        def get_batch(self, indices):
+            self._note(list(indices))
+            return self.source.get_batch(indices)
+
+
+    if __name__ == "__main__":
+        os.environ["TRAINER_PID"] = str(os.getpid())
+        port, i, workdir, reads_dir, sets = sys.argv[1:6]
+        distributed.initialize(f"localhost:{port}", 2, int(i))
+        import dlkit
+        from dlkit.data import arrayrecord
+
+        cfg = dlkit.load_config("digits_mlp")
+        dlkit.apply_overrides(cfg, [f"{k}={v}" for k, v in json.loads(sets).items()])
+        path = cfg.data.path
+        train = RecordingSource(arrayrecord.load_split(path, "train"), int(i), reads_dir)
+        test = arrayrecord.load_split(path, "test")
+        dlkit.fit(cfg, workdir, train_source=train, eval_source=test)
+    """
+)
+
+
+def test_two_processes_each_reading_its_grain_shard_match_one_process_with_two_devices(
+    tmp_path,
+):
+    from dlkit.data import arrayrecord, grain_pipeline, sources
+
+    # Random digits-shaped data, large enough that Grain's read-ahead (up to 500 batches per
+    # process by default) stays within the first epoch (800 batches), where every example is
+    # read once.
+    rng = np.random.default_rng(0)
+    n = 32 * 800
+    ar_dir = tmp_path / "data_ar"
+    for split, size, files in (("train", n, 2), ("test", 256, 1)):
+        x = rng.normal(size=(size, 64)).astype(np.float32)
+        y = rng.integers(0, 10, size).astype(np.int32)
+        arrayrecord.write_split(ar_dir, split, {"inputs": x, "labels": y}, num_files=files)
+    grain = {
+        "data.name": "arrayrecord",
+        "data.path": str(ar_dir),
+        "data.pipeline": "grain",
+        "data.grain_workers": 1,
+    }
+    script, reads, workdir = tmp_path / "grain_train.py", tmp_path / "reads", tmp_path / "run"
+    script.write_text(_GRAIN_SCRIPT)
+    reads.mkdir()
+    sets = json.dumps({**SETS, **grain, "train.progress": False, "train.plots": False})
+    port = _free_port()
+    results = _launch(
+        lambda i: [sys.executable, str(script), str(port), str(i), str(workdir), str(reads), sets],
+        devices_per_process=1,
+    )
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"process {i} failed:\n{r.stderr[-3000:]}"
+    ref_cfg = tiny_digits_config(**{**grain, "parallel.num_devices": 2})
+    ref = dlkit.fit(ref_cfg)
+
+    # Each process's workers read only its rows (batch_size // 2) of each global batch: the
+    # rows of the 12 batches trained on, and no example of the other process's rows.
+    numbered = sources.ArraySource(
+        inputs=np.zeros((n, 1), np.float32), labels=np.arange(n, dtype=np.int32)
+    )
+    read = {}
+    for p in range(2):
+        own = grain_pipeline.GrainLoader(
+            numbered, 32, seed=ref_cfg.train.seed, process_index=p, process_count=2
+        )
+        trained = {int(i) for b in range(12) for i in own.batch_at(b)["labels"]}
+        first_epoch = {int(i) for b in range(n // 32) for i in own.batch_at(b)["labels"]}
+        read[p] = {
+            int(line) for f in reads.glob(f"process{p}-*.txt") for line in f.read_text().split()
+        }
+        assert trained <= read[p] <= first_epoch, p
+    assert not read[0] & read[1]
+    # Each process saved its own Grain iterator state with every checkpoint.
+    for step in (6, 12):
+        grain_dir = workdir / "checkpoints" / str(step) / "grain"
+        assert sorted(p.name for p in grain_dir.glob("process_*")) == [
+            "process_0-of-2.json",
+            "process_1-of-2.json",
+        ]
+    # The same run as one process with two devices: metrics and final params.
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref.history] == [4, 6, 8, 12]
+    for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss", "eval/accuracy"):
+        got = [r[key] for r in rows if key in r]
+        np.testing.assert_allclose(got, ref.history.series(key)[1], rtol=1e-5, err_msg=key)
+    # Bitwise: with one device per process the cross-process mean adds the same two numbers.
+    state, _ = dlkit.load_checkpoint(workdir)
+    assert int(state.step) == 12
+    assert_bitwise_equal(ref.state.params, state.params)
+    assert_bitwise_equal(ref.state.opt_state, state.opt_state)

@@ -2,6 +2,7 @@
 suggestion on digits, divergence stops the sweep, and the JSON and PNG are written."""
 
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -55,3 +56,22 @@ def test_bad_arguments_are_rejected():
         lr_finder.lr_find(tiny_digits_config(), min_lr=0.1, max_lr=0.01)
     with pytest.raises(ValueError, match=r"num_steps: expected an int >= 5, got 2"):
         lr_finder.lr_find(tiny_digits_config(), num_steps=2)
+
+
+def test_the_sweep_closes_its_grain_loader_and_stops_the_workers(monkeypatch):
+    from dlkit.data import grain_pipeline
+
+    closed = []
+    original = grain_pipeline.GrainLoader.close
+
+    def spy(self):
+        closed.append(self.workers)
+        original(self)
+
+    monkeypatch.setattr(grain_pipeline.GrainLoader, "close", spy)
+    cfg = tiny_digits_config(**{"data.pipeline": "grain", "data.grain_workers": 1})
+    result = lr_finder.lr_find(cfg, min_lr=1e-5, max_lr=1e-1, num_steps=5)
+    assert len(result.lrs) == 5
+    assert closed == [1]
+    # No Grain worker process outlives the sweep.
+    assert multiprocessing.active_children() == []

@@ -82,8 +82,10 @@ class Checkpointer:
         if self._primary:
             retention.clean_leftovers(self.directory, self._log, commit_file=self._commit_file)
         self._saver = None  # built on the first save: a reader never needs Orbax's threads
+        self._saver_grain = False  # whether the saver writes the "grain" item
         self._trash = retention.Trash(self.directory, commit_file=self._commit_file)
         self._closed = False
+        self.restored_step: int | None = None  # the step `restore` read last
         exit_hook.register(self)
 
     # ---- listing -----------------------------------------------------------------------------
@@ -200,6 +202,7 @@ class Checkpointer:
         data_position: int,
         config: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
+        data_state: dict[str, Any] | None = None,
     ) -> None:
         """Starts saving `state` as `step` (returns before the write ends when async).
 
@@ -209,6 +212,8 @@ class Checkpointer:
           data_position: the training loader's position (global batches consumed).
           config: the run's config as a JSON-ready dict.
           metrics: numbers recorded in the manifest; `best_metric` among them ranks steps.
+          data_state: the Grain pipeline's state at `data_position` on this process
+            (`GrainLoader.state_at`), saved as the "grain" item; None for other loaders.
         """
         if self.read_only:
             raise commit.CheckpointError(
@@ -230,16 +235,26 @@ class Checkpointer:
                     f"step {step}: a checkpoint with this step already exists in {self.directory}"
                 )
             step_dir.rmtree(missing_ok=True)  # left uncommitted by a failed save
+        if self._saver is not None and data_state is not None and not self._saver_grain:
+            self._saver.close()  # built without the "grain" item's handler
+            self._saver = None
         if self._saver is None:
+            self._saver_grain = data_state is not None
             self._saver = store.make_saver(
                 async_save=self.async_save,
                 on_commit=self._before_publish,
                 commit_file=self._commit_file,
+                grain=data_state is not None,
             )
         self._pending = (step, dict(metrics or {}))
         try:
             store.save(
-                self._saver, step_dir, state, data_position=data_position, config=config or {}
+                self._saver,
+                step_dir,
+                state,
+                data_position=data_position,
+                config=config or {},
+                data_state=data_state,
             )
         except BaseException:
             self._pending = None
@@ -333,7 +348,13 @@ class Checkpointer:
             raise commit.CheckpointError(
                 f"restore: checkpoint step {step} in {self.directory} does not fit: {e}"
             ) from e
+        self.restored_step = step
         return state, self._data_position(step, state)
+
+    def data_state(self, step: int) -> dict[str, Any] | None:
+        """The Grain pipeline's state saved with `step` for this process ({"start": int,
+        "iterator": Grain's iterator state}), or None when the step holds none."""
+        return store.read_data_state(self.directory / str(step))
 
     def _data_position(self, step: int, state) -> int:
         data = store.read_json_item(self.directory / str(step), store.DATA)

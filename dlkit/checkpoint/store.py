@@ -5,8 +5,10 @@
     state = store.restore_state(store.state_path(step_dir), abstract_state)
 
 A step holds three Orbax items: "state" (the TrainState, Orbax's PyTree format: one zarr3 array
-per leaf, TensorStore underneath), "data" ({"position": int}, JSON) and "config" (JSON). Any
-Orbax user restores it without dlkit:
+per leaf, TensorStore underneath), "data" ({"position": int}, JSON) and "config" (JSON); a run
+fed by the Grain pipeline adds "grain": each process's Grain iterator state, written by Grain's
+own Orbax handler (`grain/process_I-of-N.json`), and "data" then also holds "grain_start" (see
+`dlkit.data.grain_pipeline`). Any Orbax user restores it without dlkit:
 
     import orbax.checkpoint as ocp
     items = ocp.CheckpointManager("run/checkpoints").restore(12)   # items["state"], ["data"]
@@ -19,6 +21,7 @@ weights). Integrity does not rely on TensorStore: dlkit's manifest covers every 
 (`dlkit.checkpoint.commit`).
 """
 
+import json
 from typing import Any
 
 import jax
@@ -28,7 +31,7 @@ from etils import epath
 
 from dlkit.checkpoint import commit
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, CONFIG, GRAIN = "state", "data", "config", "grain"
 STATE_OPTIONS = {"use_ocdbt": False, "use_zarr3": True, "use_compression": False}
 _PYTREE_METADATA = "_METADATA"  # the file that makes a directory an Orbax PyTree item
 
@@ -37,48 +40,71 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(**STATE_OPTIONS)
 
 
+class _IteratorState:
+    """A saved Grain iterator state in the form Grain's checkpoint handler saves: an object whose
+    `get_state()` returns the state as JSON bytes. The file it writes holds the same JSON as for
+    a live Grain `DatasetIterator`, so Grain restores it into an iterator without dlkit."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._state, indent=4).encode()
+
+
 def make_saver(
-    *, async_save: bool, on_commit, commit_file: bool = False
+    *, async_save: bool, on_commit, commit_file: bool = False, grain: bool = False
 ) -> ocp.AsyncCheckpointer | ocp.Checkpointer:
-    """An Orbax checkpointer that writes dlkit's three items and calls `on_commit(tmp, final)`
+    """An Orbax checkpointer that writes dlkit's items and calls `on_commit(tmp, final)`
     inside the temporary directory, before the rename that publishes the step.
 
     Args:
       async_save: an AsyncCheckpointer (the write continues in the background) or not.
       on_commit, commit_file: see `commit.temporary_path_class`.
+      grain: also write the "grain" item (Grain's handler; imports Grain).
     Returns:
       the checkpointer; its `save(step_dir, args=...)` is called by `save` below.
     """
-    handler = ocp.CompositeCheckpointHandler(
-        **{
-            STATE: _state_handler(),
-            DATA: ocp.JsonCheckpointHandler(),
-            CONFIG: ocp.JsonCheckpointHandler(),
-        }
-    )
+    handlers = {
+        STATE: _state_handler(),
+        DATA: ocp.JsonCheckpointHandler(),
+        CONFIG: ocp.JsonCheckpointHandler(),
+    }
+    if grain:
+        from dlkit.data import grain_pipeline
+
+        handlers[GRAIN] = grain_pipeline.import_grain().checkpoint.CheckpointHandler()
+    handler = ocp.CompositeCheckpointHandler(**handlers)
     tmp_class = commit.temporary_path_class(on_commit, commit_file=commit_file)
     if async_save:
         return ocp.AsyncCheckpointer(handler, temporary_path_class=tmp_class)
     return ocp.Checkpointer(handler, temporary_path_class=tmp_class)
 
 
-def save(saver, step_dir: epath.Path, state, *, data_position: int, config: dict) -> None:
+def save(
+    saver, step_dir: epath.Path, state, *, data_position: int, config: dict, data_state=None
+) -> None:
     """Starts writing one step (returns when written, for a sync saver).
 
     Args:
-      saver: from `make_saver`.
+      saver: from `make_saver` (with `grain=True` when `data_state` is given).
       step_dir: the step's final directory (must not exist).
       state: the TrainState (a pytree of arrays).
       data_position: the training loader's position.
       config: the run's config, JSON-ready.
+      data_state: None, or the Grain pipeline's {"start": int, "iterator": state} of this
+        process (`GrainLoader.state_at`).
     """
-    args = ocp.args.Composite(
-        **{
-            STATE: ocp.args.PyTreeSave(state),
-            DATA: ocp.args.JsonSave({"position": int(data_position)}),
-            CONFIG: ocp.args.JsonSave(config),
-        }
-    )
+    data = {"position": int(data_position)}
+    items = {STATE: ocp.args.PyTreeSave(state), CONFIG: ocp.args.JsonSave(config)}
+    if data_state is not None:
+        from dlkit.data import grain_pipeline
+
+        data["grain_start"] = int(data_state["start"])
+        iterator = _IteratorState(data_state["iterator"])
+        items[GRAIN] = grain_pipeline.import_grain().checkpoint.CheckpointSave(iterator)
+    items[DATA] = ocp.args.JsonSave(data)
+    args = ocp.args.Composite(**items)
     saver.save(step_dir, args=args, custom_metadata={commit.WRITER_KEY: {"version": 1}})
 
 
@@ -180,6 +206,16 @@ def read_json_item(step_dir: epath.Path, name: str) -> dict | None:
     if not path.is_dir():
         return None
     return ocp.JsonCheckpointHandler().restore(path, args=ocp.args.JsonRestore())
+
+
+def read_data_state(step_dir: epath.Path) -> dict | None:
+    """This process's Grain pipeline state saved with a step, {"start": int, "iterator":
+    state}, or None when the step has no "grain" item (a run without Grain, another tool)."""
+    data = read_json_item(step_dir, DATA) or {}
+    path = step_dir / GRAIN / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if "grain_start" not in data or not path.exists():
+        return None
+    return {"start": int(data["grain_start"]), "iterator": json.loads(path.read_text())}
 
 
 def key_name(entry) -> str:

@@ -11,13 +11,16 @@ from dlkit import errors
 
 # The datasets that read each setting (dlkit.data.datasets.load_dataset).
 READERS = {
-    "path": ("text", "arrays"),
+    "path": ("text", "arrays", "arrayrecord"),
     "data_dir": ("fashion_mnist", "kjv", "spoken_digits"),
     "seq_len": ("text", "kjv"),
     "scale": ("arrays",),
 }
 _HINTS = {
-    "path": "set data.name=text for a text file, data.name=arrays for .npz/.npy arrays",
+    "path": (
+        "set data.name=text for a text file, data.name=arrays for .npz/.npy arrays, "
+        "data.name=arrayrecord for a directory of ArrayRecord files"
+    ),
     "data_dir": "data.path names the file for data.name=text or arrays",
     "seq_len": "only character-level text is cut into windows",
     "scale": "only data.name=arrays scales its inputs",

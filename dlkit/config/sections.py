@@ -35,6 +35,11 @@ class DataConfig:
     prefetch: int = -1  # batches a thread stages ahead of the step (0 = none: the loop reads
     #   the loader itself); -1 = auto: 2, but 0 on CPU with one process and one step per call,
     #   where no batch is copied to a device, so the thread's hand-off costs more than it hides
+    pipeline: str = "memory"  # training batches: memory (dlkit.data.Loader, a prefetch thread)
+    #   | grain (dlkit.data.grain_pipeline: Grain worker processes, each host reads only its
+    #   rows, the iterator state checkpointed; for data beyond memory)
+    grain_workers: int = 0  # pipeline=grain: worker processes reading and batching; 0 = none
+    grain_worker_buffer: int = 1  # pipeline=grain: batches each worker keeps ready
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
     audit: str = "warn"  # data audit before compiling (duplicates, leakage, conflicting
@@ -68,8 +73,10 @@ class DataConfig:
                 "data.validate": (self.validate, ("error", "warn", "off")),
                 "data.audit": (self.audit, ("warn", "fail", "off")),
                 "data.scale": (self.scale, ("uint8", "none")),
+                "data.pipeline": (self.pipeline, ("memory", "grain")),
             }
         )
+        self._check_grain()
         data_settings.check_read(self, type(self)())
         if self.validation_examples < 0:
             raise errors.ConfigError(
@@ -80,6 +87,33 @@ class DataConfig:
             raise errors.ConfigError(
                 f"data.train_examples: expected an int >= 0 (0 = all), got {self.train_examples}"
             )
+
+    def _check_grain(self) -> None:
+        """The `data.grain_*` settings: in range, and set only with data.pipeline=grain."""
+        if self.grain_workers < 0:
+            raise errors.ConfigError(
+                f"data.grain_workers: expected an int >= 0 (0 = no worker processes), got "
+                f"{self.grain_workers}"
+            )
+        if self.grain_worker_buffer < 1:
+            raise errors.ConfigError(
+                f"data.grain_worker_buffer: expected an int >= 1, got {self.grain_worker_buffer}"
+            )
+        if self.pipeline == "grain":
+            if self.last_batch != "drop":
+                raise errors.ConfigError(
+                    f"data.last_batch: expected 'drop' with data.pipeline=grain (it trains on "
+                    f"whole batches only), got {self.last_batch!r}"
+                )
+            return
+        defaults = type(self)()
+        for key in ("grain_workers", "grain_worker_buffer"):
+            if getattr(self, key) != getattr(defaults, key):
+                raise errors.ConfigError(
+                    f"data.{key}: read only with data.pipeline=grain; got data.{key}="
+                    f"{getattr(self, key)!r} with data.pipeline={self.pipeline!r}, which "
+                    "ignores it (add --set data.pipeline=grain)"
+                )
 
 
 @dataclasses.dataclass

@@ -49,6 +49,9 @@ DATASETS = {
     "kjv": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
     # Your own arrays (dlkit.data.arrays): shapes and classes come from the files.
     "arrays": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
+    # ArrayRecord files (dlkit.data.arrayrecord), e.g. written by `python -m
+    # dlkit.data.arrayrecord`; read record by record, never loaded whole.
+    "arrayrecord": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
     # espeak-ng digits (dlkit.data.speech), 1 s at 22.05 kHz, int16; splits hold out voices
     # and accents.
     "spoken_digits": {
@@ -260,6 +263,15 @@ def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256, scale="u
         return text.load_text(path, split, seq_len=seq_len)
     if name == "arrays":
         return arrays.load_arrays(path, split, scale=scale)
+    if name == "arrayrecord":
+        from dlkit.data import arrayrecord  # imports Grain: only when asked for
+
+        if not path:
+            raise ValueError(
+                "data.path: expected a directory of train-*.array_record and "
+                "test-*.array_record files for data.name=arrayrecord, got none"
+            )
+        return arrayrecord.load_split(path, split)
     if name == "spoken_digits":
         return speech.load_spoken_digits(split, data_dir=data_dir)
     if name == "digits":

@@ -20,7 +20,21 @@ Usage::
 The registered datasets (``load_dataset``) are :mod:`dlkit.data.datasets`'s.
 """
 
+import mmap
+
 import numpy as np
+
+
+def _memmap_file(arr):
+    """(filename, offset, dtype, shape, order) of a read-only np.memmap that spans its mapping
+    from `offset` (what `np.load(mmap_mode="r")` returns), else None (slices, in-memory
+    arrays and writable maps travel by value)."""
+    if not isinstance(arr, np.memmap) or not isinstance(arr.base, mmap.mmap):
+        return None
+    if arr.mode != "r" or not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        return None
+    order = "C" if arr.flags.c_contiguous else "F"
+    return (arr.filename, arr.offset, arr.dtype.str, arr.shape, order)
 
 
 def _checked_index(i, length):
@@ -62,6 +76,31 @@ class ArraySource:
 
     def __len__(self):
         return self._length
+
+    def __getstate__(self):
+        # Pickled for Grain's worker processes: a memory-mapped array travels as its file and
+        # is mapped again there, instead of being copied whole into every worker.
+        arrays = {}
+        for key, arr in self.arrays.items():
+            mapped = _memmap_file(arr)
+            arrays[key] = ("memmap", mapped) if mapped else ("array", arr)
+        return {"arrays": arrays, "length": self._length}
+
+    def __setstate__(self, state):
+        self.arrays = {}
+        for key, (kind, value) in state["arrays"].items():
+            if kind == "memmap":
+                filename, offset, dtype, shape, order = value
+                value = np.memmap(
+                    filename,
+                    dtype=np.dtype(dtype),
+                    mode="r",
+                    offset=offset,
+                    shape=shape,
+                    order=order,
+                )
+            self.arrays[key] = value
+        self._length = state["length"]
 
     def __getitem__(self, i):
         """Returns one example: dict[str, np.ndarray] with the leading axis removed."""

@@ -148,9 +148,11 @@ def check_datasets(
     warnings += check_split(
         eval_source, "eval", num_outputs=num_outputs, classification=classification
     )
-    if last_batch == "drop" and batch_size > len(train_source):
+    # A sample of a larger dataset (`grain_pipeline.Sample`) is judged by the whole dataset.
+    n_train = getattr(train_source, "num_source_examples", len(train_source))
+    if last_batch == "drop" and batch_size > n_train:
         raise DataError(
-            f"train.batch_size: expected at most the {len(train_source)} training examples "
+            f"train.batch_size: expected at most the {n_train} training examples "
             f"with data.last_batch=drop (else every batch is dropped), got {batch_size}"
         )
     x_train = sources.get_batch(train_source, np.array([0]))["inputs"]
