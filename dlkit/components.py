@@ -284,7 +284,10 @@ def build(
     if policy.loss_scaling:
         tx = precision.with_loss_scaling(tx)
     augment = _make_augment(cfg, strategy, train_source, loss_fn)
-    _check_pipeline(cfg, strategy, train_source)
+    if cfg.data.pipeline == "grain":
+        from dlkit.data import grain_pipeline
+
+        grain_pipeline.check_config(cfg, strategy, train_source)
     return Components(
         cfg, strategy, module, loss_fn, tx, schedule, train_source, eval_source, policy, augment
     )
@@ -417,26 +420,6 @@ def _make_augment(cfg, strategy, train_source, loss_fn) -> augment_lib.Augment |
             f"(mixing blends class labels), got loss.name={cfg.loss.name!r}"
         )
     return augment
-
-
-def _check_pipeline(cfg, strategy, train_source) -> None:
-    """With data.pipeline=grain, the Grain loader's arguments, checked before compiling."""
-    if cfg.data.pipeline != "grain":
-        return
-    from dlkit.data import grain_pipeline
-
-    try:
-        grain_pipeline.check_args(
-            train_source,
-            cfg.train.batch_size,
-            cfg.train.seed,
-            strategy.process_index,
-            strategy.process_count,
-            cfg.data.grain_workers,
-            0,
-        )
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
 
 
 def _check_grad_accum(cfg: config_lib.Config, strategy: parallel.Strategy) -> None:

@@ -45,3 +45,31 @@ def check_read(data, defaults) -> None:
             f"{', '.join(read) or 'none of data.path, data.data_dir, data.seq_len, data.scale'} "
             f"({_HINTS[key]})"
         )
+
+
+def check_grain(data, defaults) -> None:
+    """The `data.grain_*` settings of a `DataConfig`: in range, and set only with
+    data.pipeline=grain (`defaults`: a default DataConfig)."""
+    if data.grain_workers < 0:
+        raise errors.ConfigError(
+            f"data.grain_workers: expected an int >= 0 (0 = no worker processes), got "
+            f"{data.grain_workers}"
+        )
+    if data.grain_worker_buffer < 1:
+        raise errors.ConfigError(
+            f"data.grain_worker_buffer: expected an int >= 1, got {data.grain_worker_buffer}"
+        )
+    if data.pipeline == "grain":
+        if data.last_batch != "drop":
+            raise errors.ConfigError(
+                f"data.last_batch: expected 'drop' with data.pipeline=grain (it trains on "
+                f"whole batches only), got {data.last_batch!r}"
+            )
+        return
+    for key in ("grain_workers", "grain_worker_buffer"):
+        if getattr(data, key) != getattr(defaults, key):
+            raise errors.ConfigError(
+                f"data.{key}: read only with data.pipeline=grain; got data.{key}="
+                f"{getattr(data, key)!r} with data.pipeline={data.pipeline!r}, which "
+                "ignores it (add --set data.pipeline=grain)"
+            )

@@ -76,7 +76,7 @@ class DataConfig:
                 "data.pipeline": (self.pipeline, ("memory", "grain")),
             }
         )
-        self._check_grain()
+        data_settings.check_grain(self, type(self)())
         data_settings.check_read(self, type(self)())
         if self.validation_examples < 0:
             raise errors.ConfigError(
@@ -87,33 +87,6 @@ class DataConfig:
             raise errors.ConfigError(
                 f"data.train_examples: expected an int >= 0 (0 = all), got {self.train_examples}"
             )
-
-    def _check_grain(self) -> None:
-        """The `data.grain_*` settings: in range, and set only with data.pipeline=grain."""
-        if self.grain_workers < 0:
-            raise errors.ConfigError(
-                f"data.grain_workers: expected an int >= 0 (0 = no worker processes), got "
-                f"{self.grain_workers}"
-            )
-        if self.grain_worker_buffer < 1:
-            raise errors.ConfigError(
-                f"data.grain_worker_buffer: expected an int >= 1, got {self.grain_worker_buffer}"
-            )
-        if self.pipeline == "grain":
-            if self.last_batch != "drop":
-                raise errors.ConfigError(
-                    f"data.last_batch: expected 'drop' with data.pipeline=grain (it trains on "
-                    f"whole batches only), got {self.last_batch!r}"
-                )
-            return
-        defaults = type(self)()
-        for key in ("grain_workers", "grain_worker_buffer"):
-            if getattr(self, key) != getattr(defaults, key):
-                raise errors.ConfigError(
-                    f"data.{key}: read only with data.pipeline=grain; got data.{key}="
-                    f"{getattr(self, key)!r} with data.pipeline={self.pipeline!r}, which "
-                    "ignores it (add --set data.pipeline=grain)"
-                )
 
 
 @dataclasses.dataclass

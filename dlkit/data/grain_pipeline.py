@@ -38,6 +38,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from dlkit import errors
 from dlkit.data import loader as loader_lib
 from dlkit.data import sources
 
@@ -268,6 +269,23 @@ def _saved_start(data_state) -> int:
             f"got {got}"
         )
     return int(data_state["start"])
+
+
+def check_config(cfg, strategy, train_source) -> None:
+    """The loader's arguments as a run's config and strategy give them, checked before
+    compiling; a problem is a ConfigError."""
+    try:
+        check_args(
+            train_source,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            strategy.process_index,
+            strategy.process_count,
+            cfg.data.grain_workers,
+            0,
+        )
+    except ValueError as e:
+        raise errors.ConfigError(str(e)) from None
 
 
 def check_args(source, batch_size, seed, process_index, process_count, workers, position):
