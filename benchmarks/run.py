@@ -284,7 +284,29 @@ def write_markdown(args, sections, ckpt_text, skipped, repeats, elapsed) -> None
         ]
     if ckpt_text:
         out += ["", ckpt_text]
+    out += _kept_sections(pathlib.Path(args.out), "\n".join(out))
     pathlib.Path(args.out).write_text("\n".join(out) + "\n")
+
+
+def _kept_sections(path: pathlib.Path, written: str) -> list[str]:
+    """The `## ` sections of the file at `path` that this run does not write (figures of other
+    benchmarks, added by hand), so that a rerun replaces its own sections and keeps those."""
+    if not path.exists():
+        return []
+    mine = {line for line in written.splitlines() if line.startswith("## ")}
+    kept, keep = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            while kept and not kept[-1].strip():
+                kept.pop()
+            keep = line not in mine
+            if keep:
+                kept.append("")
+        if keep:
+            kept.append(line)
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return kept
 
 
 if __name__ == "__main__":

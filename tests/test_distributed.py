@@ -112,11 +112,7 @@ def _check_matches(workdir, results, ref):
     gloo = re.compile(r"\[Gloo\]|Rank|connected|peer|ranks|Expected number")
     own_lines = [ln for ln in results[1].stdout.splitlines() if ln.strip() and not gloo.search(ln)]
     assert own_lines == []
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [r["step"] for r in ref.history] == [4, 6, 8, 12]
-    for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss", "eval/accuracy"):
-        got = [r[key] for r in rows if key in r]
-        np.testing.assert_allclose(got, ref.history.series(key)[1], rtol=1e-5, err_msg=key)
+    _assert_rows_match(workdir, ref)
     # The checkpoint the processes wrote together restores in this one process, on 1 device.
     state, _ = dlkit.load_checkpoint(workdir)
     assert int(state.step) == 12
@@ -127,6 +123,15 @@ def _check_matches(workdir, results, ref):
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def _assert_rows_match(workdir, ref) -> None:
+    """The metrics.jsonl rows of a multi-process run match the one-process run `ref`."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref.history] == [4, 6, 8, 12]
+    for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss", "eval/accuracy"):
+        got = [r[key] for r in rows if key in r]
+        np.testing.assert_allclose(got, ref.history.series(key)[1], rtol=1e-5, err_msg=key)
 
 
 def test_two_processes_match_one_process_with_two_devices(tmp_path, reference):
@@ -341,11 +346,7 @@ def test_two_processes_each_reading_its_grain_shard_match_one_process_with_two_d
             "process_1-of-2.json",
         ]
     # The same run as one process with two devices: metrics and final params.
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [r["step"] for r in ref.history] == [4, 6, 8, 12]
-    for key in ("train/loss", "train/accuracy", "train/grad_norm", "eval/loss", "eval/accuracy"):
-        got = [r[key] for r in rows if key in r]
-        np.testing.assert_allclose(got, ref.history.series(key)[1], rtol=1e-5, err_msg=key)
+    _assert_rows_match(workdir, ref)
     # Bitwise: with one device per process the cross-process mean adds the same two numbers.
     state, _ = dlkit.load_checkpoint(workdir)
     assert int(state.step) == 12
