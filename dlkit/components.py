@@ -11,6 +11,7 @@ before anything is compiled.
 
 import dataclasses
 import functools
+import sys
 from typing import Any
 
 import jax
@@ -61,18 +62,25 @@ def module_for_strategy(module, strategy: parallel.Strategy):
 def resolve_model(model, module=None):
     """The module `fit`/`build` train for `fit(model=...)` (or its older name `module=`): a
     Linen module as it is, an `nnx.Module` instance wrapped once by `NNXAdapter.from_module`."""
-    import flax.linen as nn
-    import flax.nnx as nnx
-
-    from dlkit.models.nnx_adapter import NNXAdapter
-
     if model is not None and module is not None:
         raise config_lib.ConfigError(
             "fit(model=..., module=...): expected one of them (module is the older name of "
             f"model), got both: {type(model).__name__} and {type(module).__name__}"
         )
     model = module if model is None else model
-    if model is None or isinstance(model, (nn.Module, NNXAdapter)):
+    if model is None:
+        return None
+    import flax.linen as nn
+
+    if isinstance(model, nn.Module):
+        return model
+    # flax.nnx (and the IPython it imports) only for models that may be NNX: importing it costs
+    # every run's start-up time (docs/performance.md, "Start-up").
+    import flax.nnx as nnx
+
+    from dlkit.models.nnx_adapter import NNXAdapter
+
+    if isinstance(model, NNXAdapter):
         return model
     if isinstance(model, nnx.Module):
         return NNXAdapter.from_module(model)
@@ -90,9 +98,10 @@ def resolve_model(model, module=None):
 def trained_model(module, state):
     """What `FitResult.model` holds: for an NNX model a new `nnx.Module` with `state`'s weights
     and statistics; for a Linen module the module itself."""
-    from dlkit.models.nnx_adapter import NNXAdapter
-
-    if not isinstance(module, NNXAdapter):
+    # An NNXAdapter exists only if its module was imported; importing it here would load
+    # flax.nnx at the end of every Linen run.
+    adapter = sys.modules.get("dlkit.models.nnx_adapter")
+    if adapter is None or not isinstance(module, adapter.NNXAdapter):
         return module
     variables = {"params": state.params}
     if state.model_state and "state" in state.model_state:

@@ -22,6 +22,7 @@ silently evaluating the config's default dataset. The same holds for a model pas
 import hashlib
 import json
 import pathlib
+import sys
 from typing import Any
 
 from dlkit import config as config_lib
@@ -139,8 +140,6 @@ def describe(
     cfg: config_lib.Config, model, train_source, eval_source, loss_fn=None, metrics=None
 ) -> dict[str, Any]:
     """The record of a run given `fit`'s own arguments (None = the config's choice)."""
-    import flax.nnx as nnx
-
     if train_source is not None and eval_source is None:
         held_out = cfg.data.validation_examples or len(train_source) // 10
         eval_record = {**_python(train_source), "held_out_last": held_out}
@@ -151,7 +150,10 @@ def describe(
     if model is None:
         model_record = {"kind": "config", "name": cfg.model.name}
     else:
-        kind = "nnx" if isinstance(model, nnx.Module) else "linen"
+        # A model can only be an nnx.Module if flax.nnx is imported; importing it here would
+        # cost every run with a config model the start-up time of flax.nnx (and IPython).
+        nnx = sys.modules.get("flax.nnx")
+        kind = "nnx" if nnx is not None and isinstance(model, nnx.Module) else "linen"
         cls = type(model)
         model_record = {"kind": kind, "class": f"{cls.__module__}.{cls.__qualname__}"}
     return {
