@@ -76,6 +76,13 @@ def resolve(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
     bucket = rest.split("/", 1)[0]
     if not bucket:
         raise ValueError(f"{what}: expected {scheme}://BUCKET/path, got {text!r} (no bucket)")
+    if not _valid_bucket(bucket):
+        # TensorStore refuses such a name only when the first checkpoint is written, after
+        # compiling and training up to it; GCS itself never accepts it.
+        raise ValueError(
+            f"{what}: expected a GCS bucket name (3-63 characters of a-z, 0-9, '-', '_' and '.', "
+            f"starting and ending with a letter or digit), got {bucket!r} in {text!r}"
+        )
     package = _OBJECT_STORES[scheme]
     if not _installed(package):
         raise ValueError(
@@ -83,6 +90,15 @@ def resolve(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
             f"pip install 'dlkit[{scheme if scheme != 'gs' else 'gcs'}]'"
         )
     return epath.Path(f"{scheme}://{rest.rstrip('/')}")
+
+
+def _valid_bucket(name: str) -> bool:
+    """GCS's bucket naming rules (dotted names: up to 222 characters, 63 per component)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*[a-z0-9]", name) or ".." in name:
+        return False
+    if "." in name:
+        return len(name) <= 222 and all(1 <= len(part) <= 63 for part in name.split("."))
+    return 3 <= len(name) <= 63
 
 
 def is_object_store(path: str | os.PathLike) -> bool:

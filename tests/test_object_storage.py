@@ -183,6 +183,8 @@ def test_sigkill_in_a_bucket_and_restart_is_bitwise_identical_to_uninterrupted(g
         ("foo://bucket/run", "cannot store a run under foo://"),
         ("s3://bucket/run", "gs:// only"),
         ("gs:///run", "no bucket"),
+        ("gs://b/run", "expected a GCS bucket name"),
+        ("gs://My_Bucket/run", "expected a GCS bucket name"),
     ],
 )
 def test_a_url_that_cannot_be_served_is_refused_before_anything_runs(
