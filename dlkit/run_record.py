@@ -19,6 +19,7 @@ silently evaluating the config's default dataset. The same holds for a model pas
 `fit(model=...)`.
 """
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -114,7 +115,7 @@ def _changes(entry: dict[str, Any]) -> list[str]:
     return out
 
 
-def _dataset(cfg: config_lib.Config, split: str) -> dict[str, Any]:
+def _dataset(cfg: config_lib.Config, split: str, path_facts=_path_facts) -> dict[str, Any]:
     d = cfg.data
     out: dict[str, Any] = {"kind": "dataset", "name": d.name, "split": split}
     if split == "validation":
@@ -122,7 +123,7 @@ def _dataset(cfg: config_lib.Config, split: str) -> dict[str, Any]:
     if d.name in ("text", "kjv"):
         out["seq_len"] = d.seq_len
     if d.path:
-        out.update(_path_facts(d.path))
+        out.update(path_facts(d.path))
     return out
 
 
@@ -140,12 +141,19 @@ def describe(
     cfg: config_lib.Config, model, train_source, eval_source, loss_fn=None, metrics=None
 ) -> dict[str, Any]:
     """The record of a run given `fit`'s own arguments (None = the config's choice)."""
+    # The train and eval records name the same data.path: hash it once, not once per split.
+    path_facts = functools.cache(_path_facts)
+    train_record = (
+        _dataset(cfg, "train", path_facts) if train_source is None else _python(train_source)
+    )
     if train_source is not None and eval_source is None:
         held_out = cfg.data.validation_examples or len(train_source) // 10
         eval_record = {**_python(train_source), "held_out_last": held_out}
     else:
         eval_record = (
-            _dataset(cfg, cfg.data.eval_split) if eval_source is None else _python(eval_source)
+            _dataset(cfg, cfg.data.eval_split, path_facts)
+            if eval_source is None
+            else _python(eval_source)
         )
     if model is None:
         model_record = {"kind": "config", "name": cfg.model.name}
@@ -157,7 +165,7 @@ def describe(
         cls = type(model)
         model_record = {"kind": kind, "class": f"{cls.__module__}.{cls.__qualname__}"}
     return {
-        "train": _dataset(cfg, "train") if train_source is None else _python(train_source),
+        "train": train_record,
         "eval": eval_record,
         "model": model_record,
         "loss": (

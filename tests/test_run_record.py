@@ -106,6 +106,21 @@ def test_a_changed_data_file_is_refused(tmp_path):
         run_record.check(tmp_path / "w")
 
 
+def test_the_data_file_is_hashed_once_for_both_splits(tmp_path, monkeypatch):
+    """The train and eval records name the same data.path; describing a run reads it once."""
+    text = tmp_path / "tiny.txt"
+    text.write_text("abc " * 200)
+    cfg = dlkit.load_config("kjv_char_lm")
+    cfg.data.name, cfg.data.path = "text", str(text)
+    hashed = []
+    real = run_record._sha256
+    monkeypatch.setattr(run_record, "_sha256", lambda *a: hashed.append(a[0]) or real(*a))
+    record = run_record.describe(cfg, None, None, None)
+    assert hashed == [text]
+    assert record["train"]["sha256"] == record["eval"]["sha256"]
+    assert record["eval"]["bytes"] == 800
+
+
 def test_a_path_the_dataset_ignores_is_an_error():
     cfg = dlkit.load_config("kjv_char_lm", overrides=["data.path=/tmp/some.txt"])
     with pytest.raises(dlkit.ConfigError, match="data.path: .*data.name='kjv', which ignores it"):
