@@ -76,8 +76,9 @@ class DataConfig:
                 "data.pipeline": (self.pipeline, ("memory", "grain")),
             }
         )
-        data_settings.check_grain(self, type(self)())
-        data_settings.check_read(self, type(self)())
+        defaults = type(self)()
+        data_settings.check_grain(self, defaults)
+        data_settings.check_read(self, defaults)
         if self.validation_examples < 0:
             raise errors.ConfigError(
                 "data.validation_examples: expected an int >= 0 (0 = none), got "
