@@ -16,6 +16,7 @@ goes on; `report` still prints the summary and says why no picture was written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -33,11 +34,9 @@ _INSTALL_HINT = "pip install 'dlkit[plots]' (or pip install matplotlib)"
 
 
 def has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether matplotlib is installed, found without importing it: the plots are drawn at the
+    end of a run, and importing matplotlib at its start would delay the first step."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _save_png(fig, path: str | os.PathLike) -> epath.Path:
