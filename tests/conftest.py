@@ -5,6 +5,8 @@ a fast failure instead of a hung CI job.
 """
 
 import os
+import shutil
+import tempfile
 
 _FLAGS = (
     "--xla_force_host_platform_device_count=8",
@@ -13,15 +15,30 @@ _FLAGS = (
 _existing = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join([_existing, *(f for f in _FLAGS if f not in _existing)]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# No per-user cache (compiled programs, the CPU peak) in tests: each test sees a cold start, as
-# before the cache was on by default; tests of the cache set their own directory.
-os.environ["DLKIT_CACHE_DIR"] = ""
+# One dlkit cache (JAX's persistent compilation cache, the CPU peak) for the whole test run,
+# shared by the xdist workers and the CLI processes the tests start, as a user's runs share
+# ~/.cache/dlkit: most tests train the same small programs, which each process would otherwise
+# compile again. Never the user's own cache. The controller process
+# makes it before it starts the workers (they inherit the variable) and removes it at the end.
+# DLKIT_TEST_CACHE=off gives every test a cold start; tests of the cache set their own.
+if "DLKIT_TEST_CACHE" not in os.environ:
+    os.environ["DLKIT_TEST_CACHE"] = tempfile.mkdtemp(prefix="dlkit-test-cache-")
+    _OWN_CACHE = True
+else:
+    _OWN_CACHE = False
+_cache = os.environ["DLKIT_TEST_CACHE"]
+os.environ["DLKIT_CACHE_DIR"] = "" if _cache == "off" else _cache
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import dlkit  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
