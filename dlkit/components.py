@@ -193,6 +193,8 @@ class Components:
                 process_count=self.strategy.process_count,
                 workers=cfg.data.grain_workers,
                 worker_buffer=cfg.data.grain_worker_buffer,
+                read_threads=cfg.data.grain_read_threads,
+                read_buffer=cfg.data.grain_read_buffer,
                 position=position,
                 data_state=data_state,
             )

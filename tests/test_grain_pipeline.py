@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -66,6 +67,41 @@ def test_workers_yield_the_in_process_batches_and_keep_each_position_state():
     assert len({json.dumps(s["iterator"], sort_keys=True) for s in states}) == 6
 
 
+class _CountingSource:
+    """`_numbered`'s examples, counting the reads (from any thread)."""
+
+    def __init__(self, n):
+        self.source, self.reads = _numbered(n), []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.reads.append(i)  # list.append is atomic under the GIL
+        return self.source[i]
+
+
+def test_read_ahead_is_bounded_by_read_buffer_and_the_batches_do_not_depend_on_it():
+    src = _CountingSource(40)
+    it = grain_pipeline.GrainLoader(src, 8, seed=0, read_threads=2, read_buffer=2)
+    first = _ids(next(it))
+    time.sleep(0.5)  # let the read threads fill the buffer
+    # The batch returned and at most `read_buffer` batches ahead: Grain's default ReadOptions
+    # (500 elements) would read 500 batches ahead here.
+    assert 8 <= len(src.reads) - 1 <= 3 * 8  # -1: the sample check_args reads
+    data = dlkit.Config().data  # the config's defaults are the loader's
+    assert (data.grain_read_threads, data.grain_read_buffer) == (
+        grain_pipeline.READ_THREADS,
+        grain_pipeline.READ_BUFFER,
+    )
+    batches = [first] + [_ids(next(it)) for _ in range(6)]
+    for threads, buffer in ((0, 0), (4, 1)):
+        other = grain_pipeline.GrainLoader(
+            _numbered(40), 8, seed=0, read_threads=threads, read_buffer=buffer
+        )
+        assert [_ids(next(other)) for _ in range(7)] == batches
+
+
 def test_a_memory_mapped_source_travels_to_workers_as_its_file(tmp_path):
     np.save(tmp_path / "x.npy", np.arange(4000 * 64, dtype=np.float32).reshape(4000, 64))
     x = np.load(tmp_path / "x.npy", mmap_mode="r")
@@ -115,6 +151,9 @@ def test_arrayrecord_files_hold_the_examples_and_bad_files_are_named(tmp_path):
         (dict(batch_size=64), r"train.batch_size: expected at most the 20 .* got 64"),
         (dict(seed=2**32), r"train.seed: expected an int in \[0, 2\*\*32\)"),
         (dict(workers=-1), r"data.grain_workers: expected an int >= 0, got -1"),
+        (dict(read_threads=-1), r"data.grain_read_threads: expected an int >= 0, got -1"),
+        (dict(read_buffer=1.5), r"data.grain_read_buffer: expected an int >= 0, got 1.5"),
+        (dict(worker_buffer=0), r"data.grain_worker_buffer: expected a positive int, got 0"),
     ],
 )
 def test_loader_arguments_that_cannot_work_are_named(kwargs, message):
@@ -131,6 +170,11 @@ def test_loader_arguments_that_cannot_work_are_named(kwargs, message):
         (
             {"data.pipeline": "grain", "data.grain_workers": -1},
             r"data.grain_workers: expected an int >= 0 .* got -1",
+        ),
+        ({"data.grain_read_buffer": 8}, r"data.grain_read_buffer: read only with data.pipel"),
+        (
+            {"data.pipeline": "grain", "data.grain_read_threads": -2},
+            r"data.grain_read_threads: expected an int >= 0 .* got -2",
         ),
         (
             {"data.pipeline": "grain", "data.last_batch": "pad"},

@@ -59,6 +59,12 @@ def check_grain(data, defaults) -> None:
         raise errors.ConfigError(
             f"data.grain_worker_buffer: expected an int >= 1, got {data.grain_worker_buffer}"
         )
+    for key in ("grain_read_threads", "grain_read_buffer"):
+        if getattr(data, key) < 0:
+            raise errors.ConfigError(
+                f"data.{key}: expected an int >= 0 (0 = read in the thread that asks for the "
+                f"batch), got {getattr(data, key)}"
+            )
     if data.pipeline == "grain":
         if data.last_batch != "drop":
             raise errors.ConfigError(
@@ -66,7 +72,7 @@ def check_grain(data, defaults) -> None:
                 f"whole batches only), got {data.last_batch!r}"
             )
         return
-    for key in ("grain_workers", "grain_worker_buffer"):
+    for key in ("grain_workers", "grain_worker_buffer", "grain_read_threads", "grain_read_buffer"):
         if getattr(data, key) != getattr(defaults, key):
             raise errors.ConfigError(
                 f"data.{key}: read only with data.pipeline=grain; got data.{key}="

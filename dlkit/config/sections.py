@@ -40,6 +40,10 @@ class DataConfig:
     #   rows, the iterator state checkpointed; for data beyond memory)
     grain_workers: int = 0  # pipeline=grain: worker processes reading and batching; 0 = none
     grain_worker_buffer: int = 1  # pipeline=grain: batches each worker keeps ready
+    grain_read_threads: int = 2  # pipeline=grain: threads reading batches in each process
+    #   (the main one, or each worker); 0 = read in the thread that asks for the batch
+    grain_read_buffer: int = 4  # pipeline=grain: batches read ahead per process, at most
+    #   (bounds memory; Grain's own default, 500, would hold 500 batches); 0 = none ahead
     validate: str = "error"  # input checks before compiling (labels, shapes, NaN/Inf):
     #                          error | warn | off
     audit: str = "warn"  # data audit before compiling (duplicates, leakage, conflicting

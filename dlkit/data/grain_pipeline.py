@@ -24,6 +24,11 @@ example without materialising a permutation, so it differs from `Loader`'s numpy
 Worker processes (`workers` > 0) are Grain's `mp_prefetch`: each worker reads and stacks whole
 batches; the batches come out in the same order for any number of workers.
 
+Read-ahead is bounded: each process (the main one, or each worker) reads with `read_threads`
+threads and keeps at most `read_buffer` batches ahead (Grain's `ReadOptions`). Grain's own
+defaults (16 threads, 500 elements) are made for elements that are single examples; an element
+here is a whole batch, so they would hold up to 500 batches per process.
+
 Exact resume: after every batch the loader keeps Grain's iterator state (`get_state`) by the
 position it belongs to, so a checkpoint of position p stores the state of exactly the batches
 trained on, even though dlkit's prefetch thread runs ahead. `dlkit.checkpoint` writes it as a
@@ -51,6 +56,10 @@ if not flags.FLAGS.is_parsed():
 # Iterator states kept by position: more than the batches the prefetch thread can run ahead.
 STATES_KEPT = 64
 MAX_SEED = 2**32  # Grain's shuffle takes seeds in [0, 2**32)
+# Grain's ReadOptions per process: threads reading batches, and batches read ahead (both the
+# defaults of data.grain_read_threads and data.grain_read_buffer).
+READ_THREADS = 2
+READ_BUFFER = 4
 
 
 def import_grain():
@@ -115,6 +124,9 @@ class GrainLoader:
       process_index, process_count: this process and how many share each global batch.
       workers: Grain worker processes (`mp_prefetch`); 0 reads in this process.
       worker_buffer: batches each worker keeps ready.
+      read_threads: threads reading batches in each process (this one, or each worker); 0
+        reads in the thread that asks for the batch.
+      read_buffer: batches read ahead per process, at most; 0 reads none ahead.
       position: global batches already trained on (to resume).
       data_state: what `state_at(position)` returned when the checkpoint was written; None
         starts the pipeline at `position`.
@@ -131,18 +143,18 @@ class GrainLoader:
         process_count=1,
         workers=0,
         worker_buffer=1,
+        read_threads=READ_THREADS,
+        read_buffer=READ_BUFFER,
         position=0,
         data_state=None,
     ):
         check_args(source, batch_size, seed, process_index, process_count, workers, position)
-        if not loader_lib._is_int(worker_buffer) or worker_buffer < 1:
-            raise ValueError(
-                f"data.grain_worker_buffer: expected a positive int, got {worker_buffer!r}"
-            )
+        check_buffers(worker_buffer, read_threads, read_buffer)
         self.source = source
         self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.workers, self.worker_buffer = int(workers), int(worker_buffer)
+        self.read_threads, self.read_buffer = int(read_threads), int(read_buffer)
         self._n = len(source)
         self.dataset = local_batches(
             source,
@@ -155,7 +167,10 @@ class GrainLoader:
         self._position = int(position)
         self.start = self._position if data_state is None else _saved_start(data_state)
         self.restored_state = None if data_state is None else data_state["iterator"]
-        ds = self.dataset[self.start :].to_iter_dataset()
+        read_options = grain.ReadOptions(
+            num_threads=self.read_threads, prefetch_buffer_size=self.read_buffer
+        )
+        ds = self.dataset[self.start :].to_iter_dataset(read_options)
         if self.workers:
             options = grain.MultiprocessingOptions(
                 num_workers=self.workers, per_worker_buffer_size=self.worker_buffer
@@ -269,6 +284,18 @@ def _saved_start(data_state) -> int:
             f"got {got}"
         )
     return int(data_state["start"])
+
+
+def check_buffers(worker_buffer, read_threads, read_buffer) -> None:
+    """ValueErrors naming the config key, the expected and the received value."""
+    is_int = loader_lib._is_int
+    if not is_int(worker_buffer) or worker_buffer < 1:
+        raise ValueError(
+            f"data.grain_worker_buffer: expected a positive int, got {worker_buffer!r}"
+        )
+    for key, value in (("grain_read_threads", read_threads), ("grain_read_buffer", read_buffer)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"data.{key}: expected an int >= 0, got {value!r}")
 
 
 def check_config(cfg, strategy, train_source) -> None:
