@@ -173,8 +173,6 @@ def write_split(directory, split: str, source, *, num_files: int = 1, chunk: int
     Returns:
       list[str], the files written.
     """
-    from array_record.python import array_record_module
-
     if isinstance(source, dict):
         source = sources.ArraySource(**source)
     n = len(source)
@@ -184,16 +182,36 @@ def write_split(directory, split: str, source, *, num_files: int = 1, chunk: int
     bounds = np.linspace(0, n, num_files + 1).astype(int)
     paths = []
     for f in range(num_files):
-        path = os.path.join(directory, f"{split}-{f:05d}-of-{num_files:05d}{SUFFIX}")
-        writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
-        try:
-            for lo in range(bounds[f], bounds[f + 1], chunk):
-                hi = min(lo + chunk, bounds[f + 1])
-                batch = sources.get_batch(source, np.arange(lo, hi))
-                for i in range(hi - lo):
-                    example = {k: np.asarray(v[i]) for k, v in batch.items()}
-                    writer.write(serialization.msgpack_serialize(example))
-        finally:
-            writer.close()
+        path = file_name(directory, split, f, num_files)
+
+        def examples(lo=bounds[f], end=bounds[f + 1]):
+            for start in range(lo, end, chunk):
+                batch = sources.get_batch(source, np.arange(start, min(start + chunk, end)))
+                for i in range(len(next(iter(batch.values())))):
+                    yield {k: v[i] for k, v in batch.items()}
+
+        write_file(path, examples())
         paths.append(path)
     return paths
+
+
+def file_name(directory, split: str, index: int, count: int) -> str:
+    """The path of file `index` of `count` of a split: `{split}-00000-of-0000N.array_record`."""
+    return os.path.join(directory, f"{split}-{index:05d}-of-{count:05d}{SUFFIX}")
+
+
+def write_file(path: str, examples) -> int:
+    """Writes each example (a dict of arrays) of the iterable `examples` as one record of a new
+    ArrayRecord file at `path`; returns the number written."""
+    from array_record.python import array_record_module
+
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), WRITER_OPTIONS)
+    count = 0
+    try:
+        for example in examples:
+            example = {k: np.asarray(v) for k, v in example.items()}
+            writer.write(serialization.msgpack_serialize(example))
+            count += 1
+    finally:
+        writer.close()
+    return count
