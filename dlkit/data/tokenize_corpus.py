@@ -14,8 +14,8 @@ The corpus is local files only (`SOURCES`, each a Debian package, or `--files`).
 (from the next line start) is held out as the test split. The tokenizer (HF `tokenizers`,
 byte-level BPE as GPT-2's, so every byte string round-trips) is trained on the train parts only,
 then every document is encoded once and its ids appended to `train.npy` / `test.npy`, each
-document followed by END_OF_TEXT (id 0). The token files are streamed to disk, not held in
-memory. OUT_DIR gets:
+document followed by END_OF_TEXT (id 0). One file's text is in memory at a time and
+the token files are streamed to disk. OUT_DIR gets:
 
     tokenizer.json   the trained tokenizer (`tokenizers.Tokenizer.from_file`)
     train.npy        (N_train,) uint16 token ids (int32 when the vocabulary exceeds 65,536)
@@ -94,25 +94,22 @@ def source_files(names, data_dir=None) -> list[str]:
     return files
 
 
-def _read_documents(paths) -> list[tuple[str, str, str]]:
-    """(path, train text, test text) per file: the test text is the last HELD_OUT_FRACTION
-    of the characters, from the first line start at or after the cut when there is one."""
-    documents = []
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                content = f.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--files: expected an existing file, got {path!r}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--files: expected UTF-8 text, {path} is not ({e})") from None
-        if not content:
-            raise ValueError(f"--files: expected a non-empty text file, got empty {path}")
-        cut = len(content) - int(len(content) * text.HELD_OUT_FRACTION)
-        newline = content.find("\n", cut, len(content) - 1)
-        cut = newline + 1 if newline >= 0 else cut
-        documents.append((os.path.abspath(path), content[:cut], content[cut:]))
-    return documents
+def _split_document(path) -> tuple[str, str]:
+    """(train text, test text) of one file: the test text is the last HELD_OUT_FRACTION of
+    the characters, from the first line start at or after the cut when there is one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--files: expected an existing file, got {path!r}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--files: expected UTF-8 text, {path} is not ({e})") from None
+    if not content:
+        raise ValueError(f"--files: expected a non-empty text file, got empty {path}")
+    cut = len(content) - int(len(content) * text.HELD_OUT_FRACTION)
+    newline = content.find("\n", cut, len(content) - 1)
+    cut = newline + 1 if newline >= 0 else cut
+    return content[:cut], content[cut:]
 
 
 def _chunks(content: str):
@@ -176,9 +173,14 @@ def tokenize(files, out_dir, *, vocab_size: int = 4096, min_frequency: int = 2) 
         )
     if not files:
         raise ValueError("--files: expected at least one text file, got none")
-    documents = _read_documents(files)
+    files = [os.path.abspath(os.fspath(f)) for f in files]
+    for path in files:  # every file is checked before the tokenizer trains
+        _split_document(path)
+    # One file in memory at a time: read once to train the tokenizer, once to encode.
     tokenizer = train_tokenizer(
-        (chunk for _, train, _ in documents for chunk in _chunks(train)), vocab_size, min_frequency
+        (chunk for path in files for chunk in _chunks(_split_document(path)[0])),
+        vocab_size,
+        min_frequency,
     )
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     eot = tokenizer.token_to_id(bpe.END_OF_TEXT)
@@ -192,7 +194,8 @@ def tokenize(files, out_dir, *, vocab_size: int = 4096, min_frequency: int = 2) 
     raw = {s: open(os.path.join(out_dir, f"{s}.tokens.tmp"), "wb") for s in bpe.SPLITS}
     records = []
     try:
-        for path, *parts in documents:
+        for path in files:
+            parts = _split_document(path)
             record = {"path": path, "bytes": os.path.getsize(path), "sha256": bpe.sha256(path)}
             for split, content in zip(bpe.SPLITS, parts, strict=True):
                 ids = np.append(_encode(tokenizer, content, dtype), np.asarray(eot, dtype))
