@@ -1,6 +1,6 @@
 """BPE Transformer LM on the King James Bible, fortunes and licences, read through Grain.
 
-Command:   python -m dlkit.data.tokenize_corpus ~/.cache/dlkit/kjv_bpe     # once, ~10 s
+Command:   python -m dlkit.data.tokenize_corpus ~/.cache/dlkit/kjv_bpe     # once
            dlkit train kjv_bpe_lm            # data.path = $DLKIT_DATA_DIR or ~/.cache/dlkit,
                                              # /kjv_bpe; another corpus: --set data.path=DIR
            dlkit sample WORKDIR --prompt "And God said" --length 64     # 64 BPE tokens
