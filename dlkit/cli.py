@@ -6,7 +6,7 @@
     dlkit train [EXPERIMENT] --fast-dev-run      # 1 step, 1 eval batch, checkpoint checked
     dlkit eval WORKDIR [--step N] [--split NAME] [--model MODULE:FUNCTION]   # your own model
               [--loss MODULE:FUNCTION] [--metric NAME=MODULE:FUNCTION]   # your own loss
-    dlkit sample WORKDIR --prompt TEXT --length N [--temperature T]   # exactly N new characters
+    dlkit sample WORKDIR --prompt TEXT --length N [--temperature T]   # N new chars (BPE: tokens)
     dlkit audit [EXPERIMENT] [--set KEY=VALUE ...] [--json OUT.json]
     dlkit lr-find [EXPERIMENT] [--set KEY=VALUE ...] [--out DIR] [--min-lr A --max-lr B]
     dlkit report WORKDIR [--no-plots]
@@ -113,10 +113,12 @@ def _parser() -> argparse.ArgumentParser:
         help="for a run of your own metrics (fit(metrics=...)): one per metric",
     )
 
-    sm = sub.add_parser("sample", help="print exactly N new characters from a language model run")
+    sm = sub.add_parser(
+        "sample", help="print N new characters (BPE: tokens) from a language model run"
+    )
     sm.add_argument("workdir")
     sm.add_argument("--prompt", required=True, help="the text to continue")
-    sm.add_argument("--length", type=int, required=True, help="new characters to print")
+    sm.add_argument("--length", type=int, required=True, help="new characters (BPE: tokens)")
     sm.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     sm.add_argument("--top-k", type=int, default=20, help="0 = all tokens (default 20)")
     sm.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,7 @@ before anything is compiled.
 
 import dataclasses
 import functools
+import os
 import sys
 from typing import Any
 
@@ -112,7 +113,8 @@ def trained_model(module, state):
 def module_for_data(module, source):
     """`module` with `vocab_size` taken from a text source when it is 0 ("from the data").
 
-    A language model's vocabulary is the file's characters, known only once the file is read.
+    A language model's vocabulary is the file's characters (or a token corpus's manifest),
+    known only once the data are read.
     Raises a ConfigError, before anything compiles, if a set `vocab_size` is too small.
     """
     fields = {f.name for f in dataclasses.fields(module)}
@@ -123,9 +125,16 @@ def module_for_data(module, source):
     if module.vocab_size < source.vocab_size:
         raise config_lib.ConfigError(
             f"model.vocab_size: expected 0 (from the data) or >= {source.vocab_size} (the "
-            f"characters in the data), got {module.vocab_size}"
+            f"distinct tokens the data may hold, from {_vocab_origin(source)}), got "
+            f"{module.vocab_size}"
         )
     return module
+
+
+def _vocab_origin(source) -> str:
+    """Where a text source's vocabulary size comes from, for errors."""
+    path = getattr(getattr(source, "vocab", None), "path", None)  # a BPE corpus's tokenizer
+    return f"{os.path.dirname(path)}/manifest.json" if path else "the characters of the text"
 
 
 @dataclasses.dataclass

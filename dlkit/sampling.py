@@ -143,20 +143,21 @@ def sample_text(
     seed: int = 0,
     step: int | None = None,
 ) -> str:
-    """Exactly `length` new characters continuing `prompt`, from a character LM's workdir
+    """Exactly `length` new tokens continuing `prompt`, from a language model's workdir
     (`dlkit.sample`, `dlkit sample WORKDIR --prompt TEXT --length N`).
 
     The model sees at most `max_len` tokens, so a continuation longer than that is drawn in
     pieces: when the context is full, it keeps its last `max_len // 2` tokens and goes on.
 
     Args:
-      workdir: a run of a character-level LM (data.name=text or kjv).
-      prompt: the text to continue; every character must be in the run's vocabulary.
-      length: N >= 1 new characters.
+      workdir: a run of a language model on text: characters (data.name=text or kjv) or
+        BPE tokens (data.name=bpe_corpus, decoded with the corpus's tokenizer.json).
+      prompt: the text to continue; for characters, each must be in the run's vocabulary.
+      length: N >= 1 new tokens (characters for a character-level run).
       temperature, top_k: as for `sample`; seed: the PRNG seed of the draws.
       step: the checkpoint; None = the newest.
     Returns:
-      the N new characters (without the prompt).
+      the text of the N new tokens (without the prompt).
     """
     import numpy as np
 
@@ -172,7 +173,8 @@ def sample_text(
     vocab = getattr(c.eval_source, "vocab", None)
     if vocab is None or not hasattr(c.module, "max_len"):
         raise ValueError(
-            f"workdir: expected a character language model run (data.name=text or kjv), got "
+            "workdir: expected a language model run on text (data.name=text, kjv or "
+            f"bpe_corpus), got "
             f"data.name={cfg.data.name!r} with model {cfg.model.name!r}"
         )
     module, keep = c.module, c.module.max_len // 2

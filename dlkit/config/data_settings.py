@@ -11,18 +11,19 @@ from dlkit import errors
 
 # The datasets that read each setting (dlkit.data.datasets.load_dataset).
 READERS = {
-    "path": ("text", "arrays", "arrayrecord"),
+    "path": ("text", "arrays", "arrayrecord", "bpe_corpus"),
     "data_dir": ("fashion_mnist", "kjv", "spoken_digits"),
-    "seq_len": ("text", "kjv"),
+    "seq_len": ("text", "kjv", "bpe_corpus"),
     "scale": ("arrays",),
 }
 _HINTS = {
     "path": (
         "set data.name=text for a text file, data.name=arrays for .npz/.npy arrays, "
-        "data.name=arrayrecord for a directory of ArrayRecord files"
+        "data.name=arrayrecord for a directory of ArrayRecord files, data.name=bpe_corpus for "
+        "a directory written by `python -m dlkit.data.tokenize_corpus`"
     ),
     "data_dir": "data.path names the file for data.name=text or arrays",
-    "seq_len": "only character-level text is cut into windows",
+    "seq_len": "only text and token corpora are cut into windows",
     "scale": "only data.name=arrays scales its inputs",
 }
 

@@ -22,10 +22,13 @@ from dlkit.config import data_settings, overrides
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "digits"  # dataset: digits | fashion_mnist | text | kjv | spoken_digits | arrays
+    name: str = "digits"  # dataset: digits | fashion_mnist | text | kjv | bpe_corpus |
+    #   spoken_digits | arrays | arrayrecord
     data_dir: str = ""  # directory with the dataset's files; "" = the dataset's default search
-    path: str = ""  # text: the UTF-8 file; arrays: FILE.npz or X.npy (see dlkit.data.arrays)
-    seq_len: int = 256  # text and kjv: characters per example
+    path: str = ""  # text: the UTF-8 file; arrays: FILE.npz or X.npy (see dlkit.data.arrays);
+    #   arrayrecord: a directory of .array_record files; bpe_corpus: the directory written by
+    #   `python -m dlkit.data.tokenize_corpus` (see dlkit.data.bpe)
+    seq_len: int = 256  # text and kjv: characters per example; bpe_corpus: tokens per example
     scale: str = (
         "uint8"  # arrays: "uint8" = uint8 inputs / 255 -> float32 [0, 1]; "none" = as stored
     )

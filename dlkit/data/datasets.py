@@ -47,6 +47,9 @@ DATASETS = {
     # example shape from data.seq_len, so both are None here.
     "text": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
     "kjv": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
+    # A BPE-tokenised corpus (dlkit.data.bpe), written by `python -m
+    # dlkit.data.tokenize_corpus DIR`: memory-mapped token files; the vocabulary from its manifest.
+    "bpe_corpus": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
     # Your own arrays (dlkit.data.arrays): shapes and classes come from the files.
     "arrays": {"num_classes": None, "splits": ("train", "test"), "input_shape": None},
     # ArrayRecord files (dlkit.data.arrayrecord), e.g. written by `python -m
@@ -230,24 +233,27 @@ def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256, scale="u
             1437 train / 360 test), ``"fashion_mnist"`` (IDX files; 60000 train / 10000 test),
             ``"text"`` (the UTF-8 file ``path``, characters), ``"kjv"`` (the King James
             Bible, dumped once into the data cache by Debian's ``bible``; see
-            :mod:`dlkit.data.text`) or ``"spoken_digits"`` (espeak-ng, generated once into the
-            cache; see :mod:`dlkit.data.speech`).
+            :mod:`dlkit.data.text`), ``"bpe_corpus"`` (the token files in the directory
+            ``path``; see :mod:`dlkit.data.bpe`) or ``"spoken_digits"`` (espeak-ng, generated
+            once into the cache; see :mod:`dlkit.data.speech`).
         split: ``"train"`` or ``"test"``; spoken_digits: ``"train"``, ``"test_voices"`` or
             ``"test_accents"``.
         data_dir: directory holding the data files (fashion_mnist), or the cache directory
             (kjv). Default: search ``$DLKIT_DATA_DIR/fashion-mnist``, ``$DLKIT_DATA_DIR``, else
             ``/usr/share/datasets/fashion-mnist``; the cache is ``$DLKIT_DATA_DIR`` or
             ``~/.cache/dlkit``.
-        path: the text file (``"text"``), or the ``.npz`` file or ``.npy`` directory
-            (``"arrays"``, see :mod:`dlkit.data.arrays`).
+        path: the text file (``"text"``), the corpus directory (``"bpe_corpus"``), or the
+            ``.npz`` file or ``.npy`` directory (``"arrays"``, see :mod:`dlkit.data.arrays`).
         scale: ``"arrays"`` only: ``"uint8"`` divides uint8 inputs by 255, ``"none"`` keeps them.
-        seq_len: characters per example (``"text"`` and ``"kjv"``).
+        seq_len: characters per example (``"text"`` and ``"kjv"``), tokens per example
+            (``"bpe_corpus"``).
 
     Returns:
         ArraySource with ``inputs`` float32 (N, H, W, 1) in [0, 1] (spoken_digits: int16 (N, L)
         waveforms) and ``labels`` int32 (N,).
         The arrays are cached per process, shared between calls and read-only. For text, a
-        :class:`dlkit.data.text.TextSource` of (seq_len,) int32 ``inputs`` and ``labels``.
+        :class:`dlkit.data.text.TextSource` of (seq_len,) int32 ``inputs`` and ``labels``
+        (bpe_corpus: its subclass :class:`dlkit.data.bpe.TokenFileSource`).
 
     Raises:
         ValueError: unknown name or split.
@@ -261,6 +267,15 @@ def load_dataset(name, split, *, data_dir=None, path=None, seq_len=256, scale="u
         elif not path:
             raise ValueError("data.path: expected a UTF-8 text file for data.name=text, got none")
         return text.load_text(path, split, seq_len=seq_len)
+    if name == "bpe_corpus":
+        from dlkit.data import bpe
+
+        if not path:
+            raise ValueError(
+                "data.path: expected the directory written by `python -m "
+                "dlkit.data.tokenize_corpus DIR` for data.name=bpe_corpus, got none"
+            )
+        return bpe.load_split(path, split, seq_len=seq_len)
     if name == "arrays":
         return arrays.load_arrays(path, split, scale=scale)
     if name == "arrayrecord":
