@@ -271,6 +271,7 @@ def test_registry_and_errors():
         "fashion_mnist",
         "text",
         "kjv",
+        "bpe_corpus",
         "spoken_digits",
         "arrays",
         "arrayrecord",

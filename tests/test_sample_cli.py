@@ -58,5 +58,5 @@ def test_sample_refuses_a_classifier_run(tmp_path):
     from conftest import tiny_digits_config
 
     dlkit.fit(tiny_digits_config(), tmp_path / "digits")
-    with pytest.raises(ValueError, match="workdir: expected a character language model"):
+    with pytest.raises(ValueError, match="workdir: expected a language model run on text"):
         dlkit.sample(tmp_path / "digits", "a", 5)
