@@ -36,6 +36,7 @@ trained on, even though dlkit's prefetch thread runs ahead. `dlkit.checkpoint` w
 """
 
 import collections
+import functools
 import sys
 import threading
 
@@ -99,13 +100,21 @@ def local_batches(source, batch_size, *, seed, shuffle, process_index, process_c
     `b`, a dict of (batch_size // process_count, ...) arrays plus "mask"; infinitely long."""
     n = len(source)
     local = batch_size // process_count
-    ds = grain.MapDataset.source(source)
+    # The pipeline shuffles and batches example INDICES, and each batch's examples are then
+    # read with one `get_batch` call: a source reads a list of records (ArrayRecord) or rows
+    # (arrays) at once far more cheaply than one element at a time through Grain.
+    ds = grain.MapDataset.range(n)
     if shuffle:
         ds = ds.shuffle(seed=seed)  # epoch e (elements e*n ..) is shuffled with seed + e
     ds = _WholeBatches(ds.repeat(), n, (n // batch_size) * batch_size)
     # Chunk c of `local` rows is rows (c % P) * local .. of global batch c // P.
     ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
-    return ds.map(_with_mask)
+    return ds.map(functools.partial(_read_batch, source))
+
+
+def _read_batch(source, indices) -> dict:
+    """The examples at `indices` of `source`, stacked, plus the loader's "mask"."""
+    return _with_mask(sources.get_batch(source, np.asarray(indices, np.int64)))
 
 
 class GrainLoader:
