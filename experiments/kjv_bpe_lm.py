@@ -24,35 +24,13 @@ from dlkit.data import text
 
 
 def config() -> dlkit.Config:
-    cfg = dlkit.Config(name="kjv_bpe_lm")
+    # kjv_char_lm's model, optimizer and schedule, so the two differ only in the tokens.
+    cfg = dlkit.load_config("kjv_char_lm")
+    cfg.name = "kjv_bpe_lm"
     cfg.data.name = "bpe_corpus"
     cfg.data.path = str(text.cache_dir() / "kjv_bpe")  # python -m dlkit.data.tokenize_corpus
     cfg.data.seq_len = 128  # BPE tokens per example (about 3.7 characters each on the KJV)
     cfg.data.pipeline = "grain"
     cfg.data.grain_workers = 1  # reads and batches beside the step on the second core
-    cfg.model.name = "transformer_lm"
-    cfg.model.options = {
-        "vocab_size": 0,  # from the corpus's manifest.json
-        "num_layers": 4,
-        "num_heads": 4,
-        "d_model": 128,
-        "max_len": 128,
-        "positions": "rotary",
-        "tie_embeddings": True,
-        "dropout_rate": 0.1,
-    }
-    cfg.optim.name = "adamw"
-    cfg.optim.learning_rate = 2e-3
-    cfg.optim.schedule = "warmup_cosine"
-    cfg.optim.warmup_steps = 100
-    cfg.optim.end_learning_rate_factor = 0.1
-    cfg.optim.b2 = 0.99
-    cfg.optim.weight_decay = 0.1
-    cfg.optim.grad_clip_norm = 1.0
-    cfg.train.steps = 3000
-    cfg.train.batch_size = 32
-    cfg.train.eval_batch_size = 64
-    cfg.train.log_every = 100
-    cfg.train.eval_every = 500
-    cfg.checkpoint.every_steps = 500
+    # model.options["vocab_size"] stays 0: it comes from the corpus's manifest.json.
     return cfg
