@@ -68,25 +68,43 @@ def import_grain():
     return grain
 
 
-class _WholeBatches(grain.MapDataset):
-    """The epochs of `parent` (element `e * n + i` is example i of epoch e), each cut to its
-    first `keep` examples and laid end to end: what `Loader(last_batch="drop")` trains on."""
+class _IndexBatches(grain.MapDataset):
+    """Element `b`: the example indices of this process's rows of global batch `b`, an int64
+    array of `local` indices. Global batch `g` holds examples `g * B .. (g+1) * B - 1` of the
+    epochs laid end to end, each epoch cut to its whole batches (`Loader(last_batch="drop")`);
+    epoch `e` visits the examples in Grain's index shuffle with seed `seed + e`, the order of
+    `MapDataset.range(n).shuffle(seed).repeat()`.
 
-    def __init__(self, parent, n: int, keep: int):
-        super().__init__(parent)
-        self._n, self._keep = n, keep
+    One node computes a whole batch of indices: built from Grain's range, shuffle, repeat and
+    batch nodes instead, every index passed through four Python `__getitem__` layers, which
+    cost more CPU per batch than reading its records."""
+
+    def __init__(self, n, batch_size, *, seed, shuffle, process_index, process_count):
+        super().__init__()
+        self._n, self._seed, self._shuffle = n, seed, shuffle
+        self._local = batch_size // process_count
+        self._keep = (n // batch_size) * batch_size
+        self._p, self._count = process_index, process_count
 
     def __len__(self):
         return sys.maxsize
 
     def __str__(self):
-        return f"WholeBatches(n={self._n}, keep={self._keep})"
+        return f"IndexBatches(n={self._n}, local={self._local}, shuffle={self._shuffle})"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        epoch, i = divmod(index, self._keep)
-        return self._parent[epoch * self._n + i]
+        # Chunk c of `local` rows is rows (c % P) * local .. of global batch c // P; a chunk
+        # never straddles two epochs, since `keep` is a multiple of the global batch.
+        first = (index * self._count + self._p) * self._local
+        epoch, row = divmod(first, self._keep)
+        rows = range(row, row + self._local)
+        if self._shuffle:
+            seed = (self._seed + epoch) % MAX_SEED
+            shuffle = grain.experimental.index_shuffle
+            rows = [shuffle(i, max_index=self._n - 1, seed=seed, rounds=4) for i in rows]
+        return np.asarray(rows, np.int64)
 
 
 def _with_mask(batch: dict) -> dict:
@@ -98,17 +116,17 @@ def _with_mask(batch: dict) -> dict:
 def local_batches(source, batch_size, *, seed, shuffle, process_index, process_count):
     """This process's batches as a Grain `MapDataset`: element `b` is its rows of global batch
     `b`, a dict of (batch_size // process_count, ...) arrays plus "mask"; infinitely long."""
-    n = len(source)
-    local = batch_size // process_count
-    # The pipeline shuffles and batches example INDICES, and each batch's examples are then
-    # read with one `get_batch` call: a source reads a list of records (ArrayRecord) or rows
+    # The pipeline computes each batch's example INDICES, and its examples are then read
+    # with one `get_batch` call: a source reads a list of records (ArrayRecord) or rows
     # (arrays) at once far more cheaply than one element at a time through Grain.
-    ds = grain.MapDataset.range(n)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)  # epoch e (elements e*n ..) is shuffled with seed + e
-    ds = _WholeBatches(ds.repeat(), n, (n // batch_size) * batch_size)
-    # Chunk c of `local` rows is rows (c % P) * local .. of global batch c // P.
-    ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+    ds = _IndexBatches(
+        len(source),
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        process_index=process_index,
+        process_count=process_count,
+    )
     return ds.map(functools.partial(_read_batch, source))
 
 
