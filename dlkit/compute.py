@@ -100,6 +100,10 @@ def cache_dir() -> pathlib.Path | None:
     return pathlib.Path(base) / "dlkit"
 
 
+# Peaks this process measured, by matmul size.
+_measured: dict[int, float] = {}
+
+
 @functools.cache
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     """The host's float32 matmul FLOP/s (best of `repeats` (n, n) @ (n, n) products).
@@ -109,14 +113,13 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     `cache_dir()/cpu_peak_flops.json`, keyed by CPU model, core count and JAX version, so
     later runs start without it; DLKIT_CPU_PEAK_FLOPS pins the figure.
     """
-    if os.environ.get("DLKIT_CPU_PEAK_FLOPS"):
-        return float(os.environ["DLKIT_CPU_PEAK_FLOPS"])
-    path = cache_dir() / "cpu_peak_flops.json" if cache_dir() else None
-    key = f"{_cpu_model()}|{os.cpu_count()}|jax {jax.__version__}|n={n}"
+    known = stored_cpu_peak_flops(n)
+    if known is not None:
+        return known
+    path, key = _peak_cache(n)
     stored = _read_json(path)
-    if isinstance(stored.get(key), float):
-        return stored[key]
     peak = _matmul_flops(n, repeats)
+    _measured[n] = peak
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +129,24 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
         except OSError:
             pass  # a read-only home only costs the measurement again next time
     return peak
+
+
+def stored_cpu_peak_flops(n: int = 1024) -> float | None:
+    """The host's peak as `measure_cpu_peak_flops` would return it, if that needs no
+    measurement (DLKIT_CPU_PEAK_FLOPS, or stored in the cache); otherwise None."""
+    if os.environ.get("DLKIT_CPU_PEAK_FLOPS"):
+        return float(os.environ["DLKIT_CPU_PEAK_FLOPS"])
+    if n in _measured:  # this process measured it (with no cache directory to store it in)
+        return _measured[n]
+    path, key = _peak_cache(n)
+    stored = _read_json(path).get(key)
+    return stored if isinstance(stored, float) else None
+
+
+def _peak_cache(n: int) -> tuple[pathlib.Path | None, str]:
+    """The cache file of measured peaks and this host's key in it."""
+    path = cache_dir() / "cpu_peak_flops.json" if cache_dir() else None
+    return path, f"{_cpu_model()}|{os.cpu_count()}|jax {jax.__version__}|n={n}"
 
 
 def _matmul_flops(n: int, repeats: int) -> float:
@@ -194,8 +215,9 @@ def _first(x):
 def analyze(compiled, devices, compute_dtype="bfloat16") -> dict[str, Any]:
     """FLOPs and memory of a compiled step (a `jax.stages.Compiled`).
 
-    On CPU the peak is left None here and measured by `perf_metrics` at the first logged
-    row (`peak_measured` is True), so start-up does not wait for a matmul benchmark.
+    On CPU the peak is left None here and measured by `perf_metrics` at the second logged
+    row (`peak_measured` is True; the first row uses it only if it is stored), so neither
+    start-up nor the first row waits for a matmul benchmark.
 
     Args:
       compiled: the compiled step, e.g. `jax.jit(f).lower(*args).compile()`.
@@ -212,7 +234,7 @@ def analyze(compiled, devices, compute_dtype="bfloat16") -> dict[str, Any]:
     n = len(devices)
     measured = devices[0].platform == "cpu"
     if measured:
-        peak, source = None, "a measured float32 matmul per host, read at the first logged row"
+        peak, source = None, "a measured float32 matmul per host, from the second logged row"
     else:
         peak, source = peak_flops_per_s(devices, compute_dtype)
     report: dict[str, Any] = {
@@ -264,6 +286,7 @@ def perf_metrics(
     steps_per_s: float,
     examples_per_step: int = 0,
     tokens_per_example: int = 0,
+    measure_peak: bool = True,
 ) -> dict[str, float]:
     """`perf/...` metrics for a logging interval.
 
@@ -272,7 +295,8 @@ def perf_metrics(
     sheet peak (absent where none is known); on CPU `perf/mfu_vs_measured_peak` against the
     measured matmul peak, which is raised to any rate the run itself achieved, so it never
     exceeds 1 (XLA's FLOP count can include work a hand matmul does not, e.g. fused
-    elementwise ops, so a run can beat the matmul).
+    elementwise ops, so a run can beat the matmul). With `measure_peak=False` a CPU peak that
+    is not known yet is not measured, and the measured-peak MFU is left out.
     """
     achieved = report["flops_per_step"] * steps_per_s
     out = {"perf/flops_per_s": achieved}
@@ -281,7 +305,12 @@ def perf_metrics(
         if tokens_per_example:
             out["perf/tokens_per_s"] = examples_per_step * tokens_per_example * steps_per_s
     if report.get("peak_measured"):
-        peak = report.get("peak_flops_per_s") or (measure_cpu_peak_flops() * report.get("hosts", 1))
+        peak = report.get("peak_flops_per_s")
+        if not peak:
+            host_peak = measure_cpu_peak_flops() if measure_peak else stored_cpu_peak_flops()
+            if host_peak is None:
+                return out
+            peak = host_peak * report.get("hosts", 1)
         if achieved > peak:
             report["peak_source"] = "measured: the highest of a float32 matmul and this run"
         report["peak_flops_per_s"] = max(peak, achieved)
@@ -487,6 +516,7 @@ __all__ = [
     "flops_per_device_of",
     "format_report",
     "measure_cpu_peak_flops",
+    "stored_cpu_peak_flops",
     "memory_of",
     "peak_flops_per_s",
     "perf_metrics",

@@ -112,6 +112,7 @@ class RowLog:
         self.interval_steps = 0
         self.paused = 0.0  # seconds of the interval spent on evals and checkpoints
         self._deferred: tuple[int, Any, Any, int] | None = None
+        self.rows_read = 0
 
     def count(self, steps: int) -> None:
         """`steps` more optimizer steps were queued in this interval."""
@@ -174,8 +175,12 @@ class RowLog:
                 row["perf/steps_per_s"],
                 examples_per_step=self.cfg.train.batch_size,
                 tokens_per_example=self.cfg.data.seq_len if text else 0,
+                # A first run on a machine measures the CPU peak at the second row, not at
+                # the first: the first row is part of start-up.
+                measure_peak=self.rows_read > 0,
             )
         )
+        self.rows_read += 1
         self.bar.show(loss=row["train/loss"])
         self.interval_start, self.paused = time.perf_counter(), 0.0
         return row

@@ -44,8 +44,9 @@ def test_memory_analysis_covers_the_state(one_device_run):
 def test_perf_metrics_are_logged(one_device_run):
     report = one_device_run.compute_report
     rows = [r for r in one_device_run.history if "perf/steps_per_s" in r]
-    assert rows
-    for r in rows:
+    assert len(rows) > 1
+    # The first row has the measured-peak MFU only if the peak was stored before the run.
+    for r in rows if "perf/mfu_vs_measured_peak" in rows[0] else rows[1:]:
         assert r["perf/flops_per_s"] == pytest.approx(
             report["flops_per_step"] * r["perf/steps_per_s"]
         )
@@ -222,6 +223,26 @@ def test_default_caches_go_to_the_user_cache_dir(tmp_path, monkeypatch):
     assert compute.cache_dir() == tmp_path / "xdg" / "dlkit"
 
 
+def test_first_row_does_not_measure_the_cpu_peak(tmp_path, monkeypatch):
+    # A first run on a machine: nothing stored, nothing measured in this process yet.
+    monkeypatch.setenv("DLKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DLKIT_CPU_PEAK_FLOPS", raising=False)
+    monkeypatch.setattr(compute, "_measured", {})
+    compute.measure_cpu_peak_flops.cache_clear()
+    calls = []
+    monkeypatch.setattr(compute, "_matmul_flops", lambda n, r: calls.append(n) or 4e9)
+    report = {"flops_per_step": 1e9, "peak_flops_per_s": None, "peak_measured": True}
+    first = compute.perf_metrics(dict(report), steps_per_s=1.0, measure_peak=False)
+    assert first == {"perf/flops_per_s": 1e9} and calls == []  # no MFU, no matmul
+    second = compute.perf_metrics(dict(report), steps_per_s=1.0)
+    assert second["perf/mfu_vs_measured_peak"] == 0.25 and calls == [1024]
+    # Once measured (and stored), a first row has it without measuring again.
+    monkeypatch.setattr(compute, "_measured", {})
+    third = compute.perf_metrics(dict(report), steps_per_s=2.0, measure_peak=False)
+    assert third["perf/mfu_vs_measured_peak"] == 0.5 and calls == [1024]
+    compute.measure_cpu_peak_flops.cache_clear()
+
+
 def test_cpu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("DLKIT_CACHE_DIR", str(tmp_path))
     measure = compute.measure_cpu_peak_flops.__wrapped__  # past the per-process cache
@@ -230,6 +251,7 @@ def test_cpu_peak_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert list(stored.values()) == [peak]
     # A later process reads the stored figure instead of measuring again.
     (tmp_path / "cpu_peak_flops.json").write_text(json.dumps({k: 1.5e9 for k in stored}))
+    monkeypatch.setattr(compute, "_measured", {})  # what this process measured
     assert measure(n=64, repeats=1) == 1.5e9
 
 
