@@ -144,6 +144,60 @@ def test_arrayrecord_files_hold_the_examples_and_bad_files_are_named(tmp_path):
         arrayrecord.ArrayRecordSource([bad])
 
 
+def test_a_batch_read_at_once_equals_its_records_decoded_one_by_one(tmp_path, monkeypatch):
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    n = 12
+    examples = {
+        "inputs": rng.integers(0, 255, (n, 5, 4, 3), dtype=np.uint8),
+        "labels": np.arange(n, dtype=np.int64),
+        "weights": rng.standard_normal((n, 7)).astype(np.float32),
+        "half": rng.standard_normal((n, 2)).astype(ml_dtypes.bfloat16),
+        "flags": rng.random(n) < 0.5,
+    }
+    examples["weights"][3, 1] = np.nan
+    arrayrecord.write_split(str(tmp_path / "same"), "train", examples)
+    # Records whose layouts differ: record 4's label is 4 uint8s, the others' one int32 (records
+    # of the same length that differ outside the arrays' data), and inputs of two lengths.
+    mixed = [
+        {"inputs": np.full((2 + i % 2,), i, np.uint8), "labels": np.asarray([i], np.int32)}
+        for i in range(6)
+    ]
+    mixed[4]["labels"] = np.full((4,), 4, np.uint8)
+    arrayrecord.write_file(str(tmp_path / "mixed.array_record"), mixed)
+
+    def one_by_one(src, idx):
+        return [src[int(i)] for i in idx]
+
+    src = arrayrecord.load_split(str(tmp_path / "same"), "train")
+    idx = np.array([7, 0, 11, 3, 3, 5])
+    batch = src.get_batch(idx)
+    for key, value in batch.items():
+        assert value.dtype == examples[key].dtype and value.shape == (6,) + examples[key].shape[1:]
+        np.testing.assert_array_equal(value, np.stack([ex[key] for ex in one_by_one(src, idx)]))
+        np.testing.assert_array_equal(value, examples[key][idx])
+    assert len(src._layouts) == 1 and None not in src._layouts.values()  # read at once
+    # The record-by-record path is taken whenever a record differs from the first one's layout.
+    decoded = []
+    real_decode = arrayrecord.ArrayRecordSource._decode
+    monkeypatch.setattr(
+        arrayrecord.ArrayRecordSource,
+        "_decode",
+        lambda self, r, i: decoded.append(i) or real_decode(self, r, i),
+    )
+    odd = arrayrecord.ArrayRecordSource([str(tmp_path / "mixed.array_record")])
+    same_length = odd.get_batch(np.array([0, 2]))  # both int32 labels, 2 inputs
+    np.testing.assert_array_equal(same_length["labels"], [[0], [2]])
+    assert same_length["labels"].dtype == np.int32
+    decoded.clear()
+    with pytest.raises(ValueError, match="same shape"):  # record 4: one by one, as before
+        odd.get_batch(np.array([2, 4]))
+    assert decoded == [2, 4]
+    with pytest.raises(ValueError, match="same shape"):  # inputs of 2 and 3 bytes
+        odd.get_batch(np.array([0, 1]))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
