@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 from etils import epath
-from orbax.checkpoint import path as ocp_path
 
 from dlkit import finite_json, storage
 
@@ -295,6 +294,8 @@ def temporary_path_class(on_commit, *, commit_file: bool = False):
       commit_file: the storage has no rename (a bucket): Orbax's commit-file protocol, the one
         Orbax itself picks for `gs://`.
     """
+    from orbax.checkpoint import path as ocp_path  # see store.orbax: imported when first used
+
     atomicity = ocp_path.atomicity
     base = atomicity.CommitFileTemporaryPath if commit_file else atomicity.AtomicRenameTemporaryPath
 

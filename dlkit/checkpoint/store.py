@@ -21,23 +21,36 @@ weights). Integrity does not rely on TensorStore: dlkit's manifest covers every 
 (`dlkit.checkpoint.commit`).
 """
 
+from __future__ import annotations
+
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from dlkit.checkpoint import commit
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 STATE, DATA, CONFIG, GRAIN = "state", "data", "config", "grain"
 STATE_OPTIONS = {"use_ocdbt": False, "use_zarr3": True, "use_compression": False}
 _PYTREE_METADATA = "_METADATA"  # the file that makes a directory an Orbax PyTree item
 
 
+def orbax():
+    """`orbax.checkpoint`, imported at the first save or restore rather than with dlkit: the
+    import is a large share of a short run's start-up, and a run that only trains before
+    its first save never needs it earlier."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
+
+
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    return ocp.PyTreeCheckpointHandler(**STATE_OPTIONS)
+    return orbax().PyTreeCheckpointHandler(**STATE_OPTIONS)
 
 
 class _IteratorState:
@@ -65,6 +78,7 @@ def make_saver(
     Returns:
       the checkpointer; its `save(step_dir, args=...)` is called by `save` below.
     """
+    ocp = orbax()
     handlers = {
         STATE: _state_handler(),
         DATA: ocp.JsonCheckpointHandler(),
@@ -95,6 +109,7 @@ def save(
       data_state: None, or the Grain pipeline's {"start": int, "iterator": state} of this
         process (`GrainLoader.state_at`).
     """
+    ocp = orbax()
     data = {"position": int(data_position)}
     items = {STATE: ocp.args.PyTreeSave(state), CONFIG: ocp.args.JsonSave(config)}
     if data_state is not None:
@@ -188,6 +203,7 @@ def restore_state(path: epath.Path, abstract_state):
     Returns:
       the state, `abstract_state`'s structure, jax.Arrays on the target shardings.
     """
+    ocp = orbax()
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
     args = ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
     return _state_handler().restore(path, args=args)
@@ -195,6 +211,7 @@ def restore_state(path: epath.Path, abstract_state):
 
 def restore_numpy(path: epath.Path) -> Any:
     """Reads a whole state item into host memory, in its saved structure (numpy leaves)."""
+    ocp = orbax()
     meta = saved_tree(path)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
     return _state_handler().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
@@ -202,6 +219,7 @@ def restore_numpy(path: epath.Path) -> Any:
 
 def read_json_item(step_dir: epath.Path, name: str) -> dict | None:
     """The JSON item `name` ("data" or "config") of a step, or None if it has none."""
+    ocp = orbax()
     path = step_dir / name
     if not path.is_dir():
         return None
