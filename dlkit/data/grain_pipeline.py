@@ -15,7 +15,8 @@ worker processes, each process reading only the examples it trains on, resumable
 
 The batches are the in-memory `Loader`'s contract: global batch `b` holds `batch_size`
 examples, epoch `e` visits the examples in a shuffled order drawn from `seed + e` (Grain's
-`MapDataset.shuffle` with `repeat`), each epoch's incomplete last batch is skipped
+`index_shuffle`, the order of `MapDataset.shuffle` with `repeat`), each epoch's incomplete
+last batch is skipped
 ("drop"), and process `p` of `P` gets rows `p*B/P .. (p+1)*B/P - 1` of every global batch. So
 P processes together feed the same global batches as one process, and each process reads
 only its rows (never the whole dataset). The order is Grain's index shuffle, computed per
