@@ -6,10 +6,11 @@ Command:   python -m dlkit.data.tokenize_corpus ~/.cache/dlkit/kjv_bpe     # onc
            dlkit sample WORKDIR --prompt "And God said" --length 64     # 64 BPE tokens
 Hardware:  2 CPU cores (sized for them: the char-level kjv_char_lm's Transformer with a 4096-token
            tied embedding, 1.32M params).
-Runtime:   not measured for the full 3000 steps; see docs/data.md ("A BPE corpus through Grain")
-           for the shortened run that was measured and its command.
-Result:    not measured for the full 3000 steps (docs/data.md gives the shortened run's loss).
-           Losses are nats per BPE token, not comparable with kjv_char_lm's nats per character.
+Runtime:   33 min 39 s wall for the 3000 steps (1.5-1.7 steps/s), evals and checkpoints
+           included, on 2 CPU cores with nothing else running.
+Result:    held-out loss 4.0591 nats per BPE token, next-token accuracy 28.33% at step 3000
+           (chance: ln 4096 = 8.32); train loss 3.40. Seed 0. Losses are nats per BPE token,
+           not comparable with kjv_char_lm's nats per character (docs/data.md, "Measured").
 Data:      `python -m dlkit.data.tokenize_corpus DIR` (dlkit.data.tokenize_corpus): the KJV
            (Debian `bible-kjv` + `bible-kjv-text`), the fortune cookies (`fortunes`) and the
            licence texts of /usr/share/common-licenses (`base-files`), 58 files, 7.3 MB; a
