@@ -22,7 +22,6 @@ memory analysis: no step runs, so nothing runs out of memory while searching.
 `enable_compilation_cache(dir)` turns on JAX's persistent compilation cache.
 """
 
-import functools
 import json
 import os
 import pathlib
@@ -100,11 +99,11 @@ def cache_dir() -> pathlib.Path | None:
     return pathlib.Path(base) / "dlkit"
 
 
-# Peaks this process measured, by matmul size.
+# Peaks this process measured, by matmul size: the per-process record that lets a later call
+# (or `stored_cpu_peak_flops`) skip the matmul when there is no cache directory to store it in.
 _measured: dict[int, float] = {}
 
 
-@functools.cache
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     """The host's float32 matmul FLOP/s (best of `repeats` (n, n) @ (n, n) products).
 
