@@ -16,11 +16,11 @@ worker processes, each process reading only the examples it trains on, resumable
 The batches are the in-memory `Loader`'s contract: global batch `b` holds `batch_size`
 examples, epoch `e` visits the examples in a shuffled order drawn from `seed + e` (Grain's
 `index_shuffle`, the order of `MapDataset.shuffle` with `repeat`), each epoch's incomplete
-last batch is skipped
-("drop"), and process `p` of `P` gets rows `p*B/P .. (p+1)*B/P - 1` of every global batch. So
-P processes together feed the same global batches as one process, and each process reads
-only its rows (never the whole dataset). The order is Grain's index shuffle, computed per
-example without materialising a permutation, so it differs from `Loader`'s numpy order.
+last batch is skipped ("drop"), and process `p` of `P` gets rows `p*B/P .. (p+1)*B/P - 1` of
+every global batch. So P processes together feed the same global batches as one process,
+and each process reads only its rows (never the whole dataset). The order is Grain's index
+shuffle, computed per example without materialising a permutation, so it differs from
+`Loader`'s numpy order.
 
 Worker processes (`workers` > 0) are Grain's `mp_prefetch`: each worker reads and stacks whole
 batches; the batches come out in the same order for any number of workers.
