@@ -11,6 +11,8 @@ import concurrent.futures  # noqa: F401
 import threading
 import weakref
 
+from dlkit.checkpoint import writer
+
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -24,8 +26,12 @@ def forget(checkpointer) -> None:
 
 
 def _close_open_checkpointers() -> None:
-    for checkpointer in list(_OPEN):
-        checkpointer.close()
+    try:
+        for checkpointer in list(_OPEN):
+            checkpointer.close()
+    finally:
+        # After the checkpointers: closing one may still queue a removal in the writer.
+        writer.stop()
 
 
 # Orbax finishes async saves on concurrent.futures threads, and concurrent.futures refuses new
