@@ -247,7 +247,8 @@ class _Child:
                         proc = self._start()
                     _write_frame(proc.stdin, message)
                     job.error = _recv(proc.stdout).get("error")
-                except (OSError, EOFError, ValueError) as e:  # the pipe broke: a new child next
+                except Exception as e:  # noqa: BLE001 - the pipe broke, or a garbled reply:
+                    # this child is done for, and the next save starts a new one
                     code = proc.poll() if proc is not None else None
                     state = f"exited with code {code}" if code is not None else "stopped answering"
                     job.error = f"{type(e).__name__}: {e} (the checkpoint writer process {state})"
@@ -325,7 +326,8 @@ class ProcessWriter:
         self._removals = []
 
     def check_for_errors(self) -> None:
-        """Raises the finished save's error (an OSError-like RuntimeError), if any."""
+        """Raises the finished save's error, if any: a RuntimeError whose message starts with
+        the type and message of the error in the writer (e.g. "OSError: [Errno 28] ...")."""
         job = self._job
         if job is not None and job.done.is_set() and job.error is not None:
             self._job = None
