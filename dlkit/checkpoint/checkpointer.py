@@ -76,8 +76,8 @@ class Checkpointer:
                 f"checkpoint.async_writer: expected one of {ASYNC_WRITERS}, got {async_writer!r}"
             )
         self.directory = storage.resolve(directory, "checkpoint directory")
-        in_child = writer.usable(self.directory)
-        if async_writer == "process" and not in_child:
+        writer_usable = writer.usable(self.directory)
+        if async_writer == "process" and not writer_usable:
             raise ValueError(
                 "checkpoint.async_writer: 'process' needs the CPU backend, one JAX process and a "
                 f"local directory; got backend {jax.default_backend()!r}, "
@@ -106,7 +106,7 @@ class Checkpointer:
         self._saver_grain = False  # whether the saver writes the "grain" item
         self._process_writer = (
             writer.ProcessWriter()
-            if self.async_save and async_writer in ("auto", "process") and in_child
+            if self.async_save and async_writer in ("auto", "process") and writer_usable
             else None
         )
         self._active = None  # whichever of the two holds the save in flight
