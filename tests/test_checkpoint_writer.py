@@ -131,6 +131,12 @@ def test_a_writer_killed_mid_save_fails_that_save_and_the_next_starts_a_new_one(
         ckpt.wait()
         child = _writer_process()
         ckpt.save(2, big, data_position=2)
+        # Kill it once Orbax is writing step 2 (killed before it has the job, the writer is
+        # replaced and nothing is lost: the next test).
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("2.orbax-checkpoint-tmp*")):
+            assert time.monotonic() < deadline, "the writer never started step 2"
+            time.sleep(0.001)
         child.kill()
         with pytest.raises(dlkit.checkpoint.CheckpointError, match="step 2.*writer process"):
             ckpt.wait()
