@@ -361,7 +361,8 @@ def _forget_after_fork() -> None:
     _CHILD, _CHILD_LOCK = None, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere `usable` is False anyway
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 # ---- the child's side -------------------------------------------------------------------------
