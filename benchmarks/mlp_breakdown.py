@@ -8,10 +8,7 @@ One process, alternating rounds, medians (steps/s and the ratio to the first row
 - `fit, no checkpoints`: `dlkit.fit` with its loader, prefetch, progress bar and a logged row
   every 100 steps, checkpoints only at the end (outside the window);
 - `fit, checkpoints every 500`: the same with async checkpoints every 500 steps, as
-  `benchmarks.run`'s `dlkit` contender (on the CPU backend Orbax writes them in dlkit's
-  writer process, `checkpoint.async_writer=auto`);
-- `fit, checkpoints every 500, in process`: the same with `checkpoint.async_writer=inprocess`
-  (Orbax's AsyncCheckpointer in the training process).
+  `benchmarks.run`'s `dlkit` contender.
 Steady state only: timed between two logged rows of `fit` (`on_row`), after warm-up.
 """
 
@@ -39,7 +36,7 @@ def _digits():
     return (d.images / 16.0).astype(np.float32)[..., None], d.target.astype(np.int32)
 
 
-def _config(k: int, every: int, writer: str = "auto") -> dlkit.Config:
+def _config(k: int, every: int) -> dlkit.Config:
     cfg = dlkit.Config(name="bench_mlp")
     cfg.model.name = "mlp"
     cfg.model.options = {"hidden_sizes": (256, 256), "dropout_rate": 0.0, "num_classes": 10}
@@ -51,7 +48,6 @@ def _config(k: int, every: int, writer: str = "auto") -> dlkit.Config:
     cfg.train.steps = WARMUP + STEPS + 100
     cfg.data.validate = "off"
     cfg.checkpoint.every_steps = every
-    cfg.checkpoint.async_writer = writer
     if k > 1:
         cfg.train.steps_per_dispatch = k
     return cfg
@@ -112,11 +108,11 @@ def main() -> None:
         def on_row(self, run, row):
             self.times[row["step"]] = time.perf_counter()
 
-    def fit(every: int, writer: str = "auto") -> float:
+    def fit(every: int) -> float:
         times = RowTimes()
         with tempfile.TemporaryDirectory() as workdir:
             dlkit.fit(
-                _config(k, every, writer),
+                _config(k, every),
                 workdir,
                 train_source=source,
                 eval_source=source,
@@ -130,7 +126,6 @@ def main() -> None:
         "dlkit step": dlkit_step,
         "fit, no checkpoints": lambda: fit(0),
         "fit, checkpoints every 500": lambda: fit(500),
-        "fit, checkpoints every 500, in process": lambda: fit(500, "inprocess"),
     }
     fit(0)  # imports and caches
     results: dict[str, list[float]] = {name: [] for name in contenders}

@@ -43,9 +43,6 @@ LABELS = {
     "dlkit": "dlkit.fit",
     "dlkit_k": "dlkit.fit, train.steps_per_dispatch=K",
     "dlkit_matmul_grad": "dlkit.fit, model.conv_impl=matmul_grad",
-    # Not run by default: the checkpoint writer's A/B (`checkpoint.async_writer=inprocess`).
-    "dlkit_inprocess": "dlkit.fit, checkpoint.async_writer=inprocess",
-    "dlkit_k_inprocess": "dlkit.fit, steps_per_dispatch=K, async_writer=inprocess",
     "torch": "PyTorch eager CPU (2 threads)",
     "keras_jax": "Keras 3 fit (JAX backend)",
 }

@@ -137,7 +137,7 @@ def jax_worker(model, x, y, scan_k=0):
 # dlkit: `dlkit.fit` end to end.
 
 
-def dlkit_worker(model, x, y, steps_per_dispatch=1, conv_impl="", async_writer="auto"):
+def dlkit_worker(model, x, y, steps_per_dispatch=1, conv_impl=""):
     import dlkit
     import dlkit.data
 
@@ -170,7 +170,6 @@ def dlkit_worker(model, x, y, steps_per_dispatch=1, conv_impl="", async_writer="
         cfg.train.steps = warmup + steps + log_every
         cfg.checkpoint.every_steps = ckpt_every
         cfg.checkpoint.async_save = True
-        cfg.checkpoint.async_writer = async_writer
         cfg.data.validate = "off"
         if steps_per_dispatch > 1:
             cfg.train.steps_per_dispatch = steps_per_dispatch
@@ -320,10 +319,6 @@ CONTENDERS = {
         m, x, y, int(os.environ["BENCH_K"]), os.environ.get("BENCH_CONV", "")
     ),
     "dlkit_matmul_grad": lambda m, x, y: dlkit_worker(m, x, y, conv_impl="matmul_grad"),
-    "dlkit_inprocess": lambda m, x, y: dlkit_worker(m, x, y, async_writer="inprocess"),
-    "dlkit_k_inprocess": lambda m, x, y: dlkit_worker(
-        m, x, y, int(os.environ["BENCH_K"]), async_writer="inprocess"
-    ),
     "torch": torch_worker,
     "keras_jax": keras_worker,
 }

@@ -264,7 +264,6 @@ def _open_checkpointer(
         best_metric=cfg.checkpoint.best_metric,
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
-        async_writer=cfg.checkpoint.async_writer,
         log=log,
     )
     return resources.enter_context(ckpt)

@@ -247,11 +247,7 @@ def test_retention_removes_old_steps_off_the_loop_and_close_leaves_no_trash(
         real_rmtree(self, *args, **kwargs)
 
     state = {"w": jnp.arange(1024.0)}
-    # In this process, where the test can hold the removal (the writer process has its own
-    # test in test_checkpoint_writer.py).
-    ckpt = dlkit.Checkpointer(
-        tmp_path, max_to_keep=1, async_save=async_save, async_writer="inprocess"
-    )
+    ckpt = dlkit.Checkpointer(tmp_path, max_to_keep=1, async_save=async_save)
     monkeypatch.setattr(path_class, "rmtree", held_rmtree)
     for step in (1, 2, 3):
         ckpt.save(step, state, data_position=step)  # returns while the removal is held
@@ -297,11 +293,7 @@ def test_a_failed_async_save_is_raised_by_the_next_call_and_keeps_older_steps(
     from dlkit.checkpoint import commit
 
     state = {"w": jnp.arange(12.0)}
-    # Orbax in this process, where the failures are patched in (the writer process:
-    # test_checkpoint_writer.py).
-    with dlkit.Checkpointer(
-        tmp_path, async_save=True, async_writer="inprocess", log=lambda s: None
-    ) as ckpt:
+    with dlkit.Checkpointer(tmp_path, async_save=True, log=lambda s: None) as ckpt:
         ckpt.save(1, state, data_position=1)
         ckpt.wait()
 

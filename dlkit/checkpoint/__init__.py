@@ -16,7 +16,6 @@ Parts:
 - `retention`: which steps stay, crash-safe deletion, quarantine, cleaning leftovers.
 - `store`: writing and reading the Orbax items.
 - `checkpointer`: `Checkpointer`, which ties them together.
-- `writer`: on the CPU backend with one process, async saves run Orbax in a helper process.
 - `init_from`: initialising a new run's params from another run or tool (fine-tuning).
 - `exit_hook`: closes checkpointers left open when the interpreter exits, so no save is lost.
 """

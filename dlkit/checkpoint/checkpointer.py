@@ -13,9 +13,6 @@ A step another tool wrote (plain Orbax: no manifest, no dlkit mark) is never qua
 restored if it fits (its bytes cannot be verified, which is said), and otherwise `restore` raises
 CheckpointError naming the step and what is missing, so a run never silently starts over.
 
-On the CPU backend with one process, async saves run Orbax in a helper process (`writer`): the
-same files, without Orbax's Python holding the GIL that the training loop needs.
-
 Every exit path waits for pending saves: `close()` (called by `fit` in a `finally`), and a hook
 for checkpointers a user forgot to close.
 """
@@ -27,9 +24,7 @@ import jax
 from etils import epath
 
 from dlkit import storage
-from dlkit.checkpoint import commit, exit_hook, retention, store, writer
-
-ASYNC_WRITERS = ("auto", "process", "inprocess")
+from dlkit.checkpoint import commit, exit_hook, retention, store
 
 
 class Checkpointer:
@@ -43,10 +38,6 @@ class Checkpointer:
       best_metric: the metric (passed to `save`) that ranks steps, e.g. "eval/loss".
       best_mode: "min" or "max".
       async_save: Orbax writes in the background (`save` returns once the arrays are copied).
-      async_writer: where an async save runs Orbax: "process" (a helper process, see
-        `dlkit.checkpoint.writer`; CPU backend, one JAX process, local directory only),
-        "inprocess" (Orbax's AsyncCheckpointer in this process), or "auto" (process where it
-        can, else inprocess).
       read_only: only read (e.g. `dlkit eval` while a run is training in the same workdir):
         no cleaning, no retention, corrupt steps are skipped but not moved.
       log: where messages about cleaned, rejected or foreign steps go (default: print).
@@ -61,7 +52,6 @@ class Checkpointer:
         best_metric: str = "eval/loss",
         best_mode: str = "min",
         async_save: bool = True,
-        async_writer: str = "auto",
         read_only: bool = False,
         log=None,
     ):
@@ -71,18 +61,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint.keep_best: expected an int >= 0, got {keep_best}")
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode: expected min | max, got {best_mode!r}")
-        if async_writer not in ASYNC_WRITERS:
-            raise ValueError(
-                f"checkpoint.async_writer: expected one of {ASYNC_WRITERS}, got {async_writer!r}"
-            )
         self.directory = storage.resolve(directory, "checkpoint directory")
-        writer_usable = writer.usable(self.directory)
-        if async_writer == "process" and not writer_usable:
-            raise ValueError(
-                "checkpoint.async_writer: 'process' needs the CPU backend, one JAX process and a "
-                f"local directory; got backend {jax.default_backend()!r}, "
-                f"{jax.process_count()} processes, directory {self.directory}"
-            )
         # A bucket has no rename: Orbax's commit marker alone publishes a step there.
         self._commit_file = storage.is_object_store(self.directory)
         self.max_to_keep = max_to_keep
@@ -104,15 +83,7 @@ class Checkpointer:
             retention.clean_leftovers(self.directory, self._log, commit_file=self._commit_file)
         self._saver = None  # built on the first save: a reader never needs Orbax's threads
         self._saver_grain = False  # whether the saver writes the "grain" item
-        self._process_writer = (
-            writer.ProcessWriter()
-            if self.async_save and async_writer in ("auto", "process") and writer_usable
-            else None
-        )
-        self._active = None  # whichever of the two holds the save in flight
-        self._trash = retention.Trash(
-            self.directory, commit_file=self._commit_file, remover=self._process_writer
-        )
+        self._trash = retention.Trash(self.directory, commit_file=self._commit_file)
         self._closed = False
         self.restored_step: int | None = None  # the step `restore` read last
         exit_hook.register(self)
@@ -264,51 +235,33 @@ class Checkpointer:
                     f"step {step}: a checkpoint with this step already exists in {self.directory}"
                 )
             step_dir.rmtree(missing_ok=True)  # left uncommitted by a failed save
+        if self._saver is not None and data_state is not None and not self._saver_grain:
+            self._saver.close()  # built without the "grain" item's handler
+            self._saver = None
+        if self._saver is None:
+            self._saver_grain = data_state is not None
+            self._saver = store.make_saver(
+                async_save=self.async_save,
+                on_commit=self._before_publish,
+                commit_file=self._commit_file,
+                grain=data_state is not None,
+            )
         self._pending = (step, dict(metrics or {}))
         try:
-            payload = writer.encode(state) if self._process_writer is not None else None
-            if payload is not None:
-                self._active = self._process_writer
-                self._process_writer.save(
-                    step_dir,
-                    payload,
-                    data_position=data_position,
-                    config=config or {},
-                    data_state=data_state,
-                    metrics=self._pending[1],
-                )
-            else:
-                self._active = self._orbax_saver(grain=data_state is not None)
-                store.save(
-                    self._active,
-                    step_dir,
-                    state,
-                    data_position=data_position,
-                    config=config or {},
-                    data_state=data_state,
-                )
+            store.save(
+                self._saver,
+                step_dir,
+                state,
+                data_position=data_position,
+                config=config or {},
+                data_state=data_state,
+            )
         except BaseException:
             self._pending = None
             raise
         if not self.async_save:
             self._pending = None
             self._apply_retention()
-
-    def _orbax_saver(self, *, grain: bool):
-        """Orbax's checkpointer in this process, built at its first use (a reader never starts
-        Orbax's threads) and again when a Grain item first appears."""
-        if self._saver is not None and grain and not self._saver_grain:
-            self._saver.close()  # built without the "grain" item's handler
-            self._saver = None
-        if self._saver is None:
-            self._saver_grain = grain
-            self._saver = store.make_saver(
-                async_save=self.async_save,
-                on_commit=self._before_publish,
-                commit_file=self._commit_file,
-                grain=grain,
-            )
-        return self._saver
 
     def saving(self) -> bool:
         """True while an async save is being written (not yet committed)."""
@@ -317,7 +270,7 @@ class Checkpointer:
         if (self.directory / str(self._pending[0]) / commit.COMMIT_MARKER).exists():
             return False
         try:
-            self._active.check_for_errors()
+            self._saver.check_for_errors()
         except Exception:  # noqa: BLE001 - `wait` raises it
             return False
         return True
@@ -332,7 +285,7 @@ class Checkpointer:
         if self._pending is not None and self.async_save:
             step = self._pending[0]
             try:
-                self._active.wait_until_finished()
+                self._saver.wait_until_finished()
             except Exception as e:
                 raise commit.CheckpointError(
                     f"async save of step {step} to {self.directory} failed: {type(e).__name__}: {e}"
@@ -448,8 +401,6 @@ class Checkpointer:
             self._trash.wait()
             if self._saver is not None:
                 self._saver.close()
-            if self._process_writer is not None:
-                self._process_writer.close()
             exit_hook.forget(self)
 
     def __enter__(self) -> "Checkpointer":

@@ -11,8 +11,6 @@ import concurrent.futures  # noqa: F401
 import threading
 import weakref
 
-from dlkit.checkpoint import writer
-
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -26,12 +24,8 @@ def forget(checkpointer) -> None:
 
 
 def _close_open_checkpointers() -> None:
-    try:
-        for checkpointer in list(_OPEN):
-            checkpointer.close()
-    finally:
-        # After the checkpointers: closing one may still queue a removal in the writer.
-        writer.stop()
+    for checkpointer in list(_OPEN):
+        checkpointer.close()
 
 
 # Orbax finishes async saves on concurrent.futures threads, and concurrent.futures refuses new

@@ -169,15 +169,11 @@ class Trash:
       directory: the checkpoint directory.
       commit_file: a bucket, where a rename copies every object: the step's commit marker is
         deleted now instead, which unlists it as the rename would.
-      remover: removes a renamed step elsewhere (the checkpoint writer process, see
-        `dlkit.checkpoint.writer`): `remover.remove(path)` queues it, `remover.wait_removed()`
-        waits for all queued. None = a thread of this process.
     """
 
-    def __init__(self, directory: epath.Path, *, commit_file: bool = False, remover=None):
+    def __init__(self, directory: epath.Path, *, commit_file: bool = False):
         self.directory = directory
         self.commit_file = commit_file
-        self.remover = None if commit_file else remover
         self._lock = threading.Lock()  # the thread's rmdir of `.trash/` vs the next rename
         self._deleter: ThreadPoolExecutor | None = None
 
@@ -196,9 +192,6 @@ class Trash:
         self._submit(dst)
 
     def _submit(self, dst: epath.Path) -> None:
-        if self.remover is not None:
-            self.remover.remove(dst)
-            return
         if self._deleter is None:
             self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlkit-delete")
         self._deleter.submit(self._remove, dst)
@@ -218,10 +211,3 @@ class Trash:
         if self._deleter is not None:
             self._deleter.shutdown(wait=True)
             self._deleter = None
-        if self.remover is not None:
-            self.remover.wait_removed()
-            with self._lock:
-                try:
-                    (self.directory / TRASH).rmdir()
-                except OSError:
-                    pass

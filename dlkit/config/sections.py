@@ -302,8 +302,6 @@ class CheckpointConfig:
     every_steps: int = 500  # save every N steps (and always at the end); 0 = only at the end
     max_to_keep: int = 3  # keep the newest N checkpoints
     async_save: bool = True  # write in the background; always waited for before returning
-    async_writer: str = "auto"  # where async saves run Orbax: process (a helper process: CPU
-    #   backend, one JAX process, local disk) | inprocess | auto (process where it can)
     keep_best: int = 0  # also keep the best N steps by best_metric (0 = off)
     best_metric: str = "eval/loss"  # metric ranking steps for keep_best
     best_mode: str = "min"  # min | max
@@ -328,7 +326,6 @@ class CheckpointConfig:
             {
                 "checkpoint.best_mode": (self.best_mode, ("min", "max")),
                 "checkpoint.on_no_valid_step": (self.on_no_valid_step, ("error", "restart")),
-                "checkpoint.async_writer": (self.async_writer, ("auto", "process", "inprocess")),
             }
         )
         if self.max_to_keep < 1:
