@@ -33,6 +33,8 @@ CONTENDERS = (
     "jax_jit_scan",
     "dlkit",
     "dlkit_k",
+    "dlkit_end_save",
+    "dlkit_k_end_save",
     "dlkit_matmul_grad",
     "torch",
     "keras_jax",
@@ -42,6 +44,8 @@ LABELS = {
     "jax_jit_scan": "hand-written jax.jit, lax.scan K steps/call",
     "dlkit": "dlkit.fit",
     "dlkit_k": "dlkit.fit, train.steps_per_dispatch=K",
+    "dlkit_end_save": "dlkit.fit, checkpoint only at the end",
+    "dlkit_k_end_save": "dlkit.fit, steps_per_dispatch=K, checkpoint only at the end",
     "dlkit_matmul_grad": "dlkit.fit, model.conv_impl=matmul_grad",
     "torch": "PyTorch eager CPU (2 threads)",
     "keras_jax": "Keras 3 fit (JAX backend)",
@@ -232,7 +236,7 @@ def main(argv=None) -> None:
         if model == "cnn" and args.contenders == ",".join(CONTENDERS):
             # Convolutions inside lax.scan run far slower on XLA:CPU (BENCHMARKS.md): K steps
             # per call only on request (--contenders) for the CNN.
-            names = [n for n in names if n not in ("jax_jit_scan", "dlkit_k")]
+            names = [n for n in names if n not in ("jax_jit_scan", "dlkit_k", "dlkit_k_end_save")]
         # No convolutions in the MLP: conv_impl would run the same program as "dlkit".
         not_for_model = {"dlkit_matmul_grad"} if model == "mlp" else set()
         names = [n for n in names if n not in not_for_model]

@@ -137,7 +137,10 @@ def jax_worker(model, x, y, scan_k=0):
 # dlkit: `dlkit.fit` end to end.
 
 
-def dlkit_worker(model, x, y, steps_per_dispatch=1, conv_impl=""):
+def dlkit_worker(model, x, y, steps_per_dispatch=1, conv_impl="", mid_run_saves=True):
+    """`dlkit.fit` with async checkpoints every `ckpt_every` steps, or (`mid_run_saves=False`)
+    with its one checkpoint at the end, after the timed window: the two apart show what the
+    training loop costs and what the saves cost."""
     import dlkit
     import dlkit.data
 
@@ -168,7 +171,7 @@ def dlkit_worker(model, x, y, steps_per_dispatch=1, conv_impl=""):
         cfg.train.log_every = log_every
         cfg.train.eval_every = 0  # only at the end, outside the timed window
         cfg.train.steps = warmup + steps + log_every
-        cfg.checkpoint.every_steps = ckpt_every
+        cfg.checkpoint.every_steps = ckpt_every if mid_run_saves else 0
         cfg.checkpoint.async_save = True
         cfg.data.validate = "off"
         if steps_per_dispatch > 1:
@@ -319,6 +322,12 @@ CONTENDERS = {
         m, x, y, int(os.environ["BENCH_K"]), os.environ.get("BENCH_CONV", "")
     ),
     "dlkit_matmul_grad": lambda m, x, y: dlkit_worker(m, x, y, conv_impl="matmul_grad"),
+    "dlkit_end_save": lambda m, x, y: dlkit_worker(
+        m, x, y, conv_impl=os.environ.get("BENCH_CONV", ""), mid_run_saves=False
+    ),
+    "dlkit_k_end_save": lambda m, x, y: dlkit_worker(
+        m, x, y, int(os.environ["BENCH_K"]), os.environ.get("BENCH_CONV", ""), mid_run_saves=False
+    ),
     "torch": torch_worker,
     "keras_jax": keras_worker,
 }
