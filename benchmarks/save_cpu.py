@@ -11,7 +11,11 @@ Rows:
 - `Checkpointer`: what `dlkit.fit` pays, `Checkpointer.save` + `wait` with `max_to_keep=3`
   (retention deletes a step per save, as in a long run);
 - `saver`: `store.make_saver` + `store.save` with the manifest hook, no retention;
-- `saver, ...`: the same Orbax items under one other Orbax option each;
+- `saver, ...`: the same Orbax items under one other Orbax option each, or (`saver, sync`)
+  written by Orbax's synchronous `Checkpointer` in place of its `AsyncCheckpointer`;
+- `Orbax v1 save, state only`: the TrainState alone (no data or config item, no
+  manifest) through Orbax's v1 API (`orbax.checkpoint.experimental.v1`) with the state item's
+  options, against `PyTreeCheckpointer, state only`, the same through the v0 API;
 - `TensorStore alone`: the 29 arrays written as zarr3 arrays by TensorStore directly, the
   files the state item holds and nothing else: the floor of this on-disk format.
 """
@@ -81,6 +85,39 @@ class SaverWay:
 
     def close(self) -> None:
         self.saver.close()
+
+
+class SyncSaverWay(SaverWay):
+    """`SaverWay` with a synchronous Orbax checkpointer: `store.save` returns when it is done."""
+
+    def save(self, step: int, state, config: dict) -> None:
+        store.save(self.saver, self.directory / str(step), state, data_position=step, config=config)
+
+
+class StateOnlyWay:
+    """The TrainState alone as an Orbax PyTree, through Orbax's v1 API or its v0 one."""
+
+    def __init__(self, api: str):
+        self.api = api
+
+    def open(self, directory: epath.Path):
+        from orbax.checkpoint.experimental import v1 as ocp_v1
+
+        self.directory, self.v1 = directory, ocp_v1
+        saving = ocp_v1.options.ArrayOptions.Saving(**store.STATE_OPTIONS)
+        self.context = ocp_v1.Context(array_options=ocp_v1.options.ArrayOptions(saving=saving))
+        self.v0 = ocp.PyTreeCheckpointer(**store.STATE_OPTIONS) if self.api == "v0" else None
+
+    def save(self, step: int, state, config: dict) -> None:
+        if self.v0 is not None:
+            self.v0.save(self.directory / str(step), args=ocp.args.PyTreeSave(state))
+        else:
+            with self.context:
+                self.v1.save(self.directory / str(step), state)
+
+    def close(self) -> None:
+        if self.v0 is not None:
+            self.v0.close()
 
 
 class CheckpointerWay:
@@ -154,6 +191,11 @@ WAYS = {
     "saver, use_ocdbt=True (another layout)": lambda: SaverWay(
         lambda: _orbax_saver({"use_ocdbt": True})
     ),
+    "saver, sync (ocp.Checkpointer)": lambda: SyncSaverWay(
+        lambda: store.make_saver(async_save=False, on_commit=_manifest_hook)
+    ),
+    "PyTreeCheckpointer, state only (v0 API)": lambda: StateOnlyWay("v0"),
+    "Orbax v1 save, state only": lambda: StateOnlyWay("v1"),
     "TensorStore alone (the 29 zarr3 arrays)": TensorStoreWay,
 }
 
