@@ -1,6 +1,7 @@
 """Checkpoints: resume is bitwise, restore works on another device count and in a notebook."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -532,3 +533,34 @@ def test_a_foreign_step_that_does_not_fit_stops_the_run_naming_the_step_and_what
     assert "opt_state/" in str(raised.value) or "more" in str(raised.value)
     assert (ckpt_dir / "12" / "state").is_dir()  # left where it was: not quarantined, not redone
     assert not (ckpt_dir / ".quarantine").exists()
+
+
+def test_saves_do_not_warn_of_an_ocdbt_merge_they_never_needed_and_others_still_do(
+    tmp_path, caplog
+):
+    """Orbax tries an OCDBT merge after every save and warns when there is none to merge; the
+    state item is written without OCDBT, so a run's log would get one such warning per save."""
+    import jax.numpy as jnp
+    from absl import logging as absl_logging
+
+    caplog.set_level(logging.WARNING)
+    state = {"w": jnp.ones((4, 3)), "step": jnp.int32(2)}
+    for async_save in (True, False):
+        with dlkit.Checkpointer(tmp_path / str(async_save), async_save=async_save) as ckpt:
+            ckpt.save(1, state, data_position=1)
+            ckpt.save(2, state, data_position=2)
+    assert sorted(p.name for p in (tmp_path / "True").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert [r.getMessage() for r in caplog.records if "OCDBT" in r.getMessage()] == []
+    # The same warning about a directory dlkit did not write still reaches the user.
+    elsewhere = tmp_path / "users_own_orbax_save"
+    absl_logging.warning(
+        "[process=%s][thread=%s] Skipping merge of OCDBT checkpoints: No per-process OCDBT"
+        " checkpoint subdirs found in %s, ",
+        0,
+        "MainThread",
+        elsewhere,
+    )
+    assert [r.getMessage() for r in caplog.records if "OCDBT" in r.getMessage()] == [
+        "[process=0][thread=MainThread] Skipping merge of OCDBT checkpoints: No per-process"
+        f" OCDBT checkpoint subdirs found in {elsewhere}, "
+    ]

@@ -24,6 +24,7 @@ weights). Integrity does not rely on TensorStore: dlkit's manifest covers every 
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -38,6 +39,28 @@ if TYPE_CHECKING:
 STATE, DATA, CONFIG, GRAIN = "state", "data", "config", "grain"
 STATE_OPTIONS = {"use_ocdbt": False, "use_zarr3": True, "use_compression": False}
 _PYTREE_METADATA = "_METADATA"  # the file that makes a directory an Orbax PyTree item
+
+
+class _QuietEmptyMerge(logging.Filter):
+    """Drops Orbax's "Skipping merge of OCDBT checkpoints" warning for the steps dlkit writes.
+
+    Orbax's PyTree handler tries to merge per-process OCDBT files at the end of every save,
+    whatever its `use_ocdbt`, and warns when it finds none. dlkit writes the state item without
+    OCDBT (`STATE_OPTIONS`), so under its checkpoint directories that warning would come with
+    every save and mean nothing; elsewhere (a user's own Orbax saves) it still reaches them."""
+
+    def __init__(self):
+        super().__init__()
+        self.directories: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Skipping merge of OCDBT checkpoints" not in str(record.msg) or not record.args:
+            return True
+        where = str(record.args[-1])
+        return not any(where.startswith(d) for d in self.directories)
+
+
+_QUIET_EMPTY_MERGE = _QuietEmptyMerge()
 
 
 def orbax():
@@ -120,6 +143,9 @@ def save(
         items[GRAIN] = grain_pipeline.import_grain().checkpoint.CheckpointSave(iterator)
     items[DATA] = ocp.args.JsonSave(data)
     args = ocp.args.Composite(**items)
+    if not STATE_OPTIONS["use_ocdbt"]:
+        _QUIET_EMPTY_MERGE.directories.add(str(step_dir.parent).rstrip("/") + "/")
+        logging.getLogger("absl").addFilter(_QUIET_EMPTY_MERGE)  # once: same object
     saver.save(step_dir, args=args, custom_metadata={commit.WRITER_KEY: {"version": 1}})
 
 
