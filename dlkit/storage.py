@@ -58,6 +58,18 @@ def resolve(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
     """
     if isinstance(path, epath.Path) and is_object_store(path):
         return path
+    if not isinstance(path, str | os.PathLike):
+        # A Config passed where the workdir goes (evaluate(cfg, ...)) would otherwise fail
+        # inside os.fspath with a message that names neither.
+        hint = (
+            "; the run's config is read from its workdir, so pass the workdir alone"
+            if type(path).__name__ == "Config"
+            else ""
+        )
+        raise TypeError(
+            f"{what}: expected a local path or a gs://bucket/path URL (str or os.PathLike), "
+            f"got {type(path).__name__}{hint}"
+        )
     text = os.fspath(path)
     parts = _url_parts(text)
     if parts is None:

@@ -320,3 +320,9 @@ def test_token_ids_of_a_language_model_are_not_warned_about():
         _source((x * 255).astype(np.uint8), y), "train", num_outputs=10, classification=True
     )
     assert len(warned) == 1 and "got uint8" in warned[0]
+
+
+def test_a_config_or_number_where_a_workdir_goes_is_an_error_naming_workdir():
+    with pytest.raises(TypeError, match=r"workdir: expected a local path .* got Config; the run"):
+        dlkit.evaluate(tiny_digits_config())
+    _fit_fails(r"workdir: expected a local path .* got int$", error=TypeError, workdir=3)
