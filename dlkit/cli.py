@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_distributed_arguments(train)
 
     ev = sub.add_parser("eval", help="evaluate a workdir's newest checkpoint; JSON on last line")
-    ev.add_argument("workdir")
+    _add_workdir_argument(ev)
     ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
     ev.add_argument(
@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     sm = sub.add_parser(
         "sample", help="print N new characters (BPE: tokens) from a language model run"
     )
-    sm.add_argument("workdir")
+    _add_workdir_argument(sm)
     sm.add_argument("--prompt", required=True, help="the text to continue")
     sm.add_argument("--length", type=int, required=True, help="new characters (BPE: tokens)")
     sm.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
@@ -144,11 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report", help="summarise a run; write curves.png (and confusion_matrix.png)"
     )
-    rep.add_argument("workdir")
+    _add_workdir_argument(rep)
     rep.add_argument("--no-plots", action="store_true", help="print the summary only")
 
     ex = sub.add_parser("explain", help="attribution grid of eval examples; JSON on last line")
-    ex.add_argument("workdir")
+    _add_workdir_argument(ex)
     ex.add_argument(
         "--method",
         dest="methods",
@@ -163,6 +163,29 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list the experiments")
     return parser
+
+
+def _add_workdir_argument(parser: argparse.ArgumentParser) -> None:
+    """WORKDIR, as an argument or as `--workdir`: the option `dlkit train` takes, so the
+    command line that trained a run also names it here."""
+    parser.add_argument("workdir", nargs="?", default=None, help="the run's directory")
+    parser.add_argument(
+        "--workdir", dest="workdir_option", default=None, metavar="WORKDIR", help="the same"
+    )
+
+
+def _one_workdir(parser: argparse.ArgumentParser, args) -> None:
+    """Sets `args.workdir` from the argument or `--workdir`; exits with a usage error (2) when
+    neither or two different ones are given."""
+    given = {w for w in (args.workdir, args.workdir_option) if w is not None}
+    if not given:
+        parser.error(f"{args.command}: the workdir is required: dlkit {args.command} WORKDIR")
+    if len(given) > 1:
+        parser.error(
+            f"{args.command}: two workdirs given, {args.workdir!r} and --workdir "
+            f"{args.workdir_option!r}; name one"
+        )
+    args.workdir = given.pop()
 
 
 def _add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -364,7 +387,10 @@ def _list(_args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "workdir_option"):
+        _one_workdir(parser, args)
     from dlkit.checkpoint import CheckpointError
 
     try:

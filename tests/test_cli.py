@@ -52,6 +52,9 @@ def test_cli_trains_digits_end_to_end_and_eval_reports_accuracy(tmp_path):
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     assert result["step"] == 600 and result["split"] == "test" and result["num_examples"] == 360
     assert result["accuracy"] == pytest.approx(summary["eval/accuracy"], abs=1e-6)
+    # The workdir also as `--workdir`, the option that trained it.
+    ev = _dlkit("eval", "--workdir", str(workdir), "--step", "300", cwd=tmp_path)
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 300
 
 
 def test_cli_default_workdir_is_runs_experiment_and_rerun_resumes(tmp_path):
@@ -110,3 +113,14 @@ def test_cli_eval_of_empty_workdir_says_there_is_no_checkpoint(tmp_path):
     bad = _dlkit("eval", str(tmp_path / "nothing"), cwd=tmp_path, check=False)
     assert bad.returncode == 2
     assert "no checkpoint in" in bad.stderr
+
+
+def test_cli_workdir_is_required_once_as_argument_or_option(tmp_path):
+    missing = _dlkit("report", cwd=tmp_path, check=False)
+    assert missing.returncode == 2
+    assert "report: the workdir is required: dlkit report WORKDIR" in missing.stderr
+    two = _dlkit("eval", "a", "--workdir", "b", cwd=tmp_path, check=False)
+    assert two.returncode == 2
+    assert "eval: two workdirs given, 'a' and --workdir 'b'" in two.stderr
+    empty = _dlkit("eval", "--workdir", str(tmp_path / "nothing"), cwd=tmp_path, check=False)
+    assert empty.returncode == 2 and "no checkpoint in" in empty.stderr
