@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 
 from dlkit import callbacks as callbacks_lib
@@ -377,6 +378,7 @@ class _Loop:
         self.profiler = profiling.NO_PROFILE
         self.data_state_at = lambda position: None  # the loader's state for checkpoints
         self.last_eval: dict[str, float] = {}
+        self.last_save_time = 0.0  # time.monotonic() of the last save (checkpoint.every_seconds)
         self.eval_fn = programs.compile_eval(c, state)
         self.eval_shape = c.abstract_eval_metrics(state)
 
@@ -389,6 +391,7 @@ class _Loop:
             self.rows.bar.write(f"stopped by {self.stopped} before training started")
             return
         acc = strategy.zeros(self.train_shape)
+        self.last_save_time = time.monotonic()  # a run's start counts as its last save
         for step in range(self.start + k, total + 1, k):
             # The annotation holds the batch fetch too: a step that waits on input shows it.
             with self.profiler.step(step, k):
@@ -400,10 +403,15 @@ class _Loop:
             self.rows.emit_deferred()
             last = step == total
             stop_now = self.stop.requested(step) or self.run.stop_reason is not None
-            save_due = self.ckpt is not None and (is_time(step, cfg.checkpoint.every_steps) or last)
+            log_due = is_time(step, cfg.train.log_every)
+            save_due = self.ckpt is not None and (
+                is_time(step, cfg.checkpoint.every_steps)
+                or last
+                or (log_due and self._time_to_save())
+            )
             eval_due = is_time(step, cfg.train.eval_every) or last
             row: dict[str, Any] = {}
-            if is_time(step, cfg.train.log_every) or last:
+            if log_due or last:
                 # A row of train metrics alone is read one call late, so the device never
                 # waits on the host's logging; rows with an eval, a checkpoint, a stop or the
                 # last step are read at once, so none is left set aside when the loop ends.
@@ -427,6 +435,20 @@ class _Loop:
                 where = f"; checkpoint written to {self.ckpt.directory}" if self.ckpt else ""
                 self.rows.bar.write(f"stopped by {self.stopped} after step {step}{where}")
                 return
+
+    def _time_to_save(self) -> bool:
+        """`checkpoint.every_seconds` (when set) have passed since the last save. Process 0's
+        clock decides for every process: a save is collective, so a process whose own clock
+        said otherwise would leave the others waiting in it."""
+        every = self.cfg.checkpoint.every_seconds
+        if not every:
+            return False
+        due = time.monotonic() - self.last_save_time >= every
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
 
     def evaluate(self) -> dict[str, float]:
         """eval/ metrics of the current state (its EMA weights when it keeps them, with the
@@ -460,6 +482,7 @@ class _Loop:
             metrics=self.last_eval,
             data_state=self.data_state_at(position),
         )
+        self.last_save_time = time.monotonic()
 
 
 @jax.jit

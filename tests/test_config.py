@@ -319,6 +319,14 @@ def test_defaults_and_every_experiment_validate():
         ({"train.eval_every": -1}, r"train.eval_every: expected an int >= 0, got -1"),
         ({"train.eval_batch_size": -2}, r"train.eval_batch_size: expected an int >= 0, got -2"),
         ({"checkpoint.every_steps": -1}, r"checkpoint.every_steps: expected an int >= 0, got -1"),
+        (
+            {"checkpoint.every_seconds": -60},
+            r"checkpoint.every_seconds: expected a float >= 0 \(0 = off\), got -60",
+        ),
+        (
+            {"checkpoint.every_seconds": 600, "train.log_every": 0},
+            r"checkpoint.every_seconds: expected 0 when train.log_every=0 .*, got 600",
+        ),
         ({"train.overfit_batches": -1}, r"train.overfit_batches: expected an int >= 0, got -1"),
         ({"data.prefetch": -2}, r"data.prefetch: expected an int >= 0, or -1 \(auto\), got -2"),
         ({"train.nan_policy": "ignore"}, r"train.nan_policy: expected one of raise \| skip, got"),

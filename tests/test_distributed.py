@@ -207,6 +207,23 @@ def test_no_cluster_means_no_distributed_start():
     assert jax.process_count() == 1
 
 
+def test_time_based_saves_follow_process_0s_clock_on_every_process(tmp_path):
+    """`checkpoint.every_seconds`: process 0's interval has always passed at a logged row and
+    process 1's never has. A save is collective, so were each process to decide by its own
+    clock, process 0 would wait in a save that process 1 never joins."""
+    port = _free_port()
+    timed = {"checkpoint.every_steps": 0, "train.eval_every": 0}
+    results = _launch(
+        lambda i: _train_argv(
+            tmp_path, port, i, {**timed, "checkpoint.every_seconds": 1e-6 if i == 0 else 3600}
+        ),
+        devices_per_process=1,
+    )
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"process {i} failed:\n{r.stderr[-3000:]}"
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 8, 12]
+
+
 def test_two_processes_write_their_own_shards_and_resume_from_them(tmp_path):
     """FSDP over 2 processes: each process writes the shards it owns into its own data file,
     and a second 2-process run restores from both files and goes on as one run would."""

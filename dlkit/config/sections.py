@@ -300,6 +300,8 @@ class ParallelConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     every_steps: int = 500  # save every N steps (and always at the end); 0 = only at the end
+    every_seconds: float = 0.0  # also save at the first logged row (train.log_every) this many
+    #   seconds or more after the previous save, by process 0's clock; 0 = off
     max_to_keep: int = 3  # keep the newest N checkpoints
     async_save: bool = True  # write in the background; always waited for before returning
     keep_best: int = 0  # also keep the best N steps by best_metric (0 = off)
@@ -322,6 +324,11 @@ class CheckpointConfig:
         """
         _check_field_types(self, "checkpoint")
         _check_non_negative({"checkpoint.every_steps": self.every_steps})
+        if self.every_seconds < 0:
+            raise errors.ConfigError(
+                f"checkpoint.every_seconds: expected a float >= 0 (0 = off), "
+                f"got {self.every_seconds}"
+            )
         _check_choices(
             {
                 "checkpoint.best_mode": (self.best_mode, ("min", "max")),
@@ -362,6 +369,11 @@ class Config:
             raise errors.ConfigError(
                 f"optim.warmup_steps: expected an int in [0, train.steps={self.train.steps}], "
                 f"got {self.optim.warmup_steps}"
+            )
+        if self.checkpoint.every_seconds > 0 and self.train.log_every == 0:
+            raise errors.ConfigError(
+                f"checkpoint.every_seconds: expected 0 when train.log_every=0 (the time since "
+                f"the last save is checked at logged rows), got {self.checkpoint.every_seconds}"
             )
         _check_cadences(self)
 
