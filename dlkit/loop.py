@@ -378,6 +378,7 @@ class _Loop:
         self.profiler = profiling.NO_PROFILE
         self.data_state_at = lambda position: None  # the loader's state for checkpoints
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1  # the step last_eval measured
         self.last_save_time = 0.0  # time.monotonic() of the last save (checkpoint.every_seconds)
         self.eval_fn = programs.compile_eval(c, state)
         self.eval_shape = c.abstract_eval_metrics(state)
@@ -422,7 +423,7 @@ class _Loop:
                 acc = strategy.zeros(self.train_shape)
             if eval_due:
                 with self.rows.pause():
-                    self.last_eval = self.evaluate()
+                    self.last_eval, self.last_eval_step = self.evaluate(), step
                 row.update(self.last_eval)
             if row:
                 self.rows.emit({"step": step, **row})
@@ -479,7 +480,8 @@ class _Loop:
             self.state,
             data_position=position,
             config=self.cfg.to_dict(),
-            metrics=self.last_eval,
+            # Only this step's own eval: retention (keep_best) ranks a step by these numbers.
+            metrics=self.last_eval if self.last_eval_step == step else {},
             data_state=self.data_state_at(position),
         )
         self.last_save_time = time.monotonic()

@@ -157,6 +157,27 @@ def test_every_seconds_saves_at_the_first_logged_row_that_long_after_the_last_sa
     assert [p.name for p in (tmp_path / "h" / "checkpoints").iterdir()] == ["12"]
 
 
+def test_a_step_records_eval_metrics_only_when_it_was_evaluated(tmp_path):
+    """Saves every 4 steps, evals every 8: steps 4 and 12 were not evaluated. Their manifests
+    must not carry an earlier step's eval/loss, which `keep_best` would rank them by."""
+    from dlkit.checkpoint import commit
+
+    cfg = tiny_digits_config(
+        **{"train.steps": 16, "train.eval_every": 8, "checkpoint.every_steps": 4}
+    )
+    cfg.checkpoint.max_to_keep = 10
+    result = dlkit.fit(cfg, tmp_path)
+    evals = dict(zip(*result.history.series("eval/loss"), strict=True))
+    assert sorted(evals) == [8, 16]
+    recorded = {
+        step: commit.read_manifest(tmp_path / "checkpoints" / str(step))["metrics"]
+        for step in (4, 8, 12, 16)
+    }
+    assert recorded[4] == {} and recorded[12] == {}
+    assert recorded[8]["eval/loss"] == pytest.approx(evals[8])
+    assert recorded[16]["eval/loss"] == pytest.approx(evals[16])
+
+
 def test_restore_of_missing_step_names_the_saved_steps(tmp_path):
     dlkit.fit(tiny_digits_config(), tmp_path)
     with pytest.raises(FileNotFoundError, match=r"expected one of the saved steps \[6, 12\]"):
