@@ -56,8 +56,8 @@ class _QuietEmptyMerge(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "Skipping merge of OCDBT checkpoints" not in str(record.msg) or not record.args:
             return True
-        where = str(record.args[-1])
-        return not any(where.startswith(d) for d in self.directories)
+        # tuple() copies the set in one step: a save on another thread may add to it.
+        return not str(record.args[-1]).startswith(tuple(self.directories))
 
 
 _QUIET_EMPTY_MERGE = _QuietEmptyMerge()
