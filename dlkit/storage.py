@@ -73,7 +73,9 @@ def resolve(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
     text = os.fspath(path)
     parts = _url_parts(text)
     if parts is None:
-        return epath.Path(os.path.abspath(text))
+        # "~/runs/x" from Python is not expanded by a shell; taken as is, it would make a
+        # directory named "~" under the current one.
+        return epath.Path(os.path.abspath(os.path.expanduser(text)))
     scheme, rest = parts
     if scheme not in _OBJECT_STORES:
         raise ValueError(

@@ -199,6 +199,17 @@ def test_a_url_that_cannot_be_served_is_refused_before_anything_runs(
     assert os.listdir(tmp_path) == []  # no local "foo:" / "s3:" / "gs:" directory
 
 
+def test_a_local_workdir_under_home_is_expanded_not_made_as_a_tilde_directory(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve("~/runs/x") == epath.Path(tmp_path / "home" / "runs" / "x")
+    with dlkit.Checkpointer("~/ckpt") as ckpt:
+        assert ckpt.directory == epath.Path(tmp_path / "home" / "ckpt")
+    assert not (tmp_path / "~").exists()
+
+
 def test_gs_without_gcsfs_names_the_package_to_install(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(storage, "_installed", lambda package: False)
