@@ -327,6 +327,16 @@ def check_loss(c: "Components") -> None:
 
     outputs = jax.eval_shape(outputs_of, state, batch["inputs"])
     labels = jax.ShapeDtypeStruct(batch["labels"].shape, batch["labels"].dtype)
+    own_metrics = getattr(c.loss_fn.loss_fn, "metrics", None)
+    if own_metrics is not None and c.loss_fn.metric_fns:
+        taken = jax.eval_shape(own_metrics, outputs, labels).keys()
+        for name, _ in c.loss_fn.metric_fns:
+            if name in taken:
+                raise config_lib.ConfigError(
+                    f"metrics: expected a name other than those the loss logs itself "
+                    f"({', '.join(sorted(taken))}), got {name!r}: yours would replace its "
+                    f"train/{name} and eval/{name}"
+                )
     checks = [("loss_fn", c.loss_fn.loss_fn)] + list(c.loss_fn.metric_fns)
     for name, fn in checks:
         where = (

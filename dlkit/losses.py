@@ -81,6 +81,11 @@ class CustomLoss:
         return out
 
 
+# Logged by dlkit itself as train/<name> (and eval/loss): a metric of yours under one of these
+# names would replace dlkit's number in one place and not in another.
+RESERVED_METRIC_NAMES = ("loss", "grad_norm", "learning_rate", "skipped_steps")
+
+
 def custom(loss_fn=None, metrics=None, default=None):
     """`CustomLoss` of `loss_fn` (None = `default`, the config's loss) and `metrics`
     ({name: fn}); `default` itself when neither is given."""
@@ -88,6 +93,14 @@ def custom(loss_fn=None, metrics=None, default=None):
         return default
     if metrics is not None and not isinstance(metrics, dict):
         raise ValueError(f"metrics: expected a dict {{name: fn}}, got {type(metrics).__name__}")
+    for name in metrics or {}:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metrics: expected names that are non-empty strings, got {name!r}")
+        if name in RESERVED_METRIC_NAMES:
+            raise ValueError(
+                f"metrics: expected a name other than {', '.join(RESERVED_METRIC_NAMES)} "
+                f"(dlkit logs train/{name} itself), got {name!r}"
+            )
     for name, fn in {"loss_fn": loss_fn or default, **(metrics or {})}.items():
         if not callable(fn):
             raise ValueError(f"{name}: expected a function (outputs, labels) -> (B,), got {fn!r}")

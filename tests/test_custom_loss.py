@@ -37,6 +37,19 @@ def test_own_loss_gives_the_built_in_numbers_and_own_metrics_are_logged():
         ({"loss_fn": lambda o, y: o @ y}, r"loss_fn: calling loss_fn\(outputs \(2, 10\)"),
         ({"metrics": {"bad": lambda o, y: o}}, r"bad: expected one value per example"),
         ({"loss_fn": "mse"}, r"loss_fn: expected a function"),
+        # A metric under a name dlkit logs itself would replace dlkit's number silently.
+        (
+            {"metrics": {"loss": lambda o, y: o[:, 0]}},
+            r"metrics: expected a name other than loss, grad_norm, learning_rate, "
+            r"skipped_steps \(dlkit logs train/loss itself\), got 'loss'",
+        ),
+        ({"metrics": {"grad_norm": lambda o, y: o[:, 0]}}, r"got 'grad_norm'"),
+        (
+            {"metrics": {"accuracy": lambda o, y: o[:, 0]}},
+            r"metrics: expected a name other than those the loss logs itself \(accuracy\), "
+            r"got 'accuracy'",
+        ),
+        ({"metrics": {3: lambda o, y: o[:, 0]}}, r"metrics: expected names that are non-empty"),
     ],
 )
 def test_bad_loss_is_refused_before_compiling(kwargs, match):
