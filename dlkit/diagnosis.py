@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from dlkit import callbacks, finite_json
+from dlkit import config as config_lib
 
 
 def _series(history, key: str) -> tuple[list[int], list[float]]:
@@ -258,5 +259,11 @@ def from_config(cfg, workdir) -> Diagnosis | None:
     if not cfg.train.diagnosis:
         return None
     if cfg.train.early_stopping_metric:
-        return Diagnosis(cfg.train.early_stopping_metric, cfg.train.early_stopping_mode)
+        metric = cfg.train.early_stopping_metric
+        return Diagnosis(
+            metric,
+            config_lib.metric_mode(
+                metric, cfg.train.early_stopping_mode, "train.early_stopping_mode"
+            ),
+        )
     return Diagnosis()

@@ -1,7 +1,7 @@
 """Early stopping: end a run once an eval metric stops improving, returning its best state.
 
     cfg.train.early_stopping_metric = "eval/loss"   # "" = off
-    cfg.train.early_stopping_mode = "min"           # min | max
+    cfg.train.early_stopping_mode = "auto"          # min | max | auto (loss: min, accuracy: max)
     cfg.train.early_stopping_patience = 3           # evaluations without improvement
     cfg.train.early_stopping_min_delta = 0.001      # what counts as an improvement
     result = dlkit.fit(cfg, workdir="runs/x")       # result.state = the best evaluation's state
@@ -44,10 +44,10 @@ class EarlyStopping(callbacks.Callback):
     evaluations_without_improvement.
     """
 
-    def __init__(self, metric: str, mode: str = "min", patience: int = 5, min_delta: float = 0.0):
+    def __init__(self, metric: str, mode: str = "auto", patience: int = 5, min_delta: float = 0.0):
         check_options(metric, mode, patience, min_delta)
         self.metric = metric
-        self.mode = mode
+        self.mode = config_lib.metric_mode(metric, mode, "train.early_stopping_mode")
         self.patience = patience
         self.min_delta = min_delta
         self.best_value: float | None = None
@@ -139,8 +139,10 @@ def check_options(metric: str, mode: str, patience: int, min_delta: float) -> No
             "train.early_stopping_metric: expected an eval metric such as 'eval/loss' or "
             f"'eval/accuracy' (prefix {' or '.join(PREFIXES)}), got {metric!r}"
         )
-    if mode not in ("min", "max"):
-        raise config_lib.ConfigError(f"train.early_stopping_mode: expected min | max, got {mode!r}")
+    if mode not in ("min", "max", "auto"):
+        raise config_lib.ConfigError(
+            f"train.early_stopping_mode: expected min | max | auto, got {mode!r}"
+        )
     if patience < 1:
         raise config_lib.ConfigError(
             f"train.early_stopping_patience: expected an int >= 1, got {patience}"
@@ -174,18 +176,23 @@ def from_config(cfg, workdir) -> EarlyStopping | None:
             f"{t.eval_every} with early stopping (every evaluated step must be a checkpoint it "
             f"can return to), got {every}"
         )
+    mode = config_lib.metric_mode(
+        t.early_stopping_metric, t.early_stopping_mode, "train.early_stopping_mode"
+    )
     if cfg.checkpoint.keep_best and (
         cfg.checkpoint.best_metric,
-        cfg.checkpoint.best_mode,
-    ) != (t.early_stopping_metric, t.early_stopping_mode):
+        config_lib.metric_mode(
+            cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, "checkpoint.best_mode"
+        ),
+    ) != (t.early_stopping_metric, mode):
         raise config_lib.ConfigError(
             "checkpoint.best_metric / best_mode: expected the early stopping metric and mode "
-            f"({t.early_stopping_metric!r}, {t.early_stopping_mode!r}) when checkpoint.keep_best "
+            f"({t.early_stopping_metric!r}, {mode!r}) when checkpoint.keep_best "
             f"> 0, got ({cfg.checkpoint.best_metric!r}, {cfg.checkpoint.best_mode!r})"
         )
     return EarlyStopping(
         t.early_stopping_metric,
-        t.early_stopping_mode,
+        mode,
         t.early_stopping_patience,
         t.early_stopping_min_delta,
     )

@@ -263,7 +263,12 @@ def _open_checkpointer(
         max_to_keep=cfg.checkpoint.max_to_keep,
         keep_best=cfg.checkpoint.keep_best,
         best_metric=cfg.checkpoint.best_metric,
-        best_mode=cfg.checkpoint.best_mode,
+        # Resolved only when used: keep_best=0 never ranks, whatever best_metric names.
+        best_mode=config_lib.metric_mode(
+            cfg.checkpoint.best_metric, cfg.checkpoint.best_mode, "checkpoint.best_mode"
+        )
+        if cfg.checkpoint.keep_best
+        else "min",
         async_save=cfg.checkpoint.async_save,
         log=log,
     )

@@ -123,3 +123,57 @@ def test_fit_stops_early_and_returns_the_best_checkpoint(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     diagnosis = (tmp_path / "run" / "diagnosis.json").read_text()
     assert f'"step": {best}' in diagnosis
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"),
+    [("eval/loss", "min"), ("eval_raw/top2_error", "min"), ("eval/accuracy", "max")],
+)
+def test_auto_mode_reads_the_metric_name(metric, mode):
+    assert early_stopping.EarlyStopping(metric).mode == mode
+
+
+def test_auto_mode_refuses_a_name_it_cannot_read():
+    with pytest.raises(dlkit.ConfigError, match=r"train.early_stopping_mode: expected min or max"):
+        early_stopping.EarlyStopping("eval/top2")
+
+
+def test_accuracy_with_the_default_mode_returns_the_most_accurate_step(tmp_path):
+    """With early_stopping_mode and best_mode left at their default, an accuracy is higher-is-
+    better: the run returns, keeps and diagnoses its most accurate step, not its least."""
+    cfg = tiny_digits_config(
+        **{
+            "train.steps": 24,
+            "checkpoint.max_to_keep": 1,
+            "train.early_stopping_metric": "eval/accuracy",
+            "train.early_stopping_patience": 10,
+        }
+    )
+    result = dlkit.fit(cfg, tmp_path / "run")
+    steps, accuracies = result.history.series("eval/accuracy")
+    best = steps[int(np.argmax(accuracies))]
+    assert min(accuracies) < max(accuracies)
+    assert int(result.state.step) == best
+    ckpt = dlkit.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+    assert ckpt.all_steps() == sorted({best, 24})
+    ckpt.close()
+    assert f'"step": {best}' in (tmp_path / "run" / "diagnosis.json").read_text()
+
+
+def test_keep_best_on_accuracy_with_the_default_mode_keeps_the_most_accurate_step(tmp_path):
+    cfg = tiny_digits_config(
+        **{
+            "train.steps": 24,
+            "checkpoint.max_to_keep": 1,
+            "checkpoint.keep_best": 1,
+            "checkpoint.best_metric": "eval/accuracy",
+        }
+    )
+    result = dlkit.fit(cfg, tmp_path / "run")
+    steps, accuracies = result.history.series("eval/accuracy")
+    ckpt = dlkit.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+    assert ckpt.all_steps() == sorted({steps[int(np.argmax(accuracies))], 24})
+    ckpt.close()
+    cfg.checkpoint.best_metric = "eval/top2"
+    with pytest.raises(dlkit.ConfigError, match=r"checkpoint.best_mode: expected min or max"):
+        dlkit.fit(cfg, tmp_path / "other")

@@ -12,11 +12,13 @@ Model hyperparameters are the fields of the Flax module itself (`dlkit.models.ML
 so `model.<field>` keys are checked against the module named by `model.name`: there is one place
 that defines a model's options and their defaults.
 
-The package's modules: `sections` (the dataclasses, their `check()` and `Config`), `overrides`
-(keys, types and `set_value`), `experiments` (finding and loading experiment files).
+The package's modules: `sections` (the dataclasses, their `check()` and `Config`), `checks`
+(the checks of single values they share, and `metric_mode`), `overrides` (keys, types and
+`set_value`), `experiments` (finding and loading experiment files).
 """
 
 from dlkit import errors
+from dlkit.config.checks import metric_mode
 from dlkit.config.experiments import (
     experiment_dirs,
     find_experiment,
@@ -56,6 +58,7 @@ __all__ = [
     "find_experiment",
     "list_experiments",
     "load_config",
+    "metric_mode",
     "resolved_scan_unroll",
     "set_value",
     "valid_keys",

@@ -12,12 +12,10 @@ the fields of the Flax module named by `model.name`, so they are `model.options`
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from typing import Any
 
 from dlkit import errors, losses, optim, profiling
-from dlkit.config import data_settings, overrides
+from dlkit.config import checks, data_settings, overrides
 
 
 @dataclasses.dataclass
@@ -68,13 +66,13 @@ class DataConfig:
         Raises:
           ConfigError: the first bad key, with what it expects and what it got.
         """
-        _check_field_types(self, "data")
-        _check_positive({"data.audit_max_examples": self.audit_max_examples})
+        checks.field_types(self, "data")
+        checks.positive({"data.audit_max_examples": self.audit_max_examples})
         if self.prefetch < -1:
             raise errors.ConfigError(
                 f"data.prefetch: expected an int >= 0, or -1 (auto), got {self.prefetch}"
             )
-        _check_choices(
+        checks.choices(
             {
                 "data.last_batch": (self.last_batch, ("drop", "pad")),
                 "data.validate": (self.validate, ("error", "warn", "off")),
@@ -111,7 +109,7 @@ class ModelConfig:
           ConfigError: an unknown model or option, an option of the wrong type, or a
             non-finite float option.
         """
-        _check_field_types(self, "model")
+        checks.field_types(self, "model")
         fields = overrides.model_fields(self.name)
         for option, value in self.options.items():
             key = f"model.{option}"
@@ -127,7 +125,7 @@ class ModelConfig:
                 raise errors.ConfigError(
                     f"{key}: expected {overrides.type_name(fields[option])}, got {value!r}"
                 )
-            _check_finite(key, value)
+            checks.finite(key, value)
 
 
 @dataclasses.dataclass
@@ -141,7 +139,7 @@ class LossConfig:
         Raises:
           ConfigError: the first bad key, with what it expects and what it got.
         """
-        _check_field_types(self, "loss")
+        checks.field_types(self, "loss")
         if self.name not in losses.LOSSES:
             raise errors.ConfigError(
                 f"loss.name: expected one of {sorted(losses.LOSSES)}, got {self.name!r}"
@@ -174,7 +172,7 @@ class OptimConfig:
         Raises:
           ConfigError: the first bad key, with what it expects and what it got.
         """
-        _check_field_types(self, "optim")
+        checks.field_types(self, "optim")
         if self.name not in optim.OPTIMIZERS:
             raise errors.ConfigError(
                 f"optim.name: expected one of {list(optim.OPTIMIZERS)}, got {self.name!r}"
@@ -227,7 +225,8 @@ class TrainConfig:
     plots: bool = True  # write WORKDIR/curves.png at the end of a run (needs matplotlib)
     ema_decay: float = 0.0  # keep an EMA of the weights (e.g. 0.999) and evaluate on it; 0 = off
     early_stopping_metric: str = ""  # e.g. eval/loss; stop when it stops improving; "" = off
-    early_stopping_mode: str = "min"  # min | max: whether lower or higher is better
+    early_stopping_mode: str = "auto"  # min | max: whether lower or higher is better; auto =
+    #   from the metric's name (loss, error: min; accuracy: max; others must say)
     early_stopping_patience: int = 5  # evaluations without improvement before stopping
     early_stopping_min_delta: float = 0.0  # an improvement must beat the best by more than this
     diagnosis: bool = True  # at the end, print and save diagnosis.json (dlkit.diagnosis)
@@ -243,9 +242,9 @@ class TrainConfig:
         Raises:
           ConfigError: the first bad key, with what it expects and what it got.
         """
-        _check_field_types(self, "train")
-        _check_positive({"train.steps": self.steps, "train.batch_size": self.batch_size})
-        _check_non_negative(
+        checks.field_types(self, "train")
+        checks.positive({"train.steps": self.steps, "train.batch_size": self.batch_size})
+        checks.non_negative(
             {
                 "train.log_every": self.log_every,
                 "train.eval_every": self.eval_every,
@@ -253,7 +252,7 @@ class TrainConfig:
                 "train.overfit_batches": self.overfit_batches,
             }
         )
-        _check_choices({"train.nan_policy": (self.nan_policy, ("raise", "skip"))})
+        checks.choices({"train.nan_policy": (self.nan_policy, ("raise", "skip"))})
         profiling.parse_profile_steps(self.profile_steps)
         if self.max_consecutive_nonfinite < 1:
             raise errors.ConfigError(
@@ -294,7 +293,7 @@ class ParallelConfig:
         Raises:
           ConfigError: a value of the wrong type or a non-finite float.
         """
-        _check_field_types(self, "parallel")
+        checks.field_types(self, "parallel")
 
 
 @dataclasses.dataclass
@@ -306,7 +305,7 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background; always waited for before returning
     keep_best: int = 0  # also keep the best N steps by best_metric (0 = off)
     best_metric: str = "eval/loss"  # metric ranking steps for keep_best
-    best_mode: str = "min"  # min | max
+    best_mode: str = "auto"  # min | max | auto, as train.early_stopping_mode
     archive_mismatched: bool = False  # a workdir holding another experiment's checkpoints:
     #   False = refuse to start; True = move them to checkpoints.archived-<time>/ and start over
     init_from: str = ""  # fine-tuning: initialise params (and model_state) of a fresh run from a
@@ -322,16 +321,16 @@ class CheckpointConfig:
         Raises:
           ConfigError: the first bad key, with what it expects and what it got.
         """
-        _check_field_types(self, "checkpoint")
-        _check_non_negative({"checkpoint.every_steps": self.every_steps})
+        checks.field_types(self, "checkpoint")
+        checks.non_negative({"checkpoint.every_steps": self.every_steps})
         if self.every_seconds < 0:
             raise errors.ConfigError(
                 f"checkpoint.every_seconds: expected a float >= 0 (0 = off), "
                 f"got {self.every_seconds}"
             )
-        _check_choices(
+        checks.choices(
             {
-                "checkpoint.best_mode": (self.best_mode, ("min", "max")),
+                "checkpoint.best_mode": (self.best_mode, ("min", "max", "auto")),
                 "checkpoint.on_no_valid_step": (self.on_no_valid_step, ("error", "restart")),
             }
         )
@@ -409,58 +408,6 @@ class Config:
 # the program outgrows the instruction cache and compiles for much longer
 # (docs/performance.md, "The MLP now").
 MAX_AUTO_SCAN_UNROLL = 10
-
-_SCALAR_TYPES = (bool, int, float, str)
-
-
-def _check_field_types(section: Any, prefix: str) -> None:
-    """Each field of a section dataclass holds a value of its annotated type; floats are finite.
-
-    `set_value` converts what it is given, but a config built in Python (an experiment's
-    `config()`, a notebook) is not converted, and a NaN passes every range check.
-    """
-    hints = typing.get_type_hints(type(section))
-    for field in dataclasses.fields(section):
-        key, value, typ = f"{prefix}.{field.name}", getattr(section, field.name), hints[field.name]
-        if typ not in _SCALAR_TYPES:
-            continue
-        if typ is bool and not isinstance(value, bool):
-            raise errors.ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
-        if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise errors.ConfigError(f"{key}: expected an int, got {value!r}")
-        if typ is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise errors.ConfigError(f"{key}: expected a float, got {value!r}")
-        if typ is str and not isinstance(value, str):
-            raise errors.ConfigError(f"{key}: expected a string, got {value!r}")
-        _check_finite(key, value)
-
-
-def _check_finite(key: str, value: Any) -> None:
-    """A float (or a float in a list or tuple) must be finite: NaN or Inf in a learning rate,
-    a decay or a factor would turn every update into NaN or silently switch a feature off."""
-    if isinstance(value, list | tuple):
-        for item in value:
-            _check_finite(key, item)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise errors.ConfigError(f"{key}: expected a finite float, got {value}")
-
-
-def _check_positive(values: dict[str, int]) -> None:
-    for key, value in values.items():
-        if value <= 0:
-            raise errors.ConfigError(f"{key}: expected a positive int, got {value}")
-
-
-def _check_non_negative(values: dict[str, int]) -> None:
-    for key, value in values.items():
-        if value < 0:
-            raise errors.ConfigError(f"{key}: expected an int >= 0, got {value}")
-
-
-def _check_choices(values: dict[str, tuple[str, tuple[str, ...]]]) -> None:
-    for key, (value, allowed) in values.items():
-        if value not in allowed:
-            raise errors.ConfigError(f"{key}: expected one of {' | '.join(allowed)}, got {value!r}")
 
 
 def _check_dispatch(train: TrainConfig) -> None:
