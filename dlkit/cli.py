@@ -90,7 +90,13 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a workdir's newest checkpoint; JSON on last line")
     _add_workdir_argument(ev)
-    ev.add_argument("--step", type=int, default=None, help="a saved step (default: newest)")
+    ev.add_argument(
+        "--step",
+        type=_step_or_best,
+        default=None,
+        help="a saved step, or best: the step the run's early stopping (or keep_best) ranks "
+        "best (default: newest)",
+    )
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval split)")
     ev.add_argument(
         "--model",
@@ -163,6 +169,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list the experiments")
     return parser
+
+
+def _step_or_best(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number or best, got {text!r}") from None
 
 
 def _add_workdir_argument(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@
 once, padding masked, metrics summed on the device and fetched once at the end.
 """
 
+import math
 import os
 from typing import Any
 
@@ -143,9 +144,48 @@ def load_checkpoint(
     return state, cfg
 
 
+def best_step(ckpt: checkpoint_lib.Checkpointer, cfg: config_lib.Config) -> int:
+    """The step on disk that the run's own ranking calls best: by `train.early_stopping_metric`
+    (else `checkpoint.best_metric` when `checkpoint.keep_best` is on) and its mode, read from
+    the eval metrics each step recorded when it was saved; ties go to the earlier step, as in
+    retention and early stopping.
+
+    Raises:
+      ValueError: the run ranked nothing, or no step on disk recorded the metric.
+    """
+    t, c = cfg.train, cfg.checkpoint
+    if t.early_stopping_metric:
+        metric, mode, key = (
+            t.early_stopping_metric,
+            t.early_stopping_mode,
+            "train.early_stopping_mode",
+        )
+    elif c.keep_best:
+        metric, mode, key = c.best_metric, c.best_mode, "checkpoint.best_mode"
+    else:
+        raise ValueError(
+            f"step: expected a step number for a run that ranked no checkpoints (neither "
+            f"train.early_stopping_metric nor checkpoint.keep_best was set), got 'best'; "
+            f"saved steps: {ckpt.all_steps()}"
+        )
+    sign = 1.0 if config_lib.metric_mode(metric, mode, key) == "min" else -1.0
+    scored = []
+    for candidate in ckpt.all_steps():
+        value = checkpoint_lib.commit.read_manifest(ckpt.directory / str(candidate))
+        value = value.get("metrics", {}).get(metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            scored.append((sign * value, candidate))
+    if not scored:
+        raise ValueError(
+            f"step: 'best' ranks steps by {metric}, which none of the steps in "
+            f"{ckpt.directory} ({ckpt.all_steps()}) recorded when it was saved"
+        )
+    return min(scored)[1]
+
+
 def evaluate(
     workdir: str | os.PathLike,
-    step: int | None = None,
+    step: int | str | None = None,
     *,
     split: str | None = None,
     strategy: parallel.Strategy | None = None,
@@ -160,14 +200,21 @@ def evaluate(
     the data, required when the run was given Python objects (they cannot be rebuilt);
     `loss_fn` / `metrics`: the run's own loss and metrics, required when it was trained with
     them (`fit(loss_fn=..., metrics=...)`, recorded in run.json), so that "loss" is the number
-    the run logged as eval/loss, not the config's loss under the same name.
+    the run logged as eval/loss, not the config's loss under the same name. `step`: a saved
+    step, None for the newest, or "best" for the one the run's early stopping (or keep_best)
+    ranks best (`best_step`): after early stopping the newest is the last step trained.
 
     Returns:
       {"step": int, "split": str, "loss": float, <metrics>: float, "num_examples": int}.
     """
+    if isinstance(step, str) and step != "best" or isinstance(step, bool | float):
+        raise ValueError(f"step: expected a step number, 'best' or None, got {step!r}")
     workdir = storage.resolve(workdir, "workdir")
     run_record.check_loss(workdir, loss_fn, metrics)
     with open_existing(workdir) as ckpt:
+        if step == "best":
+            newest = config_lib.Config.from_dict(ckpt.restore_config(ckpt.valid_step()))
+            step = best_step(ckpt, newest)
         step = ckpt.valid_step(step)
         cfg = config_lib.Config.from_dict(ckpt.restore_config(step))
         if split is not None:

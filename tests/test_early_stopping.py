@@ -1,6 +1,10 @@
 """Early stopping: patience / min_delta / mode on hand-fed rows, and a real run that stops and
 returns its best checkpoint's state."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -123,6 +127,18 @@ def test_fit_stops_early_and_returns_the_best_checkpoint(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     diagnosis = (tmp_path / "run" / "diagnosis.json").read_text()
     assert f'"step": {best}' in diagnosis
+    # Evaluating the workdir: the newest step by default, the returned one with step="best".
+    assert dlkit.evaluate(tmp_path / "run")["step"] == steps[-1]
+    scored = dlkit.evaluate(tmp_path / "run", step="best")
+    assert scored["step"] == best
+    assert scored["loss"] == pytest.approx(losses[int(np.argmin(losses))], rel=1e-5)
+    eval_cli = subprocess.run(
+        [sys.executable, "-m", "dlkit.cli", "eval", str(tmp_path / "run"), "--step", "best"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(eval_cli.stdout.strip().splitlines()[-1])["step"] == best
 
 
 @pytest.mark.parametrize(
@@ -177,3 +193,13 @@ def test_keep_best_on_accuracy_with_the_default_mode_keeps_the_most_accurate_ste
     cfg.checkpoint.best_metric = "eval/top2"
     with pytest.raises(dlkit.ConfigError, match=r"checkpoint.best_mode: expected min or max"):
         dlkit.fit(cfg, tmp_path / "other")
+
+
+def test_step_best_needs_a_run_that_ranked_its_checkpoints(tmp_path):
+    dlkit.fit(tiny_digits_config(), tmp_path)
+    with pytest.raises(ValueError, match=r"step: expected a step number for a run that ranked"):
+        dlkit.evaluate(tmp_path, step="best")
+    with pytest.raises(
+        ValueError, match=r"step: expected a step number, 'best' or None, got 'last'"
+    ):
+        dlkit.evaluate(tmp_path, step="last")
