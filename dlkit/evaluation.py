@@ -7,7 +7,6 @@
 once, padding masked, metrics summed on the device and fetched once at the end.
 """
 
-import math
 import os
 from typing import Any
 
@@ -168,19 +167,17 @@ def best_step(ckpt: checkpoint_lib.Checkpointer, cfg: config_lib.Config) -> int:
             f"train.early_stopping_metric nor checkpoint.keep_best was set), got 'best'; "
             f"saved steps: {ckpt.all_steps()}"
         )
-    sign = 1.0 if config_lib.metric_mode(metric, mode, key) == "min" else -1.0
-    scored = []
-    for candidate in ckpt.all_steps():
-        value = checkpoint_lib.commit.read_manifest(ckpt.directory / str(candidate))
-        value = value.get("metrics", {}).get(metric)
-        if isinstance(value, int | float) and math.isfinite(value):
-            scored.append((sign * value, candidate))
-    if not scored:
+    steps = ckpt.all_steps()
+    metrics = {s: checkpoint_lib.retention.step_metrics(ckpt.directory / str(s)) for s in steps}
+    best = checkpoint_lib.retention.ranked(
+        metrics, metric, config_lib.metric_mode(metric, mode, key)
+    )
+    if not best:
         raise ValueError(
             f"step: 'best' ranks steps by {metric}, which none of the steps in "
-            f"{ckpt.directory} ({ckpt.all_steps()}) recorded when it was saved"
+            f"{ckpt.directory} ({steps}) recorded when it was saved"
         )
-    return min(scored)[1]
+    return best[0]
 
 
 def evaluate(

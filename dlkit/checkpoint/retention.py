@@ -67,14 +67,9 @@ def steps_to_keep(
       among them.
     """
     keep = set(steps if max_to_keep is None else steps[-max_to_keep:])
-    metrics = {s: _metrics(directory / str(s)) for s in steps}
+    metrics = {s: step_metrics(directory / str(s)) for s in steps}
     if keep_best:
-        scored = []
-        for step in steps:
-            value = metrics[step].get(best_metric)
-            if _finite(value):
-                scored.append((value if best_mode == "min" else -value, step))
-        keep.update(step for _, step in sorted(scored)[:keep_best])
+        keep.update(ranked(metrics, best_metric, best_mode)[:keep_best])
     if steps:
         keep.add(steps[-1])
     good = [s for s in steps if all(_finite(v) for v in metrics[s].values())]
@@ -83,7 +78,23 @@ def steps_to_keep(
     return keep
 
 
-def _metrics(step_dir: epath.Path) -> dict:
+def ranked(metrics: dict[int, dict], metric: str, mode: str) -> list[int]:
+    """The steps whose recorded `metric` is finite, best first by `mode` ("min" or "max");
+    ties go to the earlier step.
+
+    Args:
+      metrics: {step: the metrics its manifest records} (`step_metrics`).
+    """
+    scored = [
+        (value if mode == "min" else -value, step)
+        for step, recorded in metrics.items()
+        if _finite(value := recorded.get(metric))
+    ]
+    return [step for _, step in sorted(scored)]
+
+
+def step_metrics(step_dir: epath.Path) -> dict:
+    """The metrics a step's manifest records ({} when none)."""
     value = finite_json.decode(commit.read_manifest(step_dir).get("metrics", {}))
     return value if isinstance(value, dict) else {}
 
